@@ -1,0 +1,73 @@
+# Squall: make (build), make run, make test, make check, make install.
+PREFIX ?= /usr/local
+CC ?= cc
+PKGS := luajit libuv openssl
+BUSTED ?= busted
+
+CFLAGS ?= -O2 -g
+CFLAGS += -D_GNU_SOURCE -std=gnu11 -Wall -Wextra -Werror -fno-strict-aliasing
+PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+# The C modules are registered by the host; luajit needs its symbols
+# exported for the busted C helpers (lfs, term) it loads at run time.
+LDFLAGS += -Wl,-E
+LDLIBS += $(PKG_LIBS) -lm
+
+SRCS := $(wildcard runtime/*.c)
+HDRS := $(wildcard runtime/*.h)
+LUA_SRCS := $(shell find lua -name '*.lua')
+
+# The sanitizer build lives beside build/ so its lua/ lookup (../lua) works.
+ASAN_DIR := build-asan
+ASAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+
+.PHONY: all run test check check-asan check-valgrind lint format install deps clean
+
+all: build/squall
+
+deps:
+	@scripts/install-deps
+
+build/squall: $(SRCS) $(HDRS) Makefile
+	@mkdir -p build
+	$(CC) $(CFLAGS) $(PKG_CFLAGS) $(SRCS) -o $@ $(LDFLAGS) $(LDLIBS)
+
+$(ASAN_DIR)/squall: $(SRCS) $(HDRS) Makefile
+	@mkdir -p $(ASAN_DIR)
+	$(CC) -D_GNU_SOURCE -std=gnu11 -Wall -Wextra -Werror $(ASAN_FLAGS) $(PKG_CFLAGS) $(SRCS) -o $@ -Wl,-E $(LDLIBS)
+
+run: deps build/squall
+	build/squall examples/ticker.lua
+
+# Every spec, inside the real host. scripts/run-tests prints the closing
+# "N passed, N failed" line.
+test: deps build/squall
+	@scripts/run-tests build/squall
+
+check: deps check-asan check-valgrind
+
+check-asan: $(ASAN_DIR)/squall
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+	  LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 \
+	  scripts/run-tests $(ASAN_DIR)/squall
+
+check-valgrind: build/squall
+	SQUALL_WRAP="valgrind -q --error-exitcode=99 --leak-check=full \
+	  --errors-for-leak-kinds=definite --show-leak-kinds=definite \
+	  --suppressions=$(CURDIR)/tests/valgrind.supp" \
+	  scripts/run-tests build/squall
+
+lint:
+	luacheck -q lua spec examples
+	clang-format --dry-run --Werror $(SRCS) $(HDRS)
+
+format:
+	clang-format -i $(SRCS) $(HDRS)
+
+install: build/squall
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/squall/lua/squall
+	install -m 755 build/squall $(DESTDIR)$(PREFIX)/bin/squall
+	install -m 644 lua/squall/*.lua $(DESTDIR)$(PREFIX)/share/squall/lua/squall/
+
+clean:
+	rm -rf build $(ASAN_DIR)

@@ -1,0 +1,249 @@
+--- Coroutines: sleep, spawn, Future, with_timeout, multi.
+--
+-- A coroutine waits by registering who will resume it and yielding; every
+-- resume goes through core.resume (runtime/coro.c), which reports an error
+-- the coroutine did not catch with its traceback.
+-- @module squall.gen
+local core = require "squall.core"
+local ioloop = require "squall.ioloop"
+local log = require "squall.log"
+
+local M = {}
+
+local resume = core.resume
+local running, yield, create = coroutine.running, coroutine.yield, coroutine.create
+local traceback, xpcall, select, unpack = debug.traceback, xpcall, select, unpack
+local type, tostring, error, format = type, tostring, error, string.format
+
+local function pack(...)
+  return { n = select("#", ...), ... }
+end
+
+local function need_coroutine(what, level)
+  local co = running()
+  if not co then
+    error(what .. " waits, so it must run inside a coroutine", level + 1)
+  end
+  return co
+end
+
+local function check_callable(fn, level)
+  local t = type(fn)
+  if t == "function" then return end
+  local mt = getmetatable(fn)
+  if mt and mt.__call then return end
+  error(format("expected a function, got %s", t), level + 1)
+end
+
+--- A Future: a result that arrives later.
+-- @type Future
+local Future = {}
+Future.__index = Future
+M.FutureClass = Future
+
+--- Create an unresolved Future.
+function M.Future()
+  return setmetatable({ _done = false }, Future)
+end
+
+--- True when `x` is a Future.
+function M.is_future(x)
+  return getmetatable(x) == Future
+end
+
+function Future:_finish(result, err, raised, tb)
+  if self._done then error("the Future is already resolved", 3) end
+  self._done = true
+  self._result, self._error, self._raised, self._traceback = result, err, raised, tb
+  local cbs = self._callbacks
+  if cbs then
+    self._callbacks = nil
+    local loop = ioloop.current()
+    for i = 1, #cbs do loop:add_callback(cbs[i], self) end
+  end
+end
+
+--- Resolve with result values. Raises if already resolved.
+function Future:set_result(...)
+  self:_finish(pack(...), nil, false)
+end
+
+--- Resolve with an error: result() then returns nil, err.
+function Future:set_error(err)
+  if err == nil then error("set_error needs an error value", 2) end
+  self:_finish(nil, err, false)
+end
+
+--- True once resolved.
+function Future:done()
+  return self._done
+end
+
+--- The error it resolved with, or nil.
+function Future:error()
+  return self._error
+end
+
+--- The result values; inside a coroutine, waits until resolved first.
+-- Returns nil, err when it resolved with an error.
+function Future:result()
+  if not self._done then
+    local co = need_coroutine("Future:result()", 2)
+    self:add_done_callback(function() resume(co) end)
+    repeat yield() until self._done
+  end
+  if self._error ~= nil then return nil, self._error end
+  local r = self._result
+  return unpack(r, 1, r.n)
+end
+
+--- Call fn(future) on the loop once resolved (on the next iteration if it
+-- is resolved already).
+function Future:add_done_callback(fn)
+  check_callable(fn, 2)
+  if self._done then
+    ioloop.current():add_callback(fn, self)
+  else
+    local cbs = self._callbacks
+    if not cbs then
+      cbs = {}
+      self._callbacks = cbs
+    end
+    cbs[#cbs + 1] = fn
+  end
+end
+
+-- Coroutine bodies run fn under xpcall, so an error is caught inside the
+-- coroutine with its traceback, whoever resumes it.
+local last_traceback
+local function capture(e)
+  local msg = e
+  if type(e) ~= "string" then
+    local mt = getmetatable(e)
+    msg = (mt and mt.__tostring) and tostring(e) or ("error object: " .. tostring(e))
+  end
+  last_traceback = traceback(msg, 2)
+  return e
+end
+
+local function finish_task(fut, log_errors, ok, ...)
+  if ok then
+    fut:_finish(pack(...), nil, false)
+  else
+    local tb = last_traceback
+    if log_errors then
+      log.log_at("error", 2, "Uncaught error in coroutine: %s", tb)
+    end
+    fut:_finish(nil, (...), true, tb)
+  end
+end
+
+local function task_body(fut, fn, log_errors, ...)
+  finish_task(fut, log_errors, xpcall(fn, capture, ...))
+end
+
+-- Start fn(...) in a new coroutine now; returns a Future of its results.
+function M._task(fn, log_errors, ...)
+  local fut = M.Future()
+  resume(create(task_body), fut, fn, log_errors, ...)
+  return fut
+end
+
+--- Start fn(...) in a new coroutine now. It runs until it first waits.
+-- An error it raises is logged with its traceback. Returns a Future of
+-- its results (nil, err when it raised).
+function M.spawn(fn, ...)
+  check_callable(fn, 2)
+  return M._task(fn, true, ...)
+end
+
+--- Suspend the running coroutine for `seconds`.
+function M.sleep(seconds)
+  if type(seconds) ~= "number" or seconds ~= seconds then
+    error(format("seconds must be a number, got %s", type(seconds)), 2)
+  end
+  local co = need_coroutine("gen.sleep", 2)
+  local woke = false
+  ioloop.current():call_later(seconds, function()
+    woke = true
+    resume(co)
+  end)
+  repeat yield() until woke
+end
+
+local function reraise(fut)
+  if fut._raised then error(fut._error, 0) end
+end
+
+--- Run fn(...) in a new coroutine (or wait on a Future given in its place)
+-- for at most `seconds`. Returns its results, or nil and an error of kind
+-- "timeout". An error fn raises is raised again here. On timeout fn goes
+-- on running; an error it raises later is logged.
+function M.with_timeout(seconds, fn, ...)
+  if type(seconds) ~= "number" or seconds ~= seconds then
+    error(format("seconds must be a number, got %s", type(seconds)), 2)
+  end
+  local co = need_coroutine("gen.with_timeout", 2)
+  local fut
+  if M.is_future(fn) then
+    fut = fn
+  else
+    check_callable(fn, 2)
+    fut = M._task(fn, false, ...)
+  end
+  if not fut:done() then
+    local loop = ioloop.current()
+    local timed_out = false
+    local t = loop:call_later(seconds, function()
+      timed_out = true
+      resume(co)
+    end)
+    fut:add_done_callback(function()
+      if not timed_out then resume(co) end
+    end)
+    repeat yield() until fut:done() or timed_out
+    loop:remove_timeout(t)
+    if not fut:done() then
+      if fut ~= fn then
+        fut:add_done_callback(function(f)
+          if f._raised then
+            log.error("Error in coroutine after its timeout: %s", f._traceback)
+          end
+        end)
+      end
+      return nil, core.error("timeout", format("timed out after %g seconds", seconds))
+    end
+  end
+  reraise(fut)
+  return fut:result()
+end
+
+--- Wait for all of `children` (Futures, or functions started in new
+-- coroutines) and return a table of their first results, with the same
+-- keys. Returns nil, err for the first that resolved with an error; an
+-- error a function raised is raised again here.
+function M.multi(children)
+  if type(children) ~= "table" then
+    error(format("multi expects a table, got %s", type(children)), 2)
+  end
+  need_coroutine("gen.multi", 2)
+  local futs = {}
+  for k, c in pairs(children) do
+    if M.is_future(c) then
+      futs[k] = c
+    else
+      check_callable(c, 2)
+      futs[k] = M._task(c, false)
+    end
+  end
+  local results = {}
+  for k, f in pairs(futs) do
+    if not f:done() then f:result() end
+    reraise(f)
+    if f._error ~= nil then return nil, f._error end
+    results[k] = f._result[1]
+  end
+  return results
+end
+
+return M

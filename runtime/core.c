@@ -1,0 +1,25 @@
+/* core.c: the squall.core module, gathering each runtime file's functions
+ * into one table. Lua never sees libuv; it sees these. */
+#include <lauxlib.h>
+#include <openssl/crypto.h>
+#include <uv.h>
+
+#include "coro.h"
+#include "host.h"
+#include "loop.h"
+#include "tcp.h"
+
+int luaopen_squall_core(lua_State *L) {
+  lua_newtable(L);
+  squall_host_open(L);
+  squall_coro_open(L);
+  squall_loop_open(L);
+  squall_tcp_open(L);
+  lua_pushstring(L, SQUALL_VERSION);
+  lua_setfield(L, -2, "version");
+  lua_pushstring(L, uv_version_string());
+  lua_setfield(L, -2, "libuv_version");
+  lua_pushstring(L, OpenSSL_version(OPENSSL_VERSION));
+  lua_setfield(L, -2, "openssl_version");
+  return 1;
+}

@@ -1,0 +1,76 @@
+/* coro.c: the one place coroutines are parked and resumed. */
+#include "coro.h"
+
+#include <lauxlib.h>
+
+#include "host.h"
+
+int squall_coro_park(lua_State *L, const char *what) {
+  if (lua_pushthread(L)) {
+    lua_pop(L, 1);
+    return luaL_error(L,
+                      "%s waits, so it must run inside a coroutine "
+                      "(or pass a callback)",
+                      what);
+  }
+  return luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+lua_State *squall_coro_unpark(lua_State *L, int ref) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, ref);
+  return lua_tothread(L, -1);
+}
+
+int squall_coro_resume(lua_State *L, lua_State *co, int nargs) {
+  int status = lua_resume(co, nargs);
+  if (status == 0 || status == LUA_YIELD) {
+    /* Yielded values go to whoever resumes it next: nobody here. */
+    lua_settop(co, 0);
+    return status;
+  }
+  /* The coroutine is dead; build the report on L from co's stack. */
+  const char *msg = lua_tostring(co, -1);
+  if (msg == NULL && luaL_callmeta(co, -1, "__tostring"))
+    msg = lua_tostring(co, -1);
+  luaL_traceback(L, co, msg ? msg : "(error object is not a string)", 0);
+  lua_settop(co, 0);
+  squall_host_report(L, "coroutine");
+  return status;
+}
+
+/* What coroutine.status would say, without the coroutine library. */
+static int can_resume(lua_State *L, lua_State *co) {
+  if (co == L)
+    return 0;
+  if (lua_status(co) == LUA_YIELD)
+    return 1;
+  if (lua_status(co) != 0)
+    return 0;
+  lua_Debug ar;
+  if (lua_getstack(co, 0, &ar) > 0)
+    return 0; /* normal: it resumed another coroutine */
+  return lua_gettop(co) > 0; /* not started yet */
+}
+
+/* core.resume(co, ...): resume a suspended coroutine; returns true, or
+ * false when it cannot be resumed (dead, running). */
+static int l_resume(lua_State *L) {
+  lua_State *co = lua_tothread(L, 1);
+  luaL_argcheck(L, co != NULL, 1, "coroutine expected");
+  if (!can_resume(L, co)) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  int nargs = lua_gettop(L) - 1;
+  lua_xmove(L, co, nargs);
+  squall_coro_resume(L, co, nargs);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+int squall_coro_open(lua_State *L) {
+  lua_pushcfunction(L, l_resume);
+  lua_setfield(L, -2, "resume");
+  return 0;
+}

@@ -1,0 +1,384 @@
+/* loop.c: the uv_loop behind an IOLoop, fd watchers and signals. */
+#include "loop.h"
+
+#include <lauxlib.h>
+#include <math.h>
+#include <signal.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "host.h"
+
+#define LOOP_MT "squall.loop"
+#define WATCH_MT "squall.fdwatch"
+#define SIGNAL_MT "squall.signal"
+
+/* Tornado's event bits, which ioloop.lua exposes. */
+enum { EV_READ = 0x001, EV_WRITE = 0x004, EV_ERROR = 0x018 };
+
+squall_loop *squall_loop_check(lua_State *L, int idx) {
+  squall_loop *loop = luaL_checkudata(L, idx, LOOP_MT);
+  if (loop->closed)
+    luaL_error(L, "the IOLoop is closed");
+  return loop;
+}
+
+void squall_loop_call(squall_loop *loop, int nargs, const char *where) {
+  lua_State *L = loop->L;
+  if (squall_host_pcall(L, nargs, 0) != 0)
+    squall_host_report(L, where);
+}
+
+static void noop_async(uv_async_t *a) { (void)a; }
+static void noop_timer(uv_timer_t *t) { (void)t; }
+
+/* core.loop_new() -> loop */
+static int l_loop_new(lua_State *L) {
+  squall_loop *loop = lua_newuserdata(L, sizeof *loop);
+  memset(loop, 0, sizeof *loop);
+  int err = uv_loop_init(&loop->uv);
+  if (err != 0) {
+    loop->closed = 1;
+    return luaL_error(L, "uv_loop_init: %s", uv_strerror(err));
+  }
+  loop->uv.data = loop;
+  uv_async_init(&loop->uv, &loop->wake, noop_async);
+  uv_timer_init(&loop->uv, &loop->timer);
+  uv_unref((uv_handle_t *)&loop->timer);
+  luaL_getmetatable(L, LOOP_MT);
+  lua_setmetatable(L, -2);
+  return 1;
+}
+
+static void run_end_hook(squall_loop *loop) {
+  if (loop->end_hook != NULL)
+    loop->end_hook(loop, loop->end_hook_arg);
+}
+
+/* loop:poll(timeout): wait for I/O at most `timeout` seconds (0: do not
+ * block, negative: until something happens), dispatch it, and return. */
+static int l_poll(lua_State *L) {
+  squall_loop *loop = squall_loop_check(L, 1);
+  double timeout = luaL_checknumber(L, 2);
+  lua_State *outer = loop->L;
+  loop->L = L;
+  if (timeout == 0) {
+    uv_run(&loop->uv, UV_RUN_NOWAIT);
+  } else {
+    if (timeout > 0) {
+      /* Round up so we never wake just before a timer is due. */
+      uint64_t ms = (uint64_t)ceil(timeout * 1000.0);
+      uv_timer_start(&loop->timer, noop_timer, ms, 0);
+    }
+    uv_run(&loop->uv, UV_RUN_ONCE);
+    uv_timer_stop(&loop->timer);
+  }
+  run_end_hook(loop);
+  loop->L = outer;
+  return 0;
+}
+
+static void close_walk_cb(uv_handle_t *h, void *arg) {
+  squall_loop *loop = arg;
+  if (uv_is_closing(h))
+    return;
+  if (h == (uv_handle_t *)&loop->wake || h == (uv_handle_t *)&loop->timer) {
+    uv_close(h, NULL);
+    return;
+  }
+  squall_handle *sh = h->data;
+  if (sh != NULL && sh->close != NULL)
+    sh->close(sh);
+  else
+    uv_close(h, NULL);
+}
+
+static void loop_close(lua_State *L, squall_loop *loop) {
+  if (loop->closed)
+    return;
+  lua_State *outer = loop->L;
+  loop->L = L;
+  run_end_hook(loop);
+  uv_walk(&loop->uv, close_walk_cb, loop);
+  while (uv_run(&loop->uv, UV_RUN_DEFAULT) != 0) {
+  }
+  loop->L = outer;
+  uv_loop_close(&loop->uv);
+  loop->closed = 1;
+}
+
+/* loop:close(): close every handle still open on this loop. */
+static int l_close(lua_State *L) {
+  squall_loop *loop = luaL_checkudata(L, 1, LOOP_MT);
+  loop_close(L, loop);
+  return 0;
+}
+
+static int l_loop_gc(lua_State *L) {
+  loop_close(L, luaL_checkudata(L, 1, LOOP_MT));
+  return 0;
+}
+
+/* core.time(): monotonic seconds, at nanosecond resolution. */
+static int l_time(lua_State *L) {
+  lua_pushnumber(L, (double)uv_hrtime() / 1e9);
+  return 1;
+}
+
+/* core.wall_time(): seconds since the epoch, for log lines. */
+static int l_wall_time(lua_State *L) {
+  uv_timeval64_t tv;
+  uv_gettimeofday(&tv);
+  lua_pushnumber(L, (double)tv.tv_sec + (double)tv.tv_usec / 1e6);
+  return 1;
+}
+
+/* core.close_fd(fd): close(2), for IOLoop:close(true). */
+static int l_close_fd(lua_State *L) {
+  close((int)luaL_checkinteger(L, 1));
+  return 0;
+}
+
+/* --- fd watchers (add_handler) ---------------------------------------- */
+
+/* Owned by its Lua userdata, which the watcher anchors in the registry
+ * (self_ref) from start until the uv close callback has run; so the memory
+ * outlives every libuv callback, and __gc never sees an open handle. */
+typedef struct {
+  squall_handle h;
+  uv_poll_t poll;
+  squall_loop *loop;
+  int fd;
+  int fn_ref;
+  int self_ref;
+  int closing;
+} fd_watch;
+
+static int to_uv_events(int events) {
+  int uv = 0;
+  if (events & EV_READ)
+    uv |= UV_READABLE;
+  if (events & EV_WRITE)
+    uv |= UV_WRITABLE;
+  return uv;
+}
+
+static void watch_cb(uv_poll_t *p, int status, int uv_events) {
+  fd_watch *w = (fd_watch *)p->data;
+  lua_State *L = w->loop->L;
+  int events = 0;
+  if (status < 0)
+    events = EV_ERROR;
+  else {
+    if (uv_events & UV_READABLE)
+      events |= EV_READ;
+    if (uv_events & UV_WRITABLE)
+      events |= EV_WRITE;
+    if (uv_events & UV_DISCONNECT)
+      events |= EV_READ;
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->fn_ref);
+  lua_pushinteger(L, w->fd);
+  lua_pushinteger(L, events);
+  squall_loop_call(w->loop, 2, "fd handler");
+}
+
+static void watch_closed(uv_handle_t *h) {
+  fd_watch *w = (fd_watch *)((squall_handle *)h->data);
+  lua_State *L = w->loop->L;
+  luaL_unref(L, LUA_REGISTRYINDEX, w->fn_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, w->self_ref);
+  w->fn_ref = w->self_ref = LUA_NOREF;
+}
+
+static void watch_close(squall_handle *h) {
+  fd_watch *w = (fd_watch *)h;
+  if (w->closing)
+    return;
+  w->closing = 1;
+  uv_close((uv_handle_t *)&w->poll, watch_closed);
+}
+
+/* core.watch_fd(loop, fd, events, fn) -> watcher; fn(fd, events) */
+static int l_watch_fd(lua_State *L) {
+  squall_loop *loop = squall_loop_check(L, 1);
+  int fd = (int)luaL_checkinteger(L, 2);
+  int events = (int)luaL_checkinteger(L, 3);
+  luaL_checktype(L, 4, LUA_TFUNCTION);
+  fd_watch *w = lua_newuserdata(L, sizeof *w);
+  memset(w, 0, sizeof *w);
+  w->h.close = watch_close;
+  w->loop = loop;
+  w->fd = fd;
+  w->fn_ref = w->self_ref = LUA_NOREF;
+  int err = uv_poll_init(&loop->uv, &w->poll, fd);
+  if (err != 0) {
+    w->closing = 1;
+    return luaL_error(L, "cannot watch fd %d: %s", fd, uv_strerror(err));
+  }
+  w->poll.data = &w->h;
+  luaL_getmetatable(L, WATCH_MT);
+  lua_setmetatable(L, -2);
+  err = uv_poll_start(&w->poll, to_uv_events(events), watch_cb);
+  if (err != 0) {
+    w->closing = 1;
+    uv_close((uv_handle_t *)&w->poll, NULL);
+    /* The handle must finish closing before the userdata may be freed. */
+    lua_pushvalue(L, -1);
+    w->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    uv_run(&loop->uv, UV_RUN_NOWAIT);
+    luaL_unref(L, LUA_REGISTRYINDEX, w->self_ref);
+    return luaL_error(L, "cannot watch fd %d: %s", fd, uv_strerror(err));
+  }
+  lua_pushvalue(L, 4);
+  w->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, -1);
+  w->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 1;
+}
+
+static fd_watch *check_watch(lua_State *L) {
+  fd_watch *w = luaL_checkudata(L, 1, WATCH_MT);
+  if (w->closing)
+    luaL_error(L, "fd handler is removed");
+  return w;
+}
+
+/* watcher:update(events) */
+static int l_watch_update(lua_State *L) {
+  fd_watch *w = check_watch(L);
+  int events = (int)luaL_checkinteger(L, 2);
+  int err = uv_poll_start(&w->poll, to_uv_events(events), watch_cb);
+  if (err != 0)
+    return luaL_error(L, "cannot watch fd %d: %s", w->fd, uv_strerror(err));
+  return 0;
+}
+
+/* watcher:close(): stop watching; harmless when already closed. */
+static int l_watch_close(lua_State *L) {
+  fd_watch *w = luaL_checkudata(L, 1, WATCH_MT);
+  watch_close(&w->h);
+  return 0;
+}
+
+/* --- signals ------------------------------------------------------------ */
+
+typedef struct {
+  squall_handle h;
+  uv_signal_t sig;
+  squall_loop *loop;
+  int fn_ref;
+  int self_ref;
+  int closing;
+  const char *name;
+} sig_watch;
+
+static const struct {
+  const char *name;
+  int num;
+} signals[] = {
+    {"SIGHUP", SIGHUP},   {"SIGINT", SIGINT},     {"SIGQUIT", SIGQUIT},
+    {"SIGTERM", SIGTERM}, {"SIGUSR1", SIGUSR1},   {"SIGUSR2", SIGUSR2},
+    {"SIGCHLD", SIGCHLD}, {"SIGWINCH", SIGWINCH}, {"SIGALRM", SIGALRM},
+    {"SIGPIPE", SIGPIPE}, {"SIGCONT", SIGCONT},   {"SIGTSTP", SIGTSTP},
+};
+
+static void signal_cb(uv_signal_t *s, int signum) {
+  (void)signum;
+  sig_watch *w = (sig_watch *)((squall_handle *)s->data);
+  lua_State *L = w->loop->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->fn_ref);
+  lua_pushstring(L, w->name);
+  squall_loop_call(w->loop, 1, "signal handler");
+}
+
+static void signal_closed(uv_handle_t *h) {
+  sig_watch *w = (sig_watch *)((squall_handle *)h->data);
+  lua_State *L = w->loop->L;
+  luaL_unref(L, LUA_REGISTRYINDEX, w->fn_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, w->self_ref);
+  w->fn_ref = w->self_ref = LUA_NOREF;
+}
+
+static void signal_close(squall_handle *h) {
+  sig_watch *w = (sig_watch *)h;
+  if (w->closing)
+    return;
+  w->closing = 1;
+  uv_close((uv_handle_t *)&w->sig, signal_closed);
+}
+
+/* core.watch_signal(loop, "SIGTERM", fn) -> watcher; fn(name) */
+static int l_watch_signal(lua_State *L) {
+  squall_loop *loop = squall_loop_check(L, 1);
+  const char *name = luaL_checkstring(L, 2);
+  luaL_checktype(L, 3, LUA_TFUNCTION);
+  size_t i;
+  for (i = 0; i < sizeof signals / sizeof signals[0]; i++)
+    if (strcmp(signals[i].name, name) == 0)
+      break;
+  if (i == sizeof signals / sizeof signals[0])
+    return luaL_error(L, "unknown signal name '%s'", name);
+  sig_watch *w = lua_newuserdata(L, sizeof *w);
+  memset(w, 0, sizeof *w);
+  w->h.close = signal_close;
+  w->loop = loop;
+  w->name = signals[i].name;
+  uv_signal_init(&loop->uv, &w->sig);
+  w->sig.data = &w->h;
+  /* A signal handler alone does not keep the loop alive. */
+  uv_unref((uv_handle_t *)&w->sig);
+  luaL_getmetatable(L, SIGNAL_MT);
+  lua_setmetatable(L, -2);
+  lua_pushvalue(L, 3);
+  w->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, -1);
+  w->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  int err = uv_signal_start(&w->sig, signal_cb, signals[i].num);
+  if (err != 0) {
+    lua_State *outer = loop->L;
+    loop->L = L;
+    signal_close(&w->h);
+    uv_run(&loop->uv, UV_RUN_NOWAIT);
+    loop->L = outer;
+    return luaL_error(L, "cannot watch %s: %s", name, uv_strerror(err));
+  }
+  return 1;
+}
+
+static int l_signal_close(lua_State *L) {
+  sig_watch *w = luaL_checkudata(L, 1, SIGNAL_MT);
+  signal_close(&w->h);
+  return 0;
+}
+
+static void new_metatable(lua_State *L, const char *name, const luaL_Reg *m) {
+  luaL_newmetatable(L, name);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -2, "__index");
+  luaL_register(L, NULL, m);
+  lua_pop(L, 1);
+}
+
+int squall_loop_open(lua_State *L) {
+  static const luaL_Reg loop_m[] = {{"poll", l_poll},
+                                    {"close", l_close},
+                                    {"__gc", l_loop_gc},
+                                    {NULL, NULL}};
+  static const luaL_Reg watch_m[] = {
+      {"update", l_watch_update}, {"close", l_watch_close}, {NULL, NULL}};
+  static const luaL_Reg signal_m[] = {{"close", l_signal_close},
+                                      {NULL, NULL}};
+  new_metatable(L, LOOP_MT, loop_m);
+  new_metatable(L, WATCH_MT, watch_m);
+  new_metatable(L, SIGNAL_MT, signal_m);
+  static const luaL_Reg fns[] = {{"loop_new", l_loop_new},
+                                 {"time", l_time},
+                                 {"wall_time", l_wall_time},
+                                 {"close_fd", l_close_fd},
+                                 {"watch_fd", l_watch_fd},
+                                 {"watch_signal", l_watch_signal},
+                                 {NULL, NULL}};
+  luaL_register(L, NULL, fns);
+  return 0;
+}

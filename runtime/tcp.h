@@ -1,0 +1,19 @@
+/* tcp.h: listening sockets (bind_sockets), accept and connect.
+ *
+ * A listening socket is a Lua full userdata ("squall.socket") owning a
+ * plain non-blocking, close-on-exec fd; it is closed by :close() or by the
+ * garbage collector.
+ */
+#ifndef SQUALL_TCP_H
+#define SQUALL_TCP_H
+
+#include <lua.h>
+#include <sys/socket.h>
+
+/* Push host and port of a socket address; returns 2. */
+int squall_push_sockaddr(lua_State *L, const struct sockaddr *sa);
+
+/* Add core.bind_sockets to the table at the top of the stack. */
+int squall_tcp_open(lua_State *L);
+
+#endif
