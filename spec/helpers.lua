@@ -1,0 +1,42 @@
+-- Shared helpers for the specs (loaded with require "helpers").
+local M = {}
+
+--- Run fn while capturing everything squall.log writes; returns the text.
+function M.capture_log(fn)
+  local chunks = {}
+  local real = io.stderr
+  io.stderr = { write = function(_, ...)
+    for i = 1, select("#", ...) do chunks[#chunks + 1] = tostring((select(i, ...))) end
+  end }
+  local ok, err = pcall(fn)
+  io.stderr = real
+  if not ok then error(err, 0) end
+  return table.concat(chunks)
+end
+
+--- The squall binary under test (scripts/run-tests sets SQUALL_BIN).
+M.squall = os.getenv("SQUALL_BIN") or "build/squall"
+
+local function slurp(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+--- Run a shell command; returns exit status, stdout, stderr.
+function M.run(cmd)
+  local out, err, rc = os.tmpname(), os.tmpname(), os.tmpname()
+  os.execute(string.format("(%s) >%s 2>%s; echo $? >%s", cmd, out, err, rc))
+  local status = tonumber(slurp(rc))
+  local o, e = slurp(out), slurp(err)
+  os.remove(out); os.remove(err); os.remove(rc)
+  return status, o, e
+end
+
+--- Quote a string for the shell.
+function M.q(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+return M
