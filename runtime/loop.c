@@ -30,7 +30,9 @@ void squall_loop_call(squall_loop *loop, int nargs, const char *where) {
 }
 
 static void noop_async(uv_async_t *a) { (void)a; }
-static void noop_timer(uv_timer_t *t) { (void)t; }
+/* The bound on a poll. libuv may run a due timer before it polls; stopping
+ * the loop makes that poll not block, so the bound holds either way. */
+static void bound_timer_cb(uv_timer_t *t) { uv_stop(t->loop); }
 
 /* core.loop_new() -> loop */
 static int l_loop_new(lua_State *L) {
@@ -68,7 +70,8 @@ static int l_poll(lua_State *L) {
     if (timeout > 0) {
       /* Round up so we never wake just before a timer is due. */
       uint64_t ms = (uint64_t)ceil(timeout * 1000.0);
-      uv_timer_start(&loop->timer, noop_timer, ms, 0);
+      uv_update_time(&loop->uv);
+      uv_timer_start(&loop->timer, bound_timer_cb, ms, 0);
     }
     uv_run(&loop->uv, UV_RUN_ONCE);
     uv_timer_stop(&loop->timer);

@@ -276,13 +276,15 @@ function IOLoop:add_future(future, fn)
   future:add_done_callback(function(f) self:add_callback(fn, f) end)
 end
 
-local function run_timers(self)
+-- Run the timers due at `t0` that were set before the iteration began
+-- (sequence number up to `seq0`); one set by this iteration's callbacks
+-- waits for the next, as in Tornado.
+local function run_timers(self, t0, seq0)
   local h = self._heap
   local due, ndue = nil, 0
-  local t0 = now()
   while self._nheap > 0 do
     local t = h[1]
-    if t.fn and t.deadline > t0 then break end
+    if t.fn and (t.deadline > t0 or t.seq > seq0) then break end
     local _
     _, self._nheap = heap_pop(h, self._nheap)
     if t.fn then
@@ -312,13 +314,14 @@ function IOLoop:start()
   current = self
   local uv = self._uv
   while true do
+    local t0, seq0 = now(), self._seq
     local n = self._ncb
     if n > 0 then
       local fns, args = self._cb_fns, self._cb_args
       self._cb_fns, self._cb_args, self._ncb = {}, {}, 0
       for i = 1, n do run(fns[i], args[i]) end
     end
-    if self._nheap > 0 then run_timers(self) end
+    if self._nheap > 0 then run_timers(self, t0, seq0) end
     if self._stopping then break end
     local timeout = -1
     if self._ncb > 0 then
