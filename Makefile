@@ -44,7 +44,7 @@ run: deps build/squall
 test: deps build/squall
 	@scripts/run-tests build/squall
 
-check: deps check-asan check-valgrind
+check: deps lint check-asan check-valgrind
 
 check-asan: $(ASAN_DIR)/squall
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
@@ -52,13 +52,13 @@ check-asan: $(ASAN_DIR)/squall
 	  scripts/run-tests $(ASAN_DIR)/squall
 
 check-valgrind: build/squall
-	SQUALL_WRAP="valgrind -q --error-exitcode=99 --leak-check=full \
+	SQUALL_TEST_TIMEOUT_SCALE=10 SQUALL_WRAP="valgrind -q --error-exitcode=99 --leak-check=full \
 	  --errors-for-leak-kinds=definite --show-leak-kinds=definite \
 	  --suppressions=$(CURDIR)/tests/valgrind.supp" \
 	  scripts/run-tests build/squall
 
 lint:
-	luacheck -q lua spec examples
+	luacheck -q lua spec $(wildcard examples)
 	clang-format --dry-run --Werror $(SRCS) $(HDRS)
 
 format:

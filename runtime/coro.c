@@ -49,7 +49,7 @@ static int can_resume(lua_State *L, lua_State *co) {
     return 0;
   lua_Debug ar;
   if (lua_getstack(co, 0, &ar) > 0)
-    return 0; /* normal: it resumed another coroutine */
+    return 0;                /* normal: it resumed another coroutine */
   return lua_gettop(co) > 0; /* not started yet */
 }
 

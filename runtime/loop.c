@@ -29,10 +29,14 @@ void squall_loop_call(squall_loop *loop, int nargs, const char *where) {
     squall_host_report(L, where);
 }
 
-static void noop_async(uv_async_t *a) { (void)a; }
+static void noop_async(uv_async_t *a) {
+  (void)a;
+}
 /* The bound on a poll. libuv may run a due timer before it polls; stopping
  * the loop makes that poll not block, so the bound holds either way. */
-static void bound_timer_cb(uv_timer_t *t) { uv_stop(t->loop); }
+static void bound_timer_cb(uv_timer_t *t) {
+  uv_stop(t->loop);
+}
 
 /* core.loop_new() -> loop */
 static int l_loop_new(lua_State *L) {
@@ -364,14 +368,11 @@ static void new_metatable(lua_State *L, const char *name, const luaL_Reg *m) {
 }
 
 int squall_loop_open(lua_State *L) {
-  static const luaL_Reg loop_m[] = {{"poll", l_poll},
-                                    {"close", l_close},
-                                    {"__gc", l_loop_gc},
-                                    {NULL, NULL}};
+  static const luaL_Reg loop_m[] = {
+      {"poll", l_poll}, {"close", l_close}, {"__gc", l_loop_gc}, {NULL, NULL}};
   static const luaL_Reg watch_m[] = {
       {"update", l_watch_update}, {"close", l_watch_close}, {NULL, NULL}};
-  static const luaL_Reg signal_m[] = {{"close", l_signal_close},
-                                      {NULL, NULL}};
+  static const luaL_Reg signal_m[] = {{"close", l_signal_close}, {NULL, NULL}};
   new_metatable(L, LOOP_MT, loop_m);
   new_metatable(L, WATCH_MT, watch_m);
   new_metatable(L, SIGNAL_MT, signal_m);

@@ -154,8 +154,8 @@ int main(int argc, char **argv) {
   for (int i = 1; i < script && status == 0; i++) {
     if (strcmp(argv[i], "-e") == 0) {
       const char *code = argv[++i];
-      status = run_chunk(L, luaL_loadbuffer(L, code, strlen(code), "=(command line)"),
-                         0);
+      status = run_chunk(
+          L, luaL_loadbuffer(L, code, strlen(code), "=(command line)"), 0);
     } else if (strcmp(argv[i], "-l") == 0) {
       status = require_lib(L, argv[++i]);
     }

@@ -41,8 +41,8 @@ static int push_errno_error(lua_State *L, int err) {
   return squall_push_uv_error(L, uv_translate_sys_error(err));
 }
 
-static int open_listener(const struct addrinfo *ai, int port,
-                         int reuse_port, int backlog, int *out_fd) {
+static int open_listener(const struct addrinfo *ai, int port, int reuse_port,
+                         int backlog, int *out_fd) {
   int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
                   ai->ai_protocol);
   if (fd < 0)
@@ -129,8 +129,8 @@ static int l_bind_sockets(lua_State *L) {
       continue;
     int fd = -1;
     err = open_listener(ai, bind_port, reuse_port, backlog, &fd);
-    if (err == EAFNOSUPPORT || (err == EADDRNOTAVAIL && ai->ai_family == AF_INET6 &&
-                                address == NULL)) {
+    if (err == EAFNOSUPPORT || (err == EADDRNOTAVAIL &&
+                                ai->ai_family == AF_INET6 && address == NULL)) {
       err = 0; /* no IPv6 on this host: serve the other family */
       continue;
     }

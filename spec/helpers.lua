@@ -2,6 +2,8 @@
 local M = {}
 
 --- Run fn while capturing everything squall.log writes; returns the text.
+-- squall.log writes through io.stderr at each call, so swapping it catches
+-- every line (.luacheckrc allows it here).
 function M.capture_log(fn)
   local chunks = {}
   local real = io.stderr

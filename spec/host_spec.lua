@@ -98,6 +98,10 @@ describe("the squall host", function()
   end)
 
   it("raises its soft open-files limit to the hard limit", function()
+    if (os.getenv("SQUALL_WRAP") or ""):match("valgrind") then
+      pending("valgrind keeps RLIMIT_NOFILE for itself")
+      return
+    end
     local status, out = run("ulimit -S -n 256; ulimit -H -n; " .. q(squall) ..
       [[ -e 'os.execute("ulimit -S -n")']])
     assert.equal(0, status)

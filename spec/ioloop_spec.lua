@@ -169,7 +169,8 @@ describe("squall.ioloop", function()
   end))
 
   it("raises at once on misuse", with_loop(function(loop)
-    assert.has_error(function() loop:add_callback(42) end, "callback must be a function, got number")
+    assert.has_error(function() loop:add_callback(42) end,
+      "callback must be a function, got number")
     assert.has_error(function() loop:call_later("soon", print) end)
     assert.has_error(function() loop:add_handler({}, print, ioloop.READ) end)
   end))
@@ -291,7 +292,8 @@ describe("squall.ioloop", function()
     loop:start()
     assert.equal("SIGUSR1", got)
     loop:remove_signal_handler("SIGUSR1")
-    assert.has_error(function() loop:add_signal_handler("SIGNOPE", print) end, "unknown signal name 'SIGNOPE'")
+    assert.has_error(function() loop:add_signal_handler("SIGNOPE", print) end,
+      "unknown signal name 'SIGNOPE'")
   end))
 
   it("add_future calls back on the loop when the future resolves", with_loop(function(loop)
