@@ -23,7 +23,9 @@ ASAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-s
 
 .PHONY: all run test check check-asan check-valgrind lint format install deps clean
 
-all: build/squall
+C_TESTS := $(patsubst tests/%.c,%,$(wildcard tests/*_test.c))
+
+all: build/squall $(C_TESTS:%=build/tests/%)
 
 deps:
 	@scripts/install-deps
@@ -36,22 +38,31 @@ $(ASAN_DIR)/squall: $(SRCS) $(HDRS) Makefile
 	@mkdir -p $(ASAN_DIR)
 	$(CC) -D_GNU_SOURCE -std=gnu11 -Wall -Wextra -Werror $(ASAN_FLAGS) $(PKG_CFLAGS) $(SRCS) -o $@ -Wl,-E $(LDLIBS)
 
+# C unit tests link the one runtime file they test.
+build/tests/buffer_test: tests/buffer_test.c runtime/buffer.c runtime/buffer.h
+	@mkdir -p build/tests
+	$(CC) $(CFLAGS) tests/buffer_test.c runtime/buffer.c -o $@
+
+$(ASAN_DIR)/tests/buffer_test: tests/buffer_test.c runtime/buffer.c runtime/buffer.h
+	@mkdir -p $(ASAN_DIR)/tests
+	$(CC) -D_GNU_SOURCE -std=gnu11 -Wall -Wextra -Werror $(ASAN_FLAGS) tests/buffer_test.c runtime/buffer.c -o $@
+
 run: deps build/squall
 	build/squall examples/ticker.lua
 
 # Every spec, inside the real host. scripts/run-tests prints the closing
 # "N passed, N failed" line.
-test: deps build/squall
+test: deps all
 	@scripts/run-tests build/squall
 
 check: deps lint check-asan check-valgrind
 
-check-asan: $(ASAN_DIR)/squall
+check-asan: $(ASAN_DIR)/squall $(C_TESTS:%=$(ASAN_DIR)/tests/%)
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
 	  LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 \
 	  scripts/run-tests $(ASAN_DIR)/squall
 
-check-valgrind: build/squall
+check-valgrind: all
 	SQUALL_TEST_TIMEOUT_SCALE=10 SQUALL_WRAP="valgrind -q --error-exitcode=99 --leak-check=full \
 	  --errors-for-leak-kinds=definite --show-leak-kinds=definite \
 	  --suppressions=$(CURDIR)/tests/valgrind.supp" \
@@ -59,12 +70,14 @@ check-valgrind: build/squall
 
 lint:
 	luacheck -q lua spec $(wildcard examples)
-	clang-format --dry-run --Werror $(SRCS) $(HDRS)
+	clang-format --dry-run --Werror $(SRCS) $(HDRS) tests/*.c
 
 format:
-	clang-format -i $(SRCS) $(HDRS)
+	clang-format -i $(SRCS) $(HDRS) tests/*.c
 
-install: build/squall
+instC_TESTS := $(patsubst tests/%.c,%,$(wildcard tests/*_test.c))
+
+all: build/squall $(C_TESTS:%=build/tests/%)
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/squall/lua/squall
 	install -m 755 build/squall $(DESTDIR)$(PREFIX)/bin/squall
 	install -m 644 lua/squall/*.lua $(DESTDIR)$(PREFIX)/share/squall/lua/squall/
