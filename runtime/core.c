@@ -7,6 +7,7 @@
 #include "coro.h"
 #include "host.h"
 #include "loop.h"
+#include "stream.h"
 #include "tcp.h"
 
 int luaopen_squall_core(lua_State *L) {
@@ -15,6 +16,7 @@ int luaopen_squall_core(lua_State *L) {
   squall_coro_open(L);
   squall_loop_open(L);
   squall_tcp_open(L);
+  squall_stream_open(L);
   lua_pushstring(L, SQUALL_VERSION);
   lua_setfield(L, -2, "version");
   lua_pushstring(L, uv_version_string());

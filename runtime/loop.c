@@ -68,6 +68,7 @@ static int l_poll(lua_State *L) {
   double timeout = luaL_checknumber(L, 2);
   lua_State *outer = loop->L;
   loop->L = L;
+  run_end_hook(loop);
   if (timeout == 0) {
     uv_run(&loop->uv, UV_RUN_NOWAIT);
   } else {
@@ -105,7 +106,8 @@ static void loop_close(lua_State *L, squall_loop *loop) {
     return;
   lua_State *outer = loop->L;
   loop->L = L;
-  run_end_hook(loop);
+  if (!loop->finalizing)
+    run_end_hook(loop);
   uv_walk(&loop->uv, close_walk_cb, loop);
   while (uv_run(&loop->uv, UV_RUN_DEFAULT) != 0) {
   }
@@ -122,7 +124,9 @@ static int l_close(lua_State *L) {
 }
 
 static int l_loop_gc(lua_State *L) {
-  loop_close(L, luaL_checkudata(L, 1, LOOP_MT));
+  squall_loop *loop = luaL_checkudata(L, 1, LOOP_MT);
+  loop->finalizing = 1;
+  loop_close(L, loop);
   return 0;
 }
 

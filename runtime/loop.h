@@ -17,9 +17,11 @@
 #include <uv.h>
 
 typedef struct squall_loop squall_loop;
+struct squall_stream;
 
-/* Called once after each poll, before returning to Lua: streams use it to
- * send writes gathered during the iteration. */
+/* Called before each poll and after it, before returning to Lua: streams
+ * use it to send the writes gathered meanwhile, so callbacks and timers
+ * get their writes out before the loop blocks. */
 typedef void (*squall_loop_hook)(squall_loop *loop, void *arg);
 
 struct squall_loop {
@@ -29,7 +31,9 @@ struct squall_loop {
   lua_State *L;     /* the thread inside poll/close; valid only there */
   squall_loop_hook end_hook;
   void *end_hook_arg;
+  struct squall_stream *dirty; /* streams with writes gathered, unsent */
   int closed;
+  int finalizing; /* closed by the garbage collector: call no Lua code */
 };
 
 /* Every handle squall creates starts with this header in its struct, and

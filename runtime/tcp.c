@@ -1,4 +1,4 @@
-/* tcp.c: bind_sockets and the listening socket object. */
+/* tcp.c: bind_sockets, the listening socket, accepting and connecting. */
 #include "tcp.h"
 
 #include <arpa/inet.h>
@@ -7,18 +7,31 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <uv.h>
 
+#include "coro.h"
 #include "host.h"
+#include "loop.h"
+#include "stream.h"
 
 #define SOCKET_MT "squall.socket"
+#define ACCEPTOR_MT "squall.acceptor"
 
+struct acceptor;
+
+/* A listening socket: owned by its userdata. While an acceptor watches it,
+ * `acc` points there, and closing the socket stops the acceptor first. */
 typedef struct {
   int fd;
   int family;
+  int backlog;
+  struct acceptor *acc;
 } listen_socket;
+
+static void acceptor_stop(struct acceptor *a);
 
 int squall_push_sockaddr(lua_State *L, const struct sockaddr *sa) {
   char host[INET6_ADDRSTRLEN] = "";
@@ -142,6 +155,8 @@ static int l_bind_sockets(lua_State *L) {
     listen_socket *s = lua_newuserdata(L, sizeof *s);
     s->fd = fd;
     s->family = ai->ai_family;
+    s->backlog = backlog > 0 ? backlog : 128;
+    s->acc = NULL;
     luaL_getmetatable(L, SOCKET_MT);
     lua_setmetatable(L, -2);
     lua_rawseti(L, -2, ++n);
@@ -189,6 +204,8 @@ static int l_socket_family(lua_State *L) {
 
 static int l_socket_close(lua_State *L) {
   listen_socket *s = luaL_checkudata(L, 1, SOCKET_MT);
+  if (s->acc != NULL)
+    acceptor_stop(s->acc);
   if (s->fd >= 0)
     close(s->fd);
   s->fd = -1;
@@ -199,6 +216,460 @@ static int l_socket_tostring(lua_State *L) {
   listen_socket *s = luaL_checkudata(L, 1, SOCKET_MT);
   lua_pushfstring(L, "squall.socket (fd %d)", s->fd);
   return 1;
+}
+
+/* ---- accepting ------------------------------------------------------ */
+
+/* Accepts connections on a listening socket and hands each to a Lua
+ * function as a new stream. malloc'd: owned by its userdata and by libuv
+ * (freed once both its handles closed and the userdata is collected).
+ * While accepting it anchors its own userdata (and through it the socket
+ * and the function), so a server that drops the handle keeps serving. */
+typedef struct acceptor {
+  squall_handle h;
+  uv_poll_t poll;
+  uv_timer_t pause; /* back-off after EMFILE */
+  squall_loop *loop;
+  listen_socket *sock;
+  int sock_ref, fn_ref, self_ref;
+  squall_stream_opts opts;
+  int handles_open;
+  int stopped;
+  int ud_alive;
+  int warned; /* reported running out of fds; reset by a good accept */
+} acceptor;
+
+static const uint64_t EMFILE_PAUSE_MS = 100;
+
+static void acceptor_closed(uv_handle_t *h) {
+  acceptor *a = h->data;
+  if (--a->handles_open == 0 && !a->ud_alive)
+    free(a);
+}
+
+static void acceptor_stop(acceptor *a) {
+  if (a->stopped)
+    return;
+  a->stopped = 1;
+  if (a->sock != NULL)
+    a->sock->acc = NULL;
+  a->sock = NULL;
+  uv_close((uv_handle_t *)&a->poll, acceptor_closed);
+  uv_close((uv_handle_t *)&a->pause, acceptor_closed);
+  lua_State *L = a->loop->finalizing ? NULL : a->loop->L;
+  if (L == NULL)
+    return; /* the registry goes with the state */
+  luaL_unref(L, LUA_REGISTRYINDEX, a->sock_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, a->fn_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, a->self_ref);
+  a->sock_ref = a->fn_ref = a->self_ref = LUA_NOREF;
+}
+
+static void close_acceptor_for_loop(squall_handle *h) {
+  acceptor_stop((acceptor *)h);
+}
+
+/* Report an accept failure to the Lua function as fn(nil, err). */
+static void report_accept_error(acceptor *a, int sys_err) {
+  lua_State *L = a->loop->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, a->fn_ref);
+  squall_push_uv_error(L, uv_translate_sys_error(sys_err));
+  squall_loop_call(a->loop, 2, "accept handler");
+}
+
+static void on_accept_ready(uv_poll_t *p, int status, int events);
+
+static void on_accept_resume(uv_timer_t *t) {
+  acceptor *a = t->data;
+  if (!a->stopped)
+    uv_poll_start(&a->poll, UV_READABLE, on_accept_ready);
+}
+
+/* Accept at most a backlog's worth, so one busy listener cannot starve the
+ * rest of the loop; the poll reports the socket again if more wait. */
+static void on_accept_ready(uv_poll_t *p, int status, int events) {
+  (void)events;
+  acceptor *a = p->data;
+  if (status < 0)
+    return;
+  int limit = a->sock->backlog;
+  for (int i = 0; i < limit && !a->stopped; i++) {
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    int fd = accept4(a->sock->fd, (struct sockaddr *)&ss, &len,
+                     SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      int e = errno;
+      if (e == EAGAIN || e == EWOULDBLOCK)
+        return;
+      if (e == ECONNABORTED || e == EINTR || e == EPROTO || e == EPERM)
+        continue; /* that one connection is gone; the next may be fine */
+      if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM) {
+        /* Out of fds: the pending connection stays readable, so polling
+         * on would spin. Pause, say so once, and try again later. */
+        uv_poll_stop(&a->poll);
+        uv_timer_start(&a->pause, on_accept_resume, EMFILE_PAUSE_MS, 0);
+        if (!a->warned) {
+          a->warned = 1;
+          report_accept_error(a, e);
+        }
+        return;
+      }
+      report_accept_error(a, e);
+      return;
+    }
+    a->warned = 0;
+    lua_State *L = a->loop->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, a->fn_ref);
+    squall_stream *s = squall_stream_new(L, a->loop, &a->opts);
+    if (squall_stream_open_fd(s, fd) != 0) {
+      lua_pop(L, 2);
+      continue;
+    }
+    lua_createtable(L, 0, 2);
+    squall_push_sockaddr(L, (struct sockaddr *)&ss);
+    lua_setfield(L, -3, "port");
+    lua_setfield(L, -2, "host");
+    squall_loop_call(a->loop, 2, "accept handler");
+  }
+}
+
+/* core.accept(loop, socket, fn, opts) -> acceptor
+ * Calls fn(stream, {host=, port=}) for each connection, fn(nil, err) when
+ * accepting fails. */
+static int l_accept(lua_State *L) {
+  squall_loop *loop = squall_loop_check(L, 1);
+  listen_socket *sock = luaL_checkudata(L, 2, SOCKET_MT);
+  luaL_checktype(L, 3, LUA_TFUNCTION);
+  squall_stream_opts opts;
+  squall_stream_opts_read(L, 4, &opts);
+  if (sock->fd < 0)
+    return luaL_error(L, "socket is closed");
+  if (sock->acc != NULL)
+    return luaL_error(L, "socket already has an accept handler");
+  acceptor **box = lua_newuserdata(L, sizeof *box);
+  *box = NULL;
+  acceptor *a = calloc(1, sizeof *a);
+  if (a == NULL)
+    return luaL_error(L, "out of memory");
+  a->h.close = close_acceptor_for_loop;
+  a->loop = loop;
+  a->sock = sock;
+  a->opts = opts;
+  a->ud_alive = 1;
+  int err = uv_poll_init_socket(&loop->uv, &a->poll, sock->fd);
+  if (err != 0) {
+    free(a);
+    return squall_push_uv_error(L, err);
+  }
+  uv_timer_init(&loop->uv, &a->pause);
+  a->poll.data = a->pause.data = a;
+  a->handles_open = 2;
+  *box = a;
+  luaL_getmetatable(L, ACCEPTOR_MT);
+  lua_setmetatable(L, -2);
+  lua_pushvalue(L, 2);
+  a->sock_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, 3);
+  a->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, -1);
+  a->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  sock->acc = a;
+  uv_poll_start(&a->poll, UV_READABLE, on_accept_ready);
+  return 1;
+}
+
+static int l_acceptor_close(lua_State *L) {
+  acceptor **box = luaL_checkudata(L, 1, ACCEPTOR_MT);
+  if (*box != NULL)
+    acceptor_stop(*box);
+  return 0;
+}
+
+static int l_acceptor_gc(lua_State *L) {
+  acceptor **box = luaL_checkudata(L, 1, ACCEPTOR_MT);
+  acceptor *a = *box;
+  if (a == NULL)
+    return 0;
+  *box = NULL;
+  a->ud_alive = 0;
+  if (!a->stopped)
+    acceptor_stop(a);
+  if (a->handles_open == 0)
+    free(a);
+  return 0;
+}
+
+/* ---- connecting ------------------------------------------------------ */
+
+/* One iostream.connect in progress: resolve, then try each address in
+ * turn until one connects. Owned by itself: freed when it is finished and
+ * no libuv request or handle of its own is outstanding. */
+typedef struct connector {
+  squall_handle h; /* the loop closes us (the timer) through it */
+  uv_getaddrinfo_t gai;
+  uv_connect_t req;
+  uv_timer_t timer;
+  squall_loop *loop;
+  squall_stream *s;
+  struct addrinfo *res, *cur;
+  struct sockaddr_storage src;
+  int has_src_ip, src_port;
+  int co_ref;
+  int last_err;
+  int done;
+  int pending; /* getaddrinfo, connect or reset requests outstanding */
+  int resolving;
+  int timer_open;
+  char host[256];
+} connector;
+
+static void connector_maybe_free(connector *c) {
+  if (c->done && c->pending == 0 && !c->timer_open) {
+    if (c->res != NULL)
+      uv_freeaddrinfo(c->res);
+    free(c);
+  }
+}
+
+static void connector_timer_closed(uv_handle_t *h) {
+  connector *c = h->data;
+  c->timer_open = 0;
+  connector_maybe_free(c);
+}
+
+/* Resume the connecting coroutine with the stream, or nil and an error
+ * built from `err` (a libuv error) or `kind`/`msg`. */
+static void connect_finish(connector *c, int err, const char *kind,
+                           const char *msg) {
+  if (c->done)
+    return;
+  c->done = 1;
+  uv_close((uv_handle_t *)&c->timer, connector_timer_closed);
+  lua_State *L = c->loop->finalizing ? NULL : c->loop->L;
+  squall_stream *s = c->s;
+  if (L == NULL)
+    return;
+  lua_State *co = squall_coro_unpark(L, c->co_ref);
+  int n;
+  if (err == 0 && kind == NULL) {
+    squall_stream_push(co, s);
+    n = 1;
+  } else {
+    lua_pushnil(co);
+    if (kind != NULL)
+      squall_push_error(co, kind, msg);
+    else
+      squall_push_error(co, squall_uv_error_kind(err), uv_strerror(err));
+    n = 2;
+    squall_stream_abort(s);
+  }
+  squall_stream_release(L, s);
+  if (err == 0 && kind == NULL)
+    squall_stream_connected(s);
+  squall_coro_resume(L, co, n);
+  lua_pop(L, 1);
+}
+
+static void try_next_address(connector *c);
+
+static void after_reset(squall_stream *s, void *arg) {
+  (void)s;
+  connector *c = arg;
+  c->pending--;
+  if (c->done) {
+    connector_maybe_free(c);
+    return;
+  }
+  c->cur = c->cur->ai_next;
+  try_next_address(c);
+}
+
+static void on_connected(uv_connect_t *req, int status) {
+  connector *c = req->data;
+  c->pending--;
+  if (c->done) {
+    connector_maybe_free(c);
+    return;
+  }
+  if (status == 0) {
+    connect_finish(c, 0, NULL, NULL);
+    connector_maybe_free(c);
+    return;
+  }
+  c->last_err = status;
+  c->pending++;
+  squall_stream_reset_tcp(c->s, after_reset, c);
+}
+
+static int bind_source(connector *c, int family) {
+  struct sockaddr_storage ss;
+  memset(&ss, 0, sizeof ss);
+  if (c->has_src_ip) {
+    if (c->src.ss_family != family)
+      return UV_EAFNOSUPPORT;
+    ss = c->src;
+  } else {
+    ss.ss_family = (sa_family_t)family;
+  }
+  if (family == AF_INET)
+    ((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)c->src_port);
+  else
+    ((struct sockaddr_in6 *)&ss)->sin6_port = htons((uint16_t)c->src_port);
+  return uv_tcp_bind(squall_stream_tcp(c->s), (struct sockaddr *)&ss, 0);
+}
+
+static void try_next_address(connector *c) {
+  for (; c->cur != NULL; c->cur = c->cur->ai_next) {
+    int family = c->cur->ai_family;
+    if (family != AF_INET && family != AF_INET6)
+      continue;
+    if (c->has_src_ip && c->src.ss_family != family)
+      continue;
+    int err = squall_stream_init_tcp(c->s);
+    if (err != 0) {
+      c->last_err = err;
+      break;
+    }
+    if (c->has_src_ip || c->src_port)
+      err = bind_source(c, family);
+    if (err == 0)
+      err = uv_tcp_connect(&c->req, squall_stream_tcp(c->s), c->cur->ai_addr,
+                           on_connected);
+    if (err == 0) {
+      c->pending++;
+      return;
+    }
+    c->last_err = err;
+    c->pending++;
+    squall_stream_reset_tcp(c->s, after_reset, c);
+    return;
+  }
+  connect_finish(c, c->last_err ? c->last_err : UV_EADDRNOTAVAIL, NULL, NULL);
+  connector_maybe_free(c);
+}
+
+static void on_resolved(uv_getaddrinfo_t *req, int status,
+                        struct addrinfo *res) {
+  connector *c = req->data;
+  c->pending--;
+  c->resolving = 0;
+  c->res = res;
+  if (c->done) {
+    connector_maybe_free(c);
+    return;
+  }
+  if (status < 0) {
+    char msg[300];
+    snprintf(msg, sizeof msg, "%s: %s", c->host, uv_strerror(status));
+    connect_finish(c, 0, "resolve", msg);
+    connector_maybe_free(c);
+    return;
+  }
+  c->cur = res;
+  try_next_address(c);
+}
+
+static void on_connect_timeout(uv_timer_t *t) {
+  connector *c = t->data;
+  if (c->resolving)
+    uv_cancel((uv_req_t *)&c->gai);
+  char msg[300];
+  snprintf(msg, sizeof msg, "timed out connecting to %s", c->host);
+  connect_finish(c, 0, "timeout", msg);
+  connector_maybe_free(c);
+}
+
+static void close_connector_for_loop(squall_handle *h) {
+  connector *c = (connector *)h;
+  if (!c->done) {
+    c->done = 1;
+    uv_close((uv_handle_t *)&c->timer, connector_timer_closed);
+    lua_State *L = c->loop->finalizing ? NULL : c->loop->L;
+    if (L != NULL) {
+      luaL_unref(L, LUA_REGISTRYINDEX, c->co_ref);
+      squall_stream_release(L, c->s);
+    }
+    if (c->resolving)
+      uv_cancel((uv_req_t *)&c->gai);
+  }
+}
+
+/* core.connect(loop, host, port, opts) -> stream | nil, err  (waits)
+ * opts: timeout, source_ip, source_port and the stream sizes. */
+static int l_connect(lua_State *L) {
+  squall_loop *loop = squall_loop_check(L, 1);
+  const char *host = luaL_checkstring(L, 2);
+  lua_Integer port = luaL_checkinteger(L, 3);
+  luaL_argcheck(L, port > 0 && port <= 65535, 3, "port out of range");
+  squall_stream_opts opts;
+  squall_stream_opts_read(L, 4, &opts);
+  double timeout = 0;
+  const char *src_ip = NULL;
+  lua_Integer src_port = 0;
+  if (!lua_isnoneornil(L, 4)) {
+    lua_getfield(L, 4, "timeout");
+    timeout = luaL_optnumber(L, -1, 0);
+    lua_getfield(L, 4, "source_ip");
+    src_ip = luaL_optstring(L, -1, NULL);
+    lua_getfield(L, 4, "source_port");
+    src_port = luaL_optinteger(L, -1, 0);
+    lua_pop(L, 3);
+    luaL_argcheck(L, timeout >= 0, 4, "timeout must not be negative");
+    luaL_argcheck(L, src_port >= 0 && src_port <= 65535, 4,
+                  "source_port out of range");
+  }
+  struct sockaddr_storage src;
+  memset(&src, 0, sizeof src);
+  if (src_ip != NULL &&
+      uv_ip4_addr(src_ip, 0, (struct sockaddr_in *)&src) != 0 &&
+      uv_ip6_addr(src_ip, 0, (struct sockaddr_in6 *)&src) != 0)
+    return luaL_error(L, "source_ip %s is not an IP address", src_ip);
+  if (lua_pushthread(L))
+    return luaL_error(L, "connect waits, so it must run inside a coroutine "
+                         "(or pass a callback)");
+  lua_pop(L, 1);
+
+  connector *c = calloc(1, sizeof *c);
+  if (c == NULL)
+    return luaL_error(L, "out of memory");
+  c->h.close = close_connector_for_loop;
+  c->loop = loop;
+  c->src = src;
+  c->has_src_ip = src_ip != NULL;
+  snprintf(c->host, sizeof c->host, "%s", host);
+  c->src_port = (int)src_port;
+  c->gai.data = c->req.data = c->timer.data = c;
+  uv_timer_init(&loop->uv, &c->timer);
+  c->timer_open = 1;
+
+  c->s = squall_stream_new(L, loop, &opts);
+  squall_stream_hold(L, c->s, -1);
+  lua_pop(L, 1);
+
+  char service[8];
+  snprintf(service, sizeof service, "%d", (int)port);
+  struct addrinfo hints;
+  memset(&hints, 0, sizeof hints);
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  int err = uv_getaddrinfo(&loop->uv, &c->gai, on_resolved, host, service,
+                           &hints);
+  if (err != 0) {
+    c->done = 1;
+    squall_stream_release(L, c->s);
+    squall_stream_abort(c->s);
+    uv_close((uv_handle_t *)&c->timer, connector_timer_closed);
+    return squall_push_uv_error(L, err);
+  }
+  c->pending++;
+  c->resolving = 1;
+  c->co_ref = squall_coro_park(L, "connect");
+  if (timeout > 0)
+    uv_timer_start(&c->timer, on_connect_timeout,
+                   (uint64_t)(timeout * 1000.0 + 0.5), 0);
+  return lua_yield(L, 0);
 }
 
 int squall_tcp_open(lua_State *L) {
@@ -216,5 +687,18 @@ int squall_tcp_open(lua_State *L) {
   lua_pop(L, 1);
   lua_pushcfunction(L, l_bind_sockets);
   lua_setfield(L, -2, "bind_sockets");
+
+  static const luaL_Reg acceptor_m[] = {{"close", l_acceptor_close},
+                                        {"__gc", l_acceptor_gc},
+                                        {NULL, NULL}};
+  luaL_newmetatable(L, ACCEPTOR_MT);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -2, "__index");
+  luaL_register(L, NULL, acceptor_m);
+  lua_pop(L, 1);
+  lua_pushcfunction(L, l_accept);
+  lua_setfield(L, -2, "accept");
+  lua_pushcfunction(L, l_connect);
+  lua_setfield(L, -2, "connect");
   return 0;
 }

@@ -41,4 +41,24 @@ function M.q(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
 
+--- Inside testing.async: a connected pair of streams over 127.0.0.1.
+-- Returns the server side, the client side, and the listening port.
+-- `server_opts` and `client_opts` are stream options for each side.
+function M.stream_pair(server_opts, client_opts)
+  local gen = require "squall.gen"
+  local iostream = require "squall.iostream"
+  local netutil = require "squall.netutil"
+  local testing = require "squall.testing"
+  local sock, port = testing.bind_unused_port()
+  local accepted = gen.Future()
+  local remove = netutil.add_accept_handler(sock, function(stream)
+    accepted:set_result(stream)
+  end, server_opts)
+  local client = assert(iostream.connect("127.0.0.1", port, client_opts))
+  local server = accepted:result()
+  remove()
+  sock:close()
+  return server, client, port
+end
+
 return M

@@ -1,6 +1,8 @@
 --- Listening sockets.
 -- @module squall.netutil
 local core = require "squall.core"
+local ioloop = require "squall.ioloop"
+local log = require "squall.log"
 
 local M = {}
 
@@ -31,6 +33,30 @@ function M.bind_sockets(port, address, opts)
   end
   return core.bind_sockets(port, address, family, opts.backlog or 128,
     opts.reuse_port and true or false)
+end
+
+--- Accept connections on `sock` and call `callback(stream, address)` for
+-- each, on the loop (address is `{host=, port=}`). At most a backlog's
+-- worth is accepted per readiness event; aborted connections are skipped;
+-- when the process runs out of file descriptors accepting pauses briefly
+-- (logged once) instead of spinning.
+-- @param sock a socket from bind_sockets
+-- @tparam function callback
+-- @tparam[opt] table opts stream options (`max_buffer_size`, ...)
+-- @treturn function call it to stop accepting (the socket stays open)
+function M.add_accept_handler(sock, callback, opts)
+  if type(callback) ~= "function" then
+    error("callback must be a function, got " .. type(callback), 2)
+  end
+  local acceptor = core.accept(ioloop.current()._uv, sock, function(stream, address)
+    if stream == nil then
+      -- runtime/tcp.c pauses accepting itself when fds run out.
+      log.error("accepting on %s failed: %s", tostring(sock), tostring(address))
+      return
+    end
+    callback(stream, address)
+  end, opts)
+  return function() acceptor:close() end
 end
 
 return M

@@ -1,0 +1,144 @@
+--- TCPServer: accept connections and serve each in its own coroutine.
+--
+--     local Echo = TCPServer:extend()
+--     function Echo:handle_stream(stream, address) ... end
+--     Echo():listen(8888)
+--
+-- @module squall.tcpserver
+local core = require "squall.core"
+local log = require "squall.log"
+local netutil = require "squall.netutil"
+
+local TCPServer = {}
+TCPServer.__index = TCPServer
+
+local traceback, xpcall, type, tostring, error = debug.traceback, xpcall, type, tostring, error
+local create = coroutine.create
+local resume = core.resume
+
+local STREAM_OPTS = { "max_buffer_size", "read_chunk_size", "write_high_water",
+  "max_write_buffer_size" }
+
+--- Make a subclass: `local Echo = TCPServer:extend()`; instances are made by
+-- calling it, `Echo(opts)`.
+function TCPServer:extend(fields)
+  local cls = fields or {}
+  cls.__index = cls
+  cls.__call = self.__call
+  cls.extend = self.extend
+  return setmetatable(cls, self)
+end
+
+--- Create a server.
+-- @tparam[opt] table opts `handle_stream` (instead of a subclass method),
+--   `ssl_options`, `max_buffer_size`, `read_chunk_size`,
+--   `write_high_water`, `max_write_buffer_size`
+function TCPServer.new(cls, opts)
+  opts = opts or {}
+  if type(opts) ~= "table" then error("options must be a table", 3) end
+  local self = setmetatable({ _acceptors = {}, _sockets = {}, _stream_opts = {} }, cls)
+  for _, k in ipairs(STREAM_OPTS) do
+    local v = opts[k]
+    if v ~= nil and (type(v) ~= "number" or v < 1 or v % 1 ~= 0) then
+      error(k .. " must be a positive integer, got " .. tostring(v), 3)
+    end
+    self._stream_opts[k] = v
+  end
+  if opts.handle_stream ~= nil then
+    if type(opts.handle_stream) ~= "function" then
+      error("handle_stream must be a function", 3)
+    end
+    self.handle_stream = function(_, ...) return opts.handle_stream(...) end
+  end
+  if opts.ssl_options ~= nil then
+    error("ssl_options: TLS is not available in this build yet", 3)
+  end
+  return self
+end
+
+TCPServer.__call = TCPServer.new
+setmetatable(TCPServer, { __call = TCPServer.new })
+
+--- Override in a subclass (or pass `handle_stream` to the constructor).
+-- Runs in its own coroutine per connection; an error it raises is logged
+-- with its traceback and closes that stream only.
+function TCPServer:handle_stream(stream, address) -- luacheck: ignore 212
+  error("TCPServer:handle_stream is not implemented", 2)
+end
+
+local function on_error(e)
+  local msg = e
+  if type(e) ~= "string" then
+    local m = getmetatable(e)
+    msg = (m and m.__tostring) and tostring(e) or ("error object: " .. tostring(e))
+  end
+  return traceback(msg, 2)
+end
+
+-- The coroutine body serving one connection.
+local function serve(server, stream, address)
+  local ok, err = xpcall(server.handle_stream, on_error, server, stream, address)
+  if not ok then
+    log.error("Error in handle_stream for %s:%s\n%s", tostring(address.host),
+      tostring(address.port), err)
+    stream:close()
+  end
+end
+
+--- Start accepting on sockets from netutil.bind_sockets.
+function TCPServer:add_sockets(sockets)
+  for _, sock in ipairs(sockets) do
+    self._sockets[#self._sockets + 1] = sock
+    self._acceptors[#self._acceptors + 1] = netutil.add_accept_handler(sock,
+      function(stream, address)
+        resume(create(serve), self, stream, address)
+      end, self._stream_opts)
+  end
+end
+
+--- Bind to `port` on `address` (every interface when nil) and start
+-- accepting. May be called for several ports. Raises when it cannot bind.
+-- @return the list of sockets bound
+function TCPServer:listen(port, address, opts)
+  local socks, err = netutil.bind_sockets(port, address, opts)
+  if not socks then
+    error(string.format("cannot listen on %s:%s: %s", tostring(address or "*"),
+      tostring(port), tostring(err)), 2)
+  end
+  self:add_sockets(socks)
+  return socks
+end
+
+--- Bind now, accept once `start` is called (for fork_processes).
+function TCPServer:bind(port, address, opts)
+  local socks, err = netutil.bind_sockets(port, address, opts)
+  if not socks then
+    error(string.format("cannot bind %s:%s: %s", tostring(address or "*"),
+      tostring(port), tostring(err)), 2)
+  end
+  self._pending = self._pending or {}
+  for _, s in ipairs(socks) do self._pending[#self._pending + 1] = s end
+  return socks
+end
+
+--- Start accepting on the sockets from `bind`. Forking several processes
+-- (`n` other than 1) needs squall.process.
+function TCPServer:start(n)
+  if n ~= nil and n ~= 1 then
+    local ok, process = pcall(require, "squall.process")
+    if not ok then error("start(n) needs squall.process, which is not available yet", 2) end
+    process.fork_processes(n)
+  end
+  local pending = self._pending or {}
+  self._pending = nil
+  self:add_sockets(pending)
+end
+
+--- Stop accepting and close the listening sockets. Open streams go on.
+function TCPServer:stop()
+  for _, remove in ipairs(self._acceptors) do remove() end
+  for _, sock in ipairs(self._sockets) do sock:close() end
+  self._acceptors, self._sockets = {}, {}
+end
+
+return TCPServer

@@ -1,0 +1,1134 @@
+/* stream.c: the IOStream read state machine, write queue, close, timeouts.
+ *
+ * The read path follows Tornado's steps, each a small function here:
+ *   try_inline_read   satisfy the new read from the buffer, without waiting
+ *   find_read_pos     how many buffered bytes the pending read takes, if any
+ *   on_read           bytes from libuv land in the buffer's free tail
+ *   finish_read       resume the parked reader with its result
+ * An unsatisfied read parks its coroutine (registry reference) and yields
+ * from C; a satisfied one resumes it straight from libuv's read callback.
+ *
+ * Writes are gathered: write() appends to `wq` and returns. The queue goes
+ * out with one uv_try_write when the writing coroutine next waits on this
+ * stream or when the loop iteration ends (the loop's flush hook); what the
+ * kernel did not take moves to `wflight` and is handed to uv_write. Only one
+ * uv_write is in flight; later writes gather in `wq` meanwhile.
+ */
+#include "stream.h"
+
+#include <lauxlib.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "buffer.h"
+#include "coro.h"
+#include "host.h"
+#include "tcp.h"
+
+#define STREAM_MT "squall.stream"
+
+enum read_kind { READ_NONE, READ_UNTIL, READ_PATTERN, READ_BYTES, READ_CLOSE };
+enum write_wait { WAIT_NONE, WAIT_HIGH_WATER, WAIT_FLUSH };
+
+/* Owned by its userdata and by libuv (see stream.h for when it is freed).
+ * Registry references (`*_ref`) are released in exactly one place each:
+ * finish_read, finish_write, run_close_callback, release_refs. */
+struct squall_stream {
+  squall_handle h; /* first: the loop closes us through it */
+  uv_tcp_t tcp;
+  uv_timer_t rtimer; /* read timeout; also the connect timeout */
+  uv_timer_t wtimer; /* write-wait timeout */
+  uv_write_t wreq;
+  squall_loop *loop;
+  squall_stream_opts o;
+  squall_buffer rbuf;    /* received, not yet read */
+  squall_buffer wq;      /* written, not yet tried */
+  squall_buffer wflight; /* handed to uv_write */
+  struct squall_stream *next_dirty;
+
+  /* The pending read. */
+  int read_kind;
+  int partial;
+  size_t read_n;    /* READ_BYTES: how many */
+  size_t max_bytes; /* READ_UNTIL/PATTERN: limit, SIZE_MAX for none */
+  const char *delim;
+  size_t dlen;
+  int delim_ref; /* keeps `delim` (a Lua string) alive while parked */
+  int reader_ref;
+
+  int write_wait;
+  int writer_ref;
+  int close_cb_ref;
+  int self_ref; /* the userdata, while `holds` > 0 */
+  int holds;
+  double timeout; /* seconds; 0: none */
+
+  char err_kind[16];
+  char err_msg[128];
+
+  unsigned tcp_init : 1;     /* tcp handle initialized and not closed */
+  unsigned connected : 1;    /* reading and writing are possible */
+  unsigned reading : 1;      /* uv_read_start is active */
+  unsigned eof : 1;          /* the peer closed; rbuf may still hold data */
+  unsigned closed : 1;       /* closed, as close()/closed() see it */
+  unsigned closing : 1;      /* uv_close called on the handles */
+  unsigned flush_close : 1;  /* close once the queued writes are out */
+  unsigned in_flight : 1;    /* a uv_write is pending */
+  unsigned dirty : 1;        /* on the loop's dirty list */
+  unsigned held_unsent : 1;  /* a hold for bytes not yet sent */
+  unsigned ud_alive : 1;     /* the userdata is not collected */
+  unsigned close_cb_run : 1; /* the close callback has been called */
+  int handles_open;          /* libuv handles not yet closed */
+  void (*reset_done)(squall_stream *, void *);
+  void *reset_arg;
+};
+
+static const size_t DEFAULT_MAX_BUFFER = 104857600;
+static const size_t DEFAULT_CHUNK = 65536;
+static const size_t DEFAULT_HIGH_WATER = 65536;
+
+/* ---- options ---------------------------------------------------------- */
+
+static size_t opt_size(lua_State *L, int idx, const char *key, size_t dflt,
+                       int zero_ok) {
+  if (lua_isnoneornil(L, idx))
+    return dflt;
+  lua_getfield(L, idx, key);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return dflt;
+  }
+  lua_Number n = lua_tonumber(L, -1);
+  if (!lua_isnumber(L, -1) || n != (lua_Number)(uint64_t)n || n > 1e15 ||
+      (n < 1 && !zero_ok))
+    luaL_error(L, "option %s must be a positive integer", key);
+  lua_pop(L, 1);
+  return (size_t)n;
+}
+
+void squall_stream_opts_read(lua_State *L, int idx, squall_stream_opts *o) {
+  if (!lua_isnoneornil(L, idx))
+    luaL_checktype(L, idx, LUA_TTABLE);
+  o->max_buffer_size =
+      opt_size(L, idx, "max_buffer_size", DEFAULT_MAX_BUFFER, 0);
+  o->read_chunk_size = opt_size(L, idx, "read_chunk_size", DEFAULT_CHUNK, 0);
+  o->write_high_water =
+      opt_size(L, idx, "write_high_water", DEFAULT_HIGH_WATER, 1);
+  o->max_write_buffer_size = opt_size(L, idx, "max_write_buffer_size", 0, 1);
+}
+
+/* ---- lifetime --------------------------------------------------------- */
+
+static lua_State *loop_L(squall_stream *s) {
+  return s->loop->finalizing ? NULL : s->loop->L;
+}
+
+void squall_stream_hold(lua_State *L, squall_stream *s, int idx) {
+  if (s->holds++ == 0) {
+    lua_pushvalue(L, idx);
+    s->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+}
+
+void squall_stream_release(lua_State *L, squall_stream *s) {
+  if (s->holds > 0 && --s->holds == 0) {
+    if (L != NULL)
+      luaL_unref(L, LUA_REGISTRYINDEX, s->self_ref);
+    s->self_ref = LUA_NOREF;
+  }
+}
+
+void squall_stream_push(lua_State *L, squall_stream *s) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, s->self_ref);
+}
+
+static void unref(lua_State *L, int *ref) {
+  if (*ref != LUA_NOREF && *ref != LUA_REFNIL && L != NULL)
+    luaL_unref(L, LUA_REGISTRYINDEX, *ref);
+  *ref = LUA_NOREF;
+}
+
+static void remove_dirty(squall_stream *s) {
+  if (!s->dirty)
+    return;
+  squall_stream **p = &s->loop->dirty;
+  while (*p != NULL && *p != s)
+    p = &(*p)->next_dirty;
+  if (*p == s)
+    *p = s->next_dirty;
+  s->next_dirty = NULL;
+  s->dirty = 0;
+}
+
+static void free_stream(squall_stream *s) {
+  remove_dirty(s);
+  squall_buffer_free(&s->rbuf);
+  squall_buffer_free(&s->wq);
+  squall_buffer_free(&s->wflight);
+  free(s);
+}
+
+static void maybe_free(squall_stream *s) {
+  if (s->handles_open == 0 && !s->ud_alive)
+    free_stream(s);
+}
+
+static size_t unsent(const squall_stream *s) {
+  return squall_buffer_len(&s->wq) + squall_buffer_len(&s->wflight);
+}
+
+static void set_error(squall_stream *s, const char *kind, const char *msg) {
+  if (s->err_kind[0] != '\0')
+    return; /* the first cause wins */
+  snprintf(s->err_kind, sizeof s->err_kind, "%s", kind);
+  snprintf(s->err_msg, sizeof s->err_msg, "%s", msg);
+}
+
+/* Push nil and the error a failed operation returns: the error that closed
+ * the stream, or `closed`. */
+static int push_closed(lua_State *L, squall_stream *s) {
+  lua_pushnil(L);
+  if (s->err_kind[0] != '\0')
+    squall_push_error(L, s->err_kind, s->err_msg);
+  else
+    squall_push_error(L, "closed", "the stream is closed");
+  return 2;
+}
+
+static void close_handles(squall_stream *s);
+
+/* ---- resuming parked coroutines -------------------------------------- */
+
+static void clear_read(squall_stream *s, lua_State *L) {
+  s->read_kind = READ_NONE;
+  s->delim = NULL;
+  unref(L, &s->delim_ref);
+  if (s->handles_open > 0 && uv_is_active((uv_handle_t *)&s->rtimer))
+    uv_timer_stop(&s->rtimer);
+}
+
+/* Resume the parked reader with what `push` leaves on its stack. The
+ * stream stays anchored until the reader has run, so the collector cannot
+ * free it underneath. */
+static void resume_reader(squall_stream *s, int nres) {
+  lua_State *L = loop_L(s);
+  int ref = s->reader_ref;
+  s->reader_ref = LUA_NOREF;
+  clear_read(s, L);
+  if (L == NULL) {
+    squall_stream_release(NULL, s);
+    return;
+  }
+  lua_State *co = squall_coro_unpark(L, ref);
+  lua_insert(L, -(nres + 1)); /* the thread below its results */
+  lua_xmove(L, co, nres);
+  squall_coro_resume(L, co, nres);
+  lua_pop(L, 1);
+  squall_stream_release(L, s);
+}
+
+static void resume_writer(squall_stream *s, int ok) {
+  lua_State *L = loop_L(s);
+  int ref = s->writer_ref;
+  s->writer_ref = LUA_NOREF;
+  s->write_wait = WAIT_NONE;
+  if (s->handles_open > 0 && uv_is_active((uv_handle_t *)&s->wtimer))
+    uv_timer_stop(&s->wtimer);
+  if (L == NULL) {
+    squall_stream_release(NULL, s);
+    return;
+  }
+  int n = 1;
+  if (ok)
+    lua_pushboolean(L, 1);
+  else
+    n = push_closed(L, s);
+  lua_State *co = squall_coro_unpark(L, ref);
+  lua_insert(L, -(n + 1));
+  lua_xmove(L, co, n);
+  squall_coro_resume(L, co, n);
+  lua_pop(L, 1);
+  squall_stream_release(L, s);
+}
+
+/* ---- the read state machine ------------------------------------------ */
+
+/* How many buffered bytes the pending read takes: > 0 to finish it now,
+ * 0 to keep waiting, -1 when it can never be satisfied (max_bytes). */
+static long find_read_pos(lua_State *L, squall_stream *s) {
+  size_t len = squall_buffer_len(&s->rbuf);
+  switch (s->read_kind) {
+  case READ_UNTIL: {
+    long at = squall_buffer_find(&s->rbuf, s->delim, s->dlen);
+    if (at >= 0) {
+      size_t end = (size_t)at + s->dlen;
+      return end > s->max_bytes ? -1 : (long)end;
+    }
+    return len >= s->max_bytes ? -1 : 0;
+  }
+  case READ_PATTERN: {
+    if (len == 0 || L == NULL)
+      return 0;
+    /* string.find over what is buffered; the pattern was checked when the
+     * read started, so this cannot raise for a malformed pattern. */
+    lua_getglobal(L, "string");
+    lua_getfield(L, -1, "find");
+    lua_remove(L, -2);
+    lua_pushlstring(L, squall_buffer_head(&s->rbuf), len);
+    lua_pushstring(L, s->delim);
+    long r = 0;
+    if (lua_pcall(L, 2, 2, 0) == 0) {
+      if (lua_isnumber(L, -1)) {
+        size_t end = (size_t)lua_tointeger(L, -1);
+        r = end > s->max_bytes ? -1 : (long)end;
+      } else if (len >= s->max_bytes) {
+        r = -1;
+      }
+      lua_pop(L, 2);
+    } else {
+      lua_pop(L, 1);
+    }
+    return r;
+  }
+  case READ_BYTES:
+    if (len >= s->read_n)
+      return (long)s->read_n;
+    if (s->partial && len > 0)
+      return (long)len;
+    return 0;
+  case READ_CLOSE:
+    return s->eof ? (long)len : 0;
+  default:
+    return 0;
+  }
+}
+
+/* Push the first n buffered bytes onto L as a string and consume them. */
+static void push_consumed(lua_State *L, squall_stream *s, size_t n) {
+  lua_pushlstring(L, squall_buffer_head(&s->rbuf), n);
+  squall_buffer_consume(&s->rbuf, n);
+}
+
+static void close_with(squall_stream *s, const char *kind, const char *msg);
+static void close_flushing(squall_stream *s);
+static void start_reading(squall_stream *s);
+
+/* The pending read, after new bytes or EOF: finish it, fail it, or keep
+ * waiting (and stop reading while a full buffer waits for a reader). */
+static void process_pending_read(squall_stream *s) {
+  lua_State *L = loop_L(s);
+  long n = find_read_pos(L, s);
+  if (n > 0 || (n == 0 && s->read_kind == READ_CLOSE && s->eof)) {
+    if (L == NULL)
+      return;
+    push_consumed(L, s, (size_t)n);
+    resume_reader(s, 1);
+    start_reading(s);
+    return;
+  }
+  if (n < 0) {
+    close_with(s, "unsatisfiable",
+               "max_bytes reached without finding the delimiter");
+    return;
+  }
+  if (s->eof) {
+    if (L == NULL)
+      return;
+    resume_reader(s, push_closed(L, s));
+    return;
+  }
+  if (squall_buffer_len(&s->rbuf) >= s->o.max_buffer_size)
+    close_with(s, "buffer_full",
+               "the read needs more than max_buffer_size bytes");
+}
+
+static size_t read_chunk(const squall_stream *s) {
+  size_t len = squall_buffer_len(&s->rbuf);
+  size_t room = s->o.max_buffer_size > len ? s->o.max_buffer_size - len : 0;
+  size_t chunk = s->o.read_chunk_size;
+  if (chunk > s->o.max_buffer_size / 2)
+    chunk = s->o.max_buffer_size / 2;
+  if (chunk == 0)
+    chunk = 1;
+  return chunk < room ? chunk : room;
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  (void)suggested;
+  squall_stream *s = h->data;
+  size_t chunk = read_chunk(s);
+  char *tail = chunk ? squall_buffer_reserve(&s->rbuf, chunk) : NULL;
+  *buf = uv_buf_init(tail, tail ? (unsigned)chunk : 0);
+}
+
+static void stop_reading(squall_stream *s) {
+  if (s->reading) {
+    uv_read_stop((uv_stream_t *)&s->tcp);
+    s->reading = 0;
+  }
+}
+
+static void on_read(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
+  (void)buf;
+  squall_stream *s = h->data;
+  if (nread > 0) {
+    squall_buffer_commit(&s->rbuf, (size_t)nread);
+    if (s->read_kind != READ_NONE)
+      process_pending_read(s);
+    /* Backpressure: nobody reads and the buffer is full. */
+    if (!s->closed && s->read_kind == READ_NONE &&
+        squall_buffer_len(&s->rbuf) >= s->o.max_buffer_size)
+      stop_reading(s);
+    return;
+  }
+  if (nread == 0 || nread == UV_ENOBUFS) {
+    if (nread == UV_ENOBUFS)
+      stop_reading(s);
+    return;
+  }
+  /* EOF or a socket error: what is buffered stays readable, and a reader
+   * woken now already sees the stream closed. */
+  s->eof = 1;
+  s->closed = 1;
+  stop_reading(s);
+  if (nread != UV_EOF)
+    set_error(s, squall_uv_error_kind((int)nread), uv_strerror((int)nread));
+  if (s->read_kind != READ_NONE)
+    process_pending_read(s);
+  if (nread == UV_EOF)
+    close_flushing(s);
+  else
+    close_with(s, NULL, NULL);
+}
+
+static void start_reading(squall_stream *s) {
+  if (s->reading || !s->connected || s->closed || s->eof)
+    return;
+  if (squall_buffer_len(&s->rbuf) >= s->o.max_buffer_size)
+    return;
+  if (uv_read_start((uv_stream_t *)&s->tcp, on_alloc, on_read) == 0)
+    s->reading = 1;
+}
+
+static void on_read_timeout(uv_timer_t *t) {
+  squall_stream *s = t->data;
+  lua_State *L = loop_L(s);
+  if (s->reader_ref == LUA_NOREF || L == NULL)
+    return;
+  lua_pushnil(L);
+  squall_push_error(L, "timeout", "the stream's timeout ran out");
+  resume_reader(s, 2);
+}
+
+static squall_stream *check_stream(lua_State *L, int idx) {
+  squall_stream **p = luaL_checkudata(L, idx, STREAM_MT);
+  return *p;
+}
+
+static int flush_writes(squall_stream *s);
+
+/* Start the read set up in `s`: finish it from the buffer, fail it, or
+ * park the calling coroutine until on_read finishes it. */
+static int try_inline_read(lua_State *L, squall_stream *s, const char *what) {
+  if (s->closed && !s->eof) {
+    clear_read(s, L);
+    return push_closed(L, s);
+  }
+  long n = find_read_pos(L, s);
+  if (n > 0 || (s->read_kind == READ_CLOSE && s->eof)) {
+    push_consumed(L, s, (size_t)(n > 0 ? n : 0));
+    clear_read(s, L);
+    start_reading(s);
+    return 1;
+  }
+  if (n < 0) {
+    clear_read(s, L);
+    close_with(s, "unsatisfiable",
+               "max_bytes reached without finding the delimiter");
+    return push_closed(L, s);
+  }
+  if (s->eof) {
+    clear_read(s, L);
+    return push_closed(L, s);
+  }
+  if (squall_buffer_len(&s->rbuf) >= s->o.max_buffer_size) {
+    clear_read(s, L);
+    close_with(s, "buffer_full",
+               "the read needs more than max_buffer_size bytes");
+    return push_closed(L, s);
+  }
+  if (lua_pushthread(L)) {
+    lua_pop(L, 1);
+    clear_read(s, L);
+    return luaL_error(L,
+                      "%s waits, so it must run inside a coroutine "
+                      "(or pass a callback)",
+                      what);
+  }
+  lua_pop(L, 1);
+  /* About to wait: what this coroutine wrote goes out first. */
+  flush_writes(s);
+  if (s->closed && !s->eof) {
+    clear_read(s, L);
+    return push_closed(L, s);
+  }
+  if (s->delim != NULL && s->delim_ref == LUA_NOREF) {
+    lua_pushvalue(L, 2);
+    s->delim_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  squall_stream_hold(L, s, 1);
+  s->reader_ref = squall_coro_park(L, what);
+  if (s->timeout > 0)
+    uv_timer_start(&s->rtimer, on_read_timeout,
+                   (uint64_t)(s->timeout * 1000.0 + 0.5), 0);
+  start_reading(s);
+  return lua_yield(L, 0);
+}
+
+static int busy(lua_State *L) {
+  lua_pushnil(L);
+  squall_push_error(L, "busy", "a read is already pending on this stream");
+  return 2;
+}
+
+static size_t opt_max_bytes(lua_State *L, int idx) {
+  if (lua_isnoneornil(L, idx))
+    return SIZE_MAX;
+  lua_Number n = luaL_checknumber(L, idx);
+  luaL_argcheck(L, n >= 1 && n == (lua_Number)(uint64_t)n, idx,
+                "max_bytes must be a positive integer");
+  return (size_t)n;
+}
+
+/* stream:read_until(delimiter [, max_bytes]) */
+static int l_read_until(lua_State *L) {
+  squall_stream *s = check_stream(L, 1);
+  size_t dlen;
+  const char *delim = luaL_checklstring(L, 2, &dlen);
+  luaL_argcheck(L, dlen > 0, 2, "the delimiter is empty");
+  size_t max_bytes = opt_max_bytes(L, 3);
+  if (s->read_kind != READ_NONE)
+    return busy(L);
+  s->read_kind = READ_UNTIL;
+  s->delim = delim;
+  s->dlen = dlen;
+  s->max_bytes = max_bytes;
+  squall_buffer_reset_scan(&s->rbuf);
+  return try_inline_read(L, s, "read_until");
+}
+
+/* stream:read_until_pattern(pattern [, max_bytes]) */
+static int l_read_until_pattern(lua_State *L) {
+  squall_stream *s = check_stream(L, 1);
+  const char *pat = luaL_checkstring(L, 2);
+  size_t max_bytes = opt_max_bytes(L, 3);
+  /* A malformed pattern is misuse: raise here, not later in a callback. */
+  lua_getglobal(L, "string");
+  lua_getfield(L, -1, "find");
+  lua_pushliteral(L, "");
+  lua_pushvalue(L, 2);
+  lua_call(L, 2, 0);
+  lua_pop(L, 1);
+  if (s->read_kind != READ_NONE)
+    return busy(L);
+  s->read_kind = READ_PATTERN;
+  s->delim = pat;
+  s->dlen = 0;
+  s->max_bytes = max_bytes;
+  return try_inline_read(L, s, "read_until_pattern");
+}
+
+/* stream:read_bytes(n [, partial]) */
+static int l_read_bytes(lua_State *L) {
+  squall_stream *s = check_stream(L, 1);
+  lua_Number n = luaL_checknumber(L, 2);
+  luaL_argcheck(L, n >= 0 && n == (lua_Number)(uint64_t)n, 2,
+                "n must be a non-negative integer");
+  int partial = lua_toboolean(L, 3);
+  if (s->read_kind != READ_NONE)
+    return busy(L);
+  if (n == 0) {
+    lua_pushliteral(L, "");
+    return 1;
+  }
+  s->read_kind = READ_BYTES;
+  s->read_n = (size_t)n;
+  s->partial = partial;
+  if (s->read_n > s->o.max_buffer_size && !partial) {
+    s->read_kind = READ_NONE;
+    close_with(s, "buffer_full", "read_bytes asks for more than "
+                                 "max_buffer_size bytes");
+    return push_closed(L, s);
+  }
+  return try_inline_read(L, s, "read_bytes");
+}
+
+/* stream:read_until_close(): everything until the peer closes. */
+static int l_read_until_close(lua_State *L) {
+  squall_stream *s = check_stream(L, 1);
+  if (s->read_kind != READ_NONE)
+    return busy(L);
+  s->read_kind = READ_CLOSE;
+  return try_inline_read(L, s, "read_until_close");
+}
+
+/* ---- writes ----------------------------------------------------------- */
+
+static void on_write(uv_write_t *req, int status);
+
+static void mark_dirty(squall_stream *s) {
+  if (s->dirty)
+    return;
+  s->dirty = 1;
+  s->next_dirty = s->loop->dirty;
+  s->loop->dirty = s;
+}
+
+/* Drop the hold for unsent bytes once everything reached the kernel. */
+static void settle_unsent(squall_stream *s) {
+  if (s->held_unsent && unsent(s) == 0) {
+    s->held_unsent = 0;
+    squall_stream_release(loop_L(s), s);
+  }
+}
+
+/* Wake a writer waiting on the queue, once its condition holds. */
+static void wake_writer(squall_stream *s) {
+  if (s->writer_ref == LUA_NOREF)
+    return;
+  if (s->closing || (s->closed && !s->flush_close)) {
+    resume_writer(s, 0);
+    return;
+  }
+  size_t left = unsent(s);
+  if ((s->write_wait == WAIT_HIGH_WATER && left <= s->o.write_high_water) ||
+      (s->write_wait == WAIT_FLUSH && left == 0))
+    resume_writer(s, 1);
+}
+
+/* Send what is queued: one try_write of everything, the rest handed to
+ * uv_write. Returns 0, or a libuv error (the stream is then closed). */
+static int flush_writes(squall_stream *s) {
+  remove_dirty(s);
+  if (s->in_flight || squall_buffer_len(&s->wq) == 0 || !s->connected ||
+      s->closing)
+    return 0;
+  uv_buf_t b = uv_buf_init((char *)squall_buffer_head(&s->wq),
+                           (unsigned)squall_buffer_len(&s->wq));
+  int n = uv_try_write((uv_stream_t *)&s->tcp, &b, 1);
+  if (n == UV_EAGAIN || n == UV_ENOSYS)
+    n = 0;
+  if (n < 0) {
+    close_with(s, squall_uv_error_kind(n), uv_strerror(n));
+    return n;
+  }
+  squall_buffer_consume(&s->wq, (size_t)n);
+  if (squall_buffer_len(&s->wq) > 0) {
+    squall_buffer_swap(&s->wq, &s->wflight);
+    b = uv_buf_init((char *)squall_buffer_head(&s->wflight),
+                    (unsigned)squall_buffer_len(&s->wflight));
+    int err = uv_write(&s->wreq, (uv_stream_t *)&s->tcp, &b, 1, on_write);
+    if (err != 0) {
+      close_with(s, squall_uv_error_kind(err), uv_strerror(err));
+      return err;
+    }
+    s->in_flight = 1;
+  }
+  return 0;
+}
+
+static void after_progress(squall_stream *s) {
+  if (s->flush_close && unsent(s) == 0 && !s->closing)
+    close_handles(s);
+  wake_writer(s);
+  settle_unsent(s);
+}
+
+static void on_write(uv_write_t *req, int status) {
+  squall_stream *s = req->data;
+  s->in_flight = 0;
+  squall_buffer_consume(&s->wflight, squall_buffer_len(&s->wflight));
+  if (status < 0) {
+    if (!s->closing)
+      close_with(s, squall_uv_error_kind(status), uv_strerror(status));
+    squall_buffer_consume(&s->wq, squall_buffer_len(&s->wq));
+  } else {
+    flush_writes(s);
+  }
+  after_progress(s);
+}
+
+/* The loop's hook: send every stream's gathered writes. */
+static void flush_dirty(squall_loop *loop, void *arg) {
+  (void)arg;
+  while (loop->dirty != NULL) {
+    squall_stream *s = loop->dirty;
+    flush_writes(s); /* takes it off the list */
+    after_progress(s);
+  }
+}
+
+static void on_write_timeout(uv_timer_t *t) {
+  squall_stream *s = t->data;
+  lua_State *L = loop_L(s);
+  if (s->writer_ref == LUA_NOREF || L == NULL)
+    return;
+  int ref = s->writer_ref;
+  s->writer_ref = LUA_NOREF;
+  s->write_wait = WAIT_NONE;
+  lua_State *co = squall_coro_unpark(L, ref);
+  lua_pushnil(co);
+  squall_push_error(co, "timeout", "the stream's timeout ran out");
+  squall_coro_resume(L, co, 2);
+  lua_pop(L, 1);
+  squall_stream_release(L, s);
+}
+
+/* Park the calling coroutine until wake_writer's condition holds. */
+static int wait_writer(lua_State *L, squall_stream *s, int kind,
+                       const char *what) {
+  if (s->writer_ref != LUA_NOREF) {
+    /* Another coroutine waits already: this one goes on, its bytes
+     * queued behind. */
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  squall_stream_hold(L, s, 1);
+  s->writer_ref = squall_coro_park(L, what);
+  s->write_wait = kind;
+  if (s->timeout > 0)
+    uv_timer_start(&s->wtimer, on_write_timeout,
+                   (uint64_t)(s->timeout * 1000.0 + 0.5), 0);
+  return lua_yield(L, 0);
+}
+
+static int in_coroutine(lua_State *L) {
+  int main = lua_pushthread(L);
+  lua_pop(L, 1);
+  return !main;
+}
+
+/* stream:write(data): data is a string or an array of strings. */
+static int l_write(lua_State *L) {
+  squall_stream *s = check_stream(L, 1);
+  size_t total = 0;
+  int t = lua_type(L, 2);
+  int n = 0;
+  if (t == LUA_TTABLE) {
+    n = (int)lua_objlen(L, 2);
+    for (int i = 1; i <= n; i++) {
+      lua_rawgeti(L, 2, i);
+      if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
+        return luaL_error(L, "bad argument #1 to 'write' (item %d is %s, "
+                             "not a string)",
+                          i, luaL_typename(L, -1));
+      total += lua_objlen(L, -1);
+      lua_pop(L, 1);
+    }
+  } else if (t != LUA_TSTRING) {
+    return luaL_argerror(L, 2, "string or array of strings expected");
+  }
+  if (s->closed)
+    return push_closed(L, s);
+  if (t == LUA_TSTRING)
+    total = lua_objlen(L, 2);
+  if (s->o.max_write_buffer_size > 0 &&
+      unsent(s) + total > s->o.max_write_buffer_size) {
+    lua_pushnil(L);
+    squall_push_error(L, "buffer_full",
+                      "the write would pass max_write_buffer_size");
+    return 2;
+  }
+  int err = 0;
+  if (t == LUA_TSTRING) {
+    err = squall_buffer_append(&s->wq, lua_tostring(L, 2), total);
+  } else {
+    for (int i = 1; i <= n && err == 0; i++) {
+      lua_rawgeti(L, 2, i);
+      size_t len;
+      const char *p = lua_tolstring(L, -1, &len);
+      err = squall_buffer_append(&s->wq, p, len);
+      lua_pop(L, 1);
+    }
+  }
+  if (err != 0)
+    return luaL_error(L, "out of memory queueing a write");
+  if (total == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (!s->held_unsent) {
+    s->held_unsent = 1;
+    squall_stream_hold(L, s, 1);
+  }
+  mark_dirty(s);
+  if (unsent(s) > s->o.write_high_water) {
+    if (flush_writes(s) != 0)
+      return push_closed(L, s);
+    settle_unsent(s);
+    if (unsent(s) > s->o.write_high_water && in_coroutine(L))
+      return wait_writer(L, s, WAIT_HIGH_WATER, "write");
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* stream:flush(): wait until everything queued reached the kernel. */
+static int l_flush(lua_State *L) {
+  squall_stream *s = check_stream(L, 1);
+  if (!in_coroutine(L))
+    return luaL_error(L, "flush waits, so it must run inside a coroutine "
+                         "(or pass a callback)");
+  if (s->closed && !s->flush_close)
+    return push_closed(L, s);
+  if (flush_writes(s) != 0)
+    return push_closed(L, s);
+  settle_unsent(s);
+  if (unsent(s) == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  return wait_writer(L, s, WAIT_FLUSH, "flush");
+}
+
+/* ---- close ------------------------------------------------------------ */
+
+static void run_close_callback(squall_stream *s) {
+  lua_State *L = loop_L(s);
+  if (s->close_cb_run)
+    return;
+  s->close_cb_run = 1;
+  int ref = s->close_cb_ref;
+  s->close_cb_ref = LUA_NOREF;
+  if (ref == LUA_NOREF || L == NULL)
+    return;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, ref);
+  squall_loop_call(s->loop, 0, "close callback");
+}
+
+static void on_handle_closed(uv_handle_t *h) {
+  squall_stream *s = h->data;
+  if (h == (uv_handle_t *)&s->tcp) {
+    if (s->reset_done != NULL) {
+      /* A failed connect attempt, not the end of the stream. */
+      void (*done)(squall_stream *, void *) = s->reset_done;
+      s->reset_done = NULL;
+      s->handles_open--;
+      done(s, s->reset_arg);
+      if (s->closing)
+        maybe_free(s);
+      return;
+    }
+    s->tcp_init = 0;
+    /* Whoever still waits learns the stream closed; then the callback. */
+    lua_State *L = loop_L(s);
+    if (s->reader_ref != LUA_NOREF && L != NULL)
+      resume_reader(s, push_closed(L, s));
+    if (s->writer_ref != LUA_NOREF)
+      resume_writer(s, 0);
+    if (s->held_unsent) {
+      s->held_unsent = 0;
+      squall_stream_release(L, s);
+    }
+    run_close_callback(s);
+  }
+  s->handles_open--;
+  maybe_free(s);
+}
+
+/* Close the libuv handles; the stream is freed once they are done. */
+static void close_handles(squall_stream *s) {
+  if (s->closing)
+    return;
+  s->closing = 1;
+  s->closed = 1;
+  remove_dirty(s);
+  stop_reading(s);
+  uv_timer_stop(&s->rtimer);
+  uv_timer_stop(&s->wtimer);
+  if (s->tcp_init)
+    uv_close((uv_handle_t *)&s->tcp, on_handle_closed);
+  uv_close((uv_handle_t *)&s->rtimer, on_handle_closed);
+  uv_close((uv_handle_t *)&s->wtimer, on_handle_closed);
+  if (!s->tcp_init) {
+    /* Never connected: no tcp close callback will say goodbye. */
+    lua_State *L = loop_L(s);
+    if (s->reader_ref != LUA_NOREF && L != NULL)
+      resume_reader(s, push_closed(L, s));
+    run_close_callback(s);
+  }
+}
+
+/* Close now, recording why (`kind` NULL: a clean close). Queued writes are
+ * dropped: this is the path for errors and for the peer going away. */
+static void close_with(squall_stream *s, const char *kind, const char *msg) {
+  if (kind != NULL)
+    set_error(s, kind, msg);
+  s->closed = 1;
+  s->flush_close = 0;
+  close_handles(s);
+}
+
+/* The loop is closing: close without flushing. */
+static void close_for_loop(squall_handle *h) {
+  close_with((squall_stream *)h, NULL, NULL);
+}
+
+/* Close once what is queued has gone out (the peer may still read after
+ * closing its side, and nothing written is dropped). */
+static void close_flushing(squall_stream *s) {
+  if (s->closing)
+    return;
+  s->closed = 1;
+  stop_reading(s);
+  if (s->connected && unsent(s) > 0 && flush_writes(s) == 0 && unsent(s) > 0) {
+    s->flush_close = 1; /* on_write closes once the queue is out */
+    return;
+  }
+  close_handles(s);
+}
+
+/* stream:close(): flush what is queued, then close. */
+static int l_close(lua_State *L) {
+  squall_stream *s = check_stream(L, 1);
+  if (s->closed)
+    return 0;
+  squall_buffer_free(&s->rbuf);
+  close_flushing(s);
+  return 0;
+}
+
+/* ---- the rest of the Lua surface -------------------------------------- */
+
+static int l_set_close_callback(lua_State *L) {
+  squall_stream *s = check_stream(L, 1);
+  if (!lua_isnil(L, 2))
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+  unref(L, &s->close_cb_ref);
+  if (lua_isnil(L, 2))
+    return 0;
+  if (s->close_cb_run) {
+    /* Closed already: run it on the next iteration, as Tornado does. */
+    return luaL_error(L, "set_close_callback on a closed stream");
+  }
+  lua_pushvalue(L, 2);
+  s->close_cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
+static int l_closed(lua_State *L) {
+  lua_pushboolean(L, check_stream(L, 1)->closed);
+  return 1;
+}
+
+static int l_reading(lua_State *L) {
+  lua_pushboolean(L, check_stream(L, 1)->read_kind != READ_NONE);
+  return 1;
+}
+
+static int l_writing(lua_State *L) {
+  lua_pushboolean(L, unsent(check_stream(L, 1)) > 0);
+  return 1;
+}
+
+/* stream:_error(): the error that closed the stream, or nil. */
+static int l_error(lua_State *L) {
+  squall_stream *s = check_stream(L, 1);
+  if (s->err_kind[0] == '\0')
+    return 0;
+  squall_push_error(L, s->err_kind, s->err_msg);
+  return 1;
+}
+
+static int l_set_timeout(lua_State *L) {
+  squall_stream *s = check_stream(L, 1);
+  if (lua_isnoneornil(L, 2)) {
+    s->timeout = 0;
+    return 0;
+  }
+  lua_Number t = luaL_checknumber(L, 2);
+  luaL_argcheck(L, t > 0, 2, "timeout must be positive (or nil for none)");
+  s->timeout = t;
+  return 0;
+}
+
+static int l_set_nodelay(lua_State *L) {
+  squall_stream *s = check_stream(L, 1);
+  if (s->closed || !s->tcp_init)
+    return push_closed(L, s);
+  int err = uv_tcp_nodelay(&s->tcp, lua_isnone(L, 2) || lua_toboolean(L, 2));
+  if (err != 0)
+    return squall_push_uv_error(L, err);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int l_fileno(lua_State *L) {
+  squall_stream *s = check_stream(L, 1);
+  uv_os_fd_t fd;
+  if (s->closing || !s->tcp_init ||
+      uv_fileno((uv_handle_t *)&s->tcp, &fd) != 0) {
+    lua_pushinteger(L, -1);
+    return 1;
+  }
+  lua_pushinteger(L, fd);
+  return 1;
+}
+
+static int sockname(lua_State *L, int peer) {
+  squall_stream *s = check_stream(L, 1);
+  if (s->closing || !s->tcp_init)
+    return push_closed(L, s);
+  struct sockaddr_storage ss;
+  int len = sizeof ss;
+  int err = peer ? uv_tcp_getpeername(&s->tcp, (struct sockaddr *)&ss, &len)
+                 : uv_tcp_getsockname(&s->tcp, (struct sockaddr *)&ss, &len);
+  if (err != 0)
+    return squall_push_uv_error(L, err);
+  return squall_push_sockaddr(L, (struct sockaddr *)&ss);
+}
+
+static int l_getpeername(lua_State *L) {
+  return sockname(L, 1);
+}
+
+static int l_getsockname(lua_State *L) {
+  return sockname(L, 0);
+}
+
+static int l_gc(lua_State *L) {
+  squall_stream **p = luaL_checkudata(L, 1, STREAM_MT);
+  squall_stream *s = *p;
+  if (s == NULL)
+    return 0;
+  *p = NULL;
+  s->ud_alive = 0;
+  lua_State *RL = s->loop->finalizing ? NULL : L;
+  unref(RL, &s->close_cb_ref);
+  unref(RL, &s->delim_ref);
+  s->close_cb_run = 1;
+  if (!s->closing)
+    close_with(s, NULL, NULL);
+  maybe_free(s);
+  return 0;
+}
+
+static int l_tostring(lua_State *L) {
+  squall_stream *s = check_stream(L, 1);
+  lua_pushfstring(L, "squall.stream (%s): %p", s->closed ? "closed" : "open",
+                  (void *)s);
+  return 1;
+}
+
+/* ---- construction ----------------------------------------------------- */
+
+squall_stream *squall_stream_new(lua_State *L, squall_loop *loop,
+                                 const squall_stream_opts *o) {
+  squall_stream **p = lua_newuserdata(L, sizeof *p);
+  *p = NULL;
+  squall_stream *s = calloc(1, sizeof *s);
+  if (s == NULL)
+    luaL_error(L, "out of memory creating a stream");
+  s->h.close = close_for_loop;
+  s->loop = loop;
+  s->o = *o;
+  s->delim_ref = s->reader_ref = s->writer_ref = LUA_NOREF;
+  s->close_cb_ref = s->self_ref = LUA_NOREF;
+  s->max_bytes = SIZE_MAX;
+  s->ud_alive = 1;
+  uv_timer_init(&loop->uv, &s->rtimer);
+  uv_timer_init(&loop->uv, &s->wtimer);
+  s->rtimer.data = s->wtimer.data = s;
+  s->wreq.data = s;
+  s->handles_open = 2;
+  *p = s;
+  luaL_getmetatable(L, STREAM_MT);
+  lua_setmetatable(L, -2);
+  if (loop->end_hook == NULL)
+    loop->end_hook = flush_dirty;
+  return s;
+}
+
+int squall_stream_init_tcp(squall_stream *s) {
+  int err = uv_tcp_init(&s->loop->uv, &s->tcp);
+  if (err != 0)
+    return err;
+  s->tcp.data = s;
+  s->tcp_init = 1;
+  s->handles_open++;
+  return 0;
+}
+
+void squall_stream_reset_tcp(squall_stream *s,
+                             void (*done)(squall_stream *, void *),
+                             void *arg) {
+  s->reset_done = done;
+  s->reset_arg = arg;
+  s->reading = 0;
+  s->tcp_init = 0; /* closing: close_handles must not close it again */
+  uv_close((uv_handle_t *)&s->tcp, on_handle_closed);
+}
+
+void squall_stream_abort(squall_stream *s) {
+  close_with(s, NULL, NULL);
+}
+
+int squall_stream_connected(squall_stream *s) {
+  s->connected = 1;
+  start_reading(s);
+  return 0;
+}
+
+int squall_stream_open_fd(squall_stream *s, int fd) {
+  int err = squall_stream_init_tcp(s);
+  if (err == 0)
+    err = uv_tcp_open(&s->tcp, fd);
+  if (err != 0) {
+    close(fd);
+    close_with(s, squall_uv_error_kind(err), uv_strerror(err));
+    return err;
+  }
+  return squall_stream_connected(s);
+}
+
+uv_tcp_t *squall_stream_tcp(squall_stream *s) {
+  return &s->tcp;
+}
+
+int squall_stream_open(lua_State *L) {
+  static const luaL_Reg methods[] = {
+      {"read_until", l_read_until},
+      {"read_until_pattern", l_read_until_pattern},
+      {"read_bytes", l_read_bytes},
+      {"read_until_close", l_read_until_close},
+      {"write", l_write},
+      {"flush", l_flush},
+      {"close", l_close},
+      {"set_close_callback", l_set_close_callback},
+      {"closed", l_closed},
+      {"reading", l_reading},
+      {"writing", l_writing},
+      {"_error", l_error},
+      {"set_timeout", l_set_timeout},
+      {"set_nodelay", l_set_nodelay},
+      {"fileno", l_fileno},
+      {"getpeername", l_getpeername},
+      {"getsockname", l_getsockname},
+      {NULL, NULL},
+  };
+  luaL_newmetatable(L, STREAM_MT);
+  lua_newtable(L);
+  luaL_register(L, NULL, methods);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -3, "__index");
+  lua_setfield(L, -3, "stream_methods"); /* core.stream_methods */
+  lua_pushcfunction(L, l_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, l_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_setfield(L, -2, "stream_mt"); /* core.stream_mt */
+  return 0;
+}
