@@ -558,8 +558,9 @@ static int l_read_bytes(lua_State *L) {
   s->partial = partial;
   if (s->read_n > s->o.max_buffer_size && !partial) {
     s->read_kind = READ_NONE;
-    close_with(s, "buffer_full", "read_bytes asks for more than "
-                                 "max_buffer_size bytes");
+    close_with(s, "buffer_full",
+               "read_bytes asks for more than "
+               "max_buffer_size bytes");
     return push_closed(L, s);
   }
   return try_inline_read(L, s, "read_bytes");
@@ -721,8 +722,9 @@ static int l_write(lua_State *L) {
     for (int i = 1; i <= n; i++) {
       lua_rawgeti(L, 2, i);
       if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
-        return luaL_error(L, "bad argument #1 to 'write' (item %d is %s, "
-                             "not a string)",
+        return luaL_error(L,
+                          "bad argument #1 to 'write' (item %d is %s, "
+                          "not a string)",
                           i, luaL_typename(L, -1));
       total += lua_objlen(L, -1);
       lua_pop(L, 1);
@@ -1063,8 +1065,7 @@ int squall_stream_init_tcp(squall_stream *s) {
 }
 
 void squall_stream_reset_tcp(squall_stream *s,
-                             void (*done)(squall_stream *, void *),
-                             void *arg) {
+                             void (*done)(squall_stream *, void *), void *arg) {
   s->reset_done = done;
   s->reset_arg = arg;
   s->reading = 0;

@@ -115,16 +115,20 @@ static int l_bind_sockets(lua_State *L) {
   memset(&hints, 0, sizeof hints);
   hints.ai_family = family == 4 ? AF_INET : family == 6 ? AF_INET6 : AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE | AI_ADDRCONFIG;
-  int gai = getaddrinfo(address, NULL, &hints, &res);
+  hints.ai_flags = AI_PASSIVE | AI_ADDRCONFIG | AI_NUMERICSERV;
+  /* getaddrinfo needs a node or a service; the port is set per socket. */
+  int gai = getaddrinfo(address, "0", &hints, &res);
   if (gai == EAI_NONAME || gai == EAI_ADDRFAMILY) {
-    hints.ai_flags = AI_PASSIVE; /* loopback-only hosts lack ADDRCONFIG */
-    gai = getaddrinfo(address, NULL, &hints, &res);
+    /* loopback-only hosts have no address ADDRCONFIG counts */
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    gai = getaddrinfo(address, "0", &hints, &res);
   }
   if (gai != 0) {
+    char msg[300];
+    snprintf(msg, sizeof msg, "%s: %s", address ? address : "*",
+             gai_strerror(gai));
     lua_pushnil(L);
-    lua_pushfstring(L, "%s: %s", address ? address : "*", gai_strerror(gai));
-    squall_push_error(L, "resolve", lua_tostring(L, -1));
+    squall_push_error(L, "resolve", msg);
     return 2;
   }
 
@@ -654,8 +658,8 @@ static int l_connect(lua_State *L) {
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_NUMERICSERV;
-  int err = uv_getaddrinfo(&loop->uv, &c->gai, on_resolved, host, service,
-                           &hints);
+  int err =
+      uv_getaddrinfo(&loop->uv, &c->gai, on_resolved, host, service, &hints);
   if (err != 0) {
     c->done = 1;
     squall_stream_release(L, c->s);
@@ -688,9 +692,8 @@ int squall_tcp_open(lua_State *L) {
   lua_pushcfunction(L, l_bind_sockets);
   lua_setfield(L, -2, "bind_sockets");
 
-  static const luaL_Reg acceptor_m[] = {{"close", l_acceptor_close},
-                                        {"__gc", l_acceptor_gc},
-                                        {NULL, NULL}};
+  static const luaL_Reg acceptor_m[] = {
+      {"close", l_acceptor_close}, {"__gc", l_acceptor_gc}, {NULL, NULL}};
   luaL_newmetatable(L, ACCEPTOR_MT);
   lua_pushvalue(L, -1);
   lua_setfield(L, -2, "__index");
