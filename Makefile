@@ -47,8 +47,19 @@ $(ASAN_DIR)/tests/buffer_test: tests/buffer_test.c runtime/buffer.c runtime/buff
 	@mkdir -p $(ASAN_DIR)/tests
 	$(CC) -D_GNU_SOURCE -std=gnu11 -Wall -Wextra -Werror $(ASAN_FLAGS) tests/buffer_test.c runtime/buffer.c -o $@
 
+# The main example: an echo server on 127.0.0.1:8888 (try: nc 127.0.0.1 8888).
 run: deps build/squall
-	build/squall examples/ticker.lua
+	build/squall examples/echo.lua
+
+# The plain C libuv baseline servers and the echo load generator that the
+# benchmarks run beside squall.
+build/uv_baseline: bench/uv_baseline.c
+	@mkdir -p build
+	$(CC) $(CFLAGS) $< -o $@ $(PKG_LIBS)
+
+build/echo_load: bench/echo_load.c
+	@mkdir -p build
+	$(CC) $(CFLAGS) $< -o $@ $(PKG_LIBS)
 
 # Every spec, inside the real host. scripts/run-tests prints the closing
 # "N passed, N failed" line.
@@ -70,17 +81,17 @@ check-valgrind: all
 
 lint:
 	luacheck -q lua spec $(wildcard examples)
-	clang-format --dry-run --Werror $(SRCS) $(HDRS) tests/*.c
+	clang-format --dry-run --Werror $(SRCS) $(HDRS) tests/*.c bench/*.c
 
 format:
-	clang-format -i $(SRCS) $(HDRS) tests/*.c
+	clang-format -i $(SRCS) $(HDRS) tests/*.c bench/*.c
 
-instC_TESTS := $(patsubst tests/%.c,%,$(wildcard tests/*_test.c))
-
-all: build/squall $(C_TESTS:%=build/tests/%)
+install: build/squall
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/squall/lua/squall
 	install -m 755 build/squall $(DESTDIR)$(PREFIX)/bin/squall
 	install -m 644 lua/squall/*.lua $(DESTDIR)$(PREFIX)/share/squall/lua/squall/
+	install -d $(DESTDIR)$(PREFIX)/share/squall/examples
+	install -m 644 examples/*.lua $(DESTDIR)$(PREFIX)/share/squall/examples/
 
 clean:
 	rm -rf build $(ASAN_DIR)

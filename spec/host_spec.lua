@@ -83,6 +83,24 @@ describe("the squall host", function()
     assert.matches("squall/ioloop%.lua$", out)
   end)
 
+  it("finds lua/ modules from an installed prefix", function()
+    local prefix = os.tmpname()
+    os.remove(prefix)
+    local real = os.getenv("SQUALL_REAL_BIN")
+    if not real then
+      pending("the unwrapped squall binary is not known")
+      return
+    end
+    assert(os.execute(("mkdir -p %s/bin %s/share/squall/lua/squall && cp %s %s/bin/ && " ..
+      "cp lua/squall/*.lua %s/share/squall/lua/squall/"):format(q(prefix), q(prefix),
+      q(real), q(prefix), q(prefix))) == 0)
+    local status, out = run("cd / && " .. q(prefix .. "/bin/squall") ..
+      [[ -e 'io.write(package.searchpath("squall.ioloop", package.path))']])
+    os.execute("rm -rf " .. q(prefix))
+    assert.equal(0, status)
+    assert.equal(prefix .. "/bin/../share/squall/lua/squall/ioloop.lua", out)
+  end)
+
   it("LUA_PATH adds to the search path", function()
     local dir = os.tmpname()
     os.remove(dir)

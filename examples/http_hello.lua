@@ -1,0 +1,67 @@
+--- A keep-alive HTTP/1.1 "Hello, world" server over TCPServer.
+--
+--     squall examples/http_hello.lua [port] [address]   (default 8080 127.0.0.1)
+--     curl -v http://127.0.0.1:8080/      wrk -c 100 -d 5s http://127.0.0.1:8080/
+--
+-- It reads each request head with read_until("\r\n\r\n"), skips a body it
+-- does not need, and answers. Pipelined requests are answered in order; the
+-- answers to requests that arrived together go out in one write.
+local ioloop = require "squall.ioloop"
+local log = require "squall.log"
+local TCPServer = require "squall.tcpserver"
+
+local port = tonumber(arg and arg[1]) or 8080
+local address = arg and arg[2] or "127.0.0.1"
+
+local BODY = "Hello, world!\n"
+local MAX_HEAD = 64 * 1024
+
+local function response(status, body, keep_alive)
+  return ("HTTP/1.1 %s\r\nServer: squall\r\nContent-Type: text/plain\r\n" ..
+    "Content-Length: %d\r\nConnection: %s\r\n\r\n%s"):format(
+      status, #body, keep_alive and "keep-alive" or "close", body)
+end
+
+local OK_KEEP = response("200 OK", BODY, true)
+local OK_CLOSE = response("200 OK", BODY, false)
+
+-- Whether the client wants the connection kept open after this request.
+local function keep_alive(version, head)
+  local conn = head:match("\r\n[Cc][Oo][Nn][Nn][Ee][Cc][Tt][Ii][Oo][Nn]:[ \t]*([^\r]*)")
+  conn = conn and conn:lower() or ""
+  if version == "1.1" then return not conn:find("close", 1, true) end
+  return conn:find("keep-alive", 1, true) ~= nil
+end
+
+local Hello = TCPServer:extend()
+
+function Hello:handle_stream(stream)
+  while true do
+    local head, err = stream:read_until("\r\n\r\n", MAX_HEAD)
+    if not head then
+      if err.kind == "unsatisfiable" then
+        log.warn("request head over %d bytes; closing", MAX_HEAD)
+      end
+      break
+    end
+    local method, version = head:match("^(%u+) %S+ HTTP/(%d%.%d)\r\n")
+    if not method then
+      stream:write(response("400 Bad Request", "bad request\n", false))
+      break
+    end
+    local length = tonumber(head:match("\r\n[Cc]ontent%-[Ll]ength:[ \t]*(%d+)") or 0)
+    if length > 0 and not stream:read_bytes(length) then break end
+    local keep = keep_alive(version, head)
+    stream:write(keep and OK_KEEP or OK_CLOSE)
+    if not keep then break end
+  end
+  stream:close()
+end
+
+Hello():listen(port, address)
+log.info("http_hello listening on http://%s:%d/", address, port)
+
+local loop = ioloop.current()
+loop:add_signal_handler("SIGINT", function() loop:stop() end)
+loop:add_signal_handler("SIGTERM", function() loop:stop() end)
+loop:start()
