@@ -240,10 +240,12 @@ typedef struct acceptor {
   int handles_open;
   int stopped;
   int ud_alive;
-  int warned; /* reported running out of fds; reset by a good accept */
+  uint64_t warned_at; /* loop time (ms) of the last fd-exhaustion report */
 } acceptor;
 
 static const uint64_t EMFILE_PAUSE_MS = 100;
+/* Running out of fds tends to last; say so once a minute, not per pause. */
+static const uint64_t EMFILE_REPORT_MS = 60000;
 
 static void acceptor_closed(uv_handle_t *h) {
   acceptor *a = h->data;
@@ -313,8 +315,9 @@ static void on_accept_ready(uv_poll_t *p, int status, int events) {
          * on would spin. Pause, say so once, and try again later. */
         uv_poll_stop(&a->poll);
         uv_timer_start(&a->pause, on_accept_resume, EMFILE_PAUSE_MS, 0);
-        if (!a->warned) {
-          a->warned = 1;
+        uint64_t now = uv_now(&a->loop->uv);
+        if (a->warned_at == 0 || now - a->warned_at >= EMFILE_REPORT_MS) {
+          a->warned_at = now ? now : 1;
           report_accept_error(a, e);
         }
         return;
@@ -322,7 +325,6 @@ static void on_accept_ready(uv_poll_t *p, int status, int events) {
       report_accept_error(a, e);
       return;
     }
-    a->warned = 0;
     lua_State *L = a->loop->L;
     lua_rawgeti(L, LUA_REGISTRYINDEX, a->fn_ref);
     squall_stream *s = squall_stream_new(L, a->loop, &a->opts);

@@ -238,6 +238,23 @@ describe("squall.iostream", function()
       assert.equal(100000, i)
     end, { timeout = 20 }))
 
+    it("a writer whose peer vanishes mid-write gets nil, closed", async(function()
+      local server, client = pair()
+      local r, err
+      local f = gen.spawn(function()
+        for _ = 1, 64 do
+          r, err = server:write(("v"):rep(1024 * 1024))
+          if not r then return end
+        end
+      end)
+      assert.equal(1000, #client:read_bytes(1000))
+      client:close()
+      f:result()
+      assert.is_nil(r)
+      assert.equal("closed", err.kind)
+      assert.is_true(server:closed())
+    end, { timeout = 10 }))
+
     it("accepts an array of strings", async(function()
       local server, client = pair()
       assert.is_true(server:write({ "a", "bc", "", "def\n" }))

@@ -1,5 +1,6 @@
 local iostream = require "squall.iostream"
 local netutil = require "squall.netutil"
+local gen = require "squall.gen"
 local testing = require "squall.testing"
 local helpers = require "helpers"
 
@@ -97,4 +98,64 @@ describe("squall.netutil", function()
     remove()
     sock:close()
   end))
+end)
+
+describe("accepting when the process runs out of file descriptors", function()
+  it("says so once, pauses, and serves again once fds are free", async(function()
+    local sock, port = testing.bind_unused_port()
+    sock:close()
+    -- A server limited to 32 fds, in its own process.
+    local script = os.tmpname() .. ".lua"
+    local f = assert(io.open(script, "w"))
+    f:write(([[
+      local TCPServer = require "squall.tcpserver"
+      TCPServer({ handle_stream = function(s)
+        while true do
+          local l = s:read_until("\n")
+          if not l then return end
+          s:write(l)
+        end
+      end }):listen(%d, "127.0.0.1")
+      local loop = require("squall.ioloop").current()
+      loop:call_later(8, function() loop:stop() end)
+      loop:add_signal_handler("SIGTERM", function() loop:stop() end)
+      loop:start()
+    ]]):format(port))
+    f:close()
+    local log_path = os.tmpname()
+    local pid_path = os.tmpname()
+    os.execute(("(ulimit -n 32; exec %s %s) 2>%s & echo $! >%s"):format(
+      helpers.q(os.getenv("SQUALL_REAL_BIN") or helpers.squall), helpers.q(script),
+      helpers.q(log_path), helpers.q(pid_path)))
+    local pf = assert(io.open(pid_path))
+    local pid = pf:read("*n")
+    pf:close()
+    local clients = {}
+    local function connect()
+      for _ = 1, 100 do
+        local c = iostream.connect("127.0.0.1", port)
+        if c then return c end
+        gen.sleep(0.05)
+      end
+    end
+    -- More connections than the server has fds: the first ones are served.
+    for i = 1, 60 do clients[i] = assert(connect()) end
+    assert(clients[1]:write("first\n"))
+    assert.equal("first\n", clients[1]:read_until("\n"))
+    gen.sleep(0.5)
+    -- Free the fds: the connection waiting last in the backlog gets served.
+    for i = 1, 59 do clients[i]:close() end
+    local last = clients[60]
+    last:set_timeout(5)
+    assert(last:write("last\n"))
+    assert.equal("last\n", last:read_until("\n"))
+    os.execute("kill " .. pid)
+    gen.sleep(0.2)
+    local lf = assert(io.open(log_path))
+    local text = lf:read("*a")
+    lf:close()
+    os.remove(script); os.remove(log_path); os.remove(pid_path)
+    local _, count = text:gsub("too many open files", "")
+    assert.equal(1, count, text)
+  end, { timeout = 20 }))
 end)
