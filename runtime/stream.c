@@ -487,6 +487,35 @@ static int try_inline_read(lua_State *L, squall_stream *s, const char *what) {
   return lua_yield(L, 0);
 }
 
+#define CALL_BACK_KEY "squall.stream.call_back"
+
+/* Callback style: when the last argument is a function, hand the call to
+ * the Lua helper iostream.lua registered (core.stream_call_back), which
+ * runs `fn` in a coroutine of its own and calls the callback later.
+ * Returns 1 when it did. Checked in C so the direct style pays nothing. */
+static int call_back(lua_State *L, lua_CFunction fn) {
+  int top = lua_gettop(L);
+  if (top < 2 || lua_type(L, top) != LUA_TFUNCTION)
+    return 0;
+  lua_getfield(L, LUA_REGISTRYINDEX, CALL_BACK_KEY);
+  if (lua_isnil(L, -1))
+    luaL_error(L, "callback style needs squall.iostream loaded");
+  lua_pushcfunction(L, fn);
+  lua_pushvalue(L, 1);
+  lua_pushvalue(L, top);
+  for (int i = 2; i < top; i++)
+    lua_pushvalue(L, i);
+  lua_call(L, top + 1, 0);
+  return 1;
+}
+
+static int l_stream_call_back(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_settop(L, 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, CALL_BACK_KEY);
+  return 0;
+}
+
 static int busy(lua_State *L) {
   lua_pushnil(L);
   squall_push_error(L, "busy", "a read is already pending on this stream");
@@ -505,6 +534,8 @@ static size_t opt_max_bytes(lua_State *L, int idx) {
 /* stream:read_until(delimiter [, max_bytes]) */
 static int l_read_until(lua_State *L) {
   squall_stream *s = check_stream(L, 1);
+  if (call_back(L, l_read_until))
+    return 0;
   size_t dlen;
   const char *delim = luaL_checklstring(L, 2, &dlen);
   luaL_argcheck(L, dlen > 0, 2, "the delimiter is empty");
@@ -522,6 +553,8 @@ static int l_read_until(lua_State *L) {
 /* stream:read_until_pattern(pattern [, max_bytes]) */
 static int l_read_until_pattern(lua_State *L) {
   squall_stream *s = check_stream(L, 1);
+  if (call_back(L, l_read_until_pattern))
+    return 0;
   const char *pat = luaL_checkstring(L, 2);
   size_t max_bytes = opt_max_bytes(L, 3);
   /* A malformed pattern is misuse: raise here, not later in a callback. */
@@ -543,6 +576,8 @@ static int l_read_until_pattern(lua_State *L) {
 /* stream:read_bytes(n [, partial]) */
 static int l_read_bytes(lua_State *L) {
   squall_stream *s = check_stream(L, 1);
+  if (call_back(L, l_read_bytes))
+    return 0;
   lua_Number n = luaL_checknumber(L, 2);
   luaL_argcheck(L, n >= 0 && n == (lua_Number)(uint64_t)n, 2,
                 "n must be a non-negative integer");
@@ -780,6 +815,8 @@ static int l_write(lua_State *L) {
 /* stream:flush(): wait until everything queued reached the kernel. */
 static int l_flush(lua_State *L) {
   squall_stream *s = check_stream(L, 1);
+  if (call_back(L, l_flush))
+    return 0;
   if (!in_coroutine(L))
     return luaL_error(L, "flush waits, so it must run inside a coroutine "
                          "(or pass a callback)");
@@ -913,12 +950,15 @@ static int l_set_close_callback(lua_State *L) {
   if (lua_isnil(L, 2))
     return 0;
   if (s->close_cb_run) {
-    /* Closed already: run it on the next iteration, as Tornado does. */
-    return luaL_error(L, "set_close_callback on a closed stream");
+    /* Closed already: iostream.lua runs it on the next iteration, as
+     * Tornado does. */
+    lua_pushboolean(L, 0);
+    return 1;
   }
   lua_pushvalue(L, 2);
   s->close_cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  return 0;
+  lua_pushboolean(L, 1);
+  return 1;
 }
 
 static int l_closed(lua_State *L) {
@@ -1131,5 +1171,7 @@ int squall_stream_open(lua_State *L) {
   lua_pushcfunction(L, l_tostring);
   lua_setfield(L, -2, "__tostring");
   lua_setfield(L, -2, "stream_mt"); /* core.stream_mt */
+  lua_pushcfunction(L, l_stream_call_back);
+  lua_setfield(L, -2, "stream_call_back");
   return 0;
 }

@@ -185,6 +185,12 @@ describe("squall.iostream", function()
       gen.sleep(0.02)
       assert.equal(1, n_client)
       assert.equal(1, n_server)
+      -- set on a stream closed already: called once, on a later iteration
+      local late = 0
+      server:set_close_callback(function() late = late + 1 end)
+      assert.equal(0, late)
+      gen.sleep(0.01)
+      assert.equal(1, late)
     end))
 
     it("write then close delivers every byte", async(function()

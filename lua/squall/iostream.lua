@@ -18,7 +18,7 @@ local mt = core.stream_mt
 local c_error = methods._error
 local create = coroutine.create
 local resume = core.resume
-local select, type, unpack, error = select, type, unpack, error
+local type, error = type, error
 
 --- The stream's methods, for code that extends streams (TLS does).
 M.methods = methods
@@ -47,28 +47,8 @@ local function call_back(fn, s, callback, ...)
   resume(co, s, ...)
 end
 
--- Wrap a C method so a trailing function argument selects callback style.
-local function with_callback(name, nargs)
-  local cfn = methods[name]
-  methods[name] = function(s, ...)
-    local n = select("#", ...)
-    if n > nargs or (n > 0 and type((select(n, ...))) == "function") then
-      local callback = select(n, ...)
-      if type(callback) ~= "function" then
-        error(name .. ": the last argument must be a callback function", 2)
-      end
-      local args = { ... }
-      call_back(cfn, s, callback, unpack(args, 1, n - 1))
-      return
-    end
-    return cfn(s, ...)
-  end
-end
-
-with_callback("read_until", 2)
-with_callback("read_until_pattern", 2)
-with_callback("read_bytes", 2)
-with_callback("flush", 0)
+-- runtime/stream.c hands a call whose last argument is a function here.
+core.stream_call_back(call_back)
 
 local c_read_until_close = methods.read_until_close
 local c_read_bytes = methods.read_bytes
@@ -121,6 +101,15 @@ function methods.write(s, data, callback)
     return
   end
   call_back(methods.flush, s, callback)
+end
+
+local c_set_close_callback = methods.set_close_callback
+--- Call `fn()` once when the stream closes, whoever closed it (on the next
+-- loop iteration when it is closed already). nil removes it.
+function methods.set_close_callback(s, fn)
+  if c_set_close_callback(s, fn) == false then
+    ioloop.current():add_callback(fn)
+  end
 end
 
 --- Connect to host:port. Waits inside a coroutine.
