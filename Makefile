@@ -63,17 +63,23 @@ build/echo_load: bench/echo_load.c
 
 # Every spec, inside the real host. scripts/run-tests prints the closing
 # "N passed, N failed" line.
-test: deps all
+# Test certificates for the TLS specs, made fresh (never committed).
+CERTS := build/certs/.done
+$(CERTS): scripts/gen-test-certs
+	@rm -rf build/certs
+	scripts/gen-test-certs build/certs
+
+test: deps all $(CERTS)
 	@scripts/run-tests build/squall
 
 check: deps lint check-asan check-valgrind
 
-check-asan: $(ASAN_DIR)/squall $(C_TESTS:%=$(ASAN_DIR)/tests/%)
+check-asan: $(ASAN_DIR)/squall $(C_TESTS:%=$(ASAN_DIR)/tests/%) $(CERTS)
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
 	  LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 \
 	  scripts/run-tests $(ASAN_DIR)/squall
 
-check-valgrind: all
+check-valgrind: all $(CERTS)
 	SQUALL_TEST_TIMEOUT_SCALE=10 SQUALL_WRAP="valgrind -q --error-exitcode=99 --leak-check=full \
 	  --errors-for-leak-kinds=definite --show-leak-kinds=definite \
 	  --suppressions=$(CURDIR)/tests/valgrind.supp" \

@@ -9,6 +9,7 @@
 #include "loop.h"
 #include "stream.h"
 #include "tcp.h"
+#include "tls.h"
 
 int luaopen_squall_core(lua_State *L) {
   lua_newtable(L);
@@ -17,6 +18,7 @@ int luaopen_squall_core(lua_State *L) {
   squall_loop_open(L);
   squall_tcp_open(L);
   squall_stream_open(L);
+  squall_tls_open(L);
   lua_pushstring(L, SQUALL_VERSION);
   lua_setfield(L, -2, "version");
   lua_pushstring(L, uv_version_string());

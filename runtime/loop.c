@@ -68,7 +68,12 @@ static int l_poll(lua_State *L) {
   double timeout = luaL_checknumber(L, 2);
   lua_State *outer = loop->L;
   loop->L = L;
-  run_end_hook(loop);
+  /* Sending gathered writes may resume coroutines that queue callbacks
+   * the timeout did not count on: then look at I/O without blocking. */
+  if (loop->dirty != NULL) {
+    run_end_hook(loop);
+    timeout = 0;
+  }
   if (timeout == 0) {
     uv_run(&loop->uv, UV_RUN_NOWAIT);
   } else {

@@ -26,6 +26,7 @@
 #include "coro.h"
 #include "host.h"
 #include "tcp.h"
+#include "tls.h"
 
 #define STREAM_MT "squall.stream"
 
@@ -48,6 +49,12 @@ struct squall_stream {
   squall_buffer wflight; /* handed to uv_write */
   struct squall_stream *next_dirty;
 
+  /* TLS, once start_tls ran: plaintext goes wq -> tls -> wcipher. */
+  squall_tls *tls;
+  squall_buffer wcipher; /* encrypted, not yet tried */
+  int ctx_ref;           /* keeps the context (and its ALPN list) alive */
+  int hs_ref;            /* a coroutine waiting for the handshake */
+
   /* The pending read. */
   int read_kind;
   int partial;
@@ -68,19 +75,22 @@ struct squall_stream {
   char err_kind[16];
   char err_msg[128];
 
-  unsigned tcp_init : 1;     /* tcp handle initialized and not closed */
-  unsigned connected : 1;    /* reading and writing are possible */
-  unsigned reading : 1;      /* uv_read_start is active */
-  unsigned eof : 1;          /* the peer closed; rbuf may still hold data */
-  unsigned closed : 1;       /* closed, as close()/closed() see it */
-  unsigned closing : 1;      /* uv_close called on the handles */
-  unsigned flush_close : 1;  /* close once the queued writes are out */
-  unsigned in_flight : 1;    /* a uv_write is pending */
-  unsigned dirty : 1;        /* on the loop's dirty list */
-  unsigned held_unsent : 1;  /* a hold for bytes not yet sent */
-  unsigned ud_alive : 1;     /* the userdata is not collected */
-  unsigned close_cb_run : 1; /* the close callback has been called */
-  int handles_open;          /* libuv handles not yet closed */
+  unsigned tcp_init : 1;      /* tcp handle initialized and not closed */
+  unsigned connected : 1;     /* reading and writing are possible */
+  unsigned reading : 1;       /* uv_read_start is active */
+  unsigned eof : 1;           /* the peer closed; rbuf may still hold data */
+  unsigned closed : 1;        /* closed, as close()/closed() see it */
+  unsigned closing : 1;       /* uv_close called on the handles */
+  unsigned flush_close : 1;   /* close once the queued writes are out */
+  unsigned in_flight : 1;     /* a uv_write is pending */
+  unsigned dirty : 1;         /* on the loop's dirty list */
+  unsigned held_unsent : 1;   /* a hold for bytes not yet sent */
+  unsigned ud_alive : 1;      /* the userdata is not collected */
+  unsigned close_cb_run : 1;  /* the close callback has been called */
+  unsigned need_pump : 1;     /* TLS holds data the reader can now take */
+  unsigned tls_eof : 1;       /* the peer sent close_notify */
+  unsigned shutdown_sent : 1; /* close_notify queued */
+  int handles_open;           /* libuv handles not yet closed */
   void (*reset_done)(squall_stream *, void *);
   void *reset_arg;
 };
@@ -167,6 +177,8 @@ static void free_stream(squall_stream *s) {
   squall_buffer_free(&s->rbuf);
   squall_buffer_free(&s->wq);
   squall_buffer_free(&s->wflight);
+  squall_buffer_free(&s->wcipher);
+  squall_tls_free(s->tls);
   free(s);
 }
 
@@ -176,7 +188,8 @@ static void maybe_free(squall_stream *s) {
 }
 
 static size_t unsent(const squall_stream *s) {
-  return squall_buffer_len(&s->wq) + squall_buffer_len(&s->wflight);
+  return squall_buffer_len(&s->wq) + squall_buffer_len(&s->wflight) +
+         squall_buffer_len(&s->wcipher);
 }
 
 static void set_error(squall_stream *s, const char *kind, const char *msg) {
@@ -314,6 +327,9 @@ static void push_consumed(lua_State *L, squall_stream *s, size_t n) {
 static void close_with(squall_stream *s, const char *kind, const char *msg);
 static void close_flushing(squall_stream *s);
 static void start_reading(squall_stream *s);
+static int tls_pump(squall_stream *s);
+static void tls_failed(squall_stream *s, const char *msg);
+static void mark_dirty(squall_stream *s);
 
 /* The pending read, after new bytes or EOF: finish it, fail it, or keep
  * waiting (and stop reading while a full buffer waits for a reader). */
@@ -355,9 +371,17 @@ static size_t read_chunk(const squall_stream *s) {
   return chunk < room ? chunk : room;
 }
 
+/* Ciphertext lands here and is handed to OpenSSL at once: libuv calls
+ * on_read right after on_alloc, so one buffer serves every TLS stream. */
+static char tls_scratch[65536];
+
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   (void)suggested;
   squall_stream *s = h->data;
+  if (s->tls != NULL) {
+    *buf = uv_buf_init(tls_scratch, sizeof tls_scratch);
+    return;
+  }
   size_t chunk = read_chunk(s);
   char *tail = chunk ? squall_buffer_reserve(&s->rbuf, chunk) : NULL;
   *buf = uv_buf_init(tail, tail ? (unsigned)chunk : 0);
@@ -370,11 +394,25 @@ static void stop_reading(squall_stream *s) {
   }
 }
 
+static void on_eof(squall_stream *s, ssize_t nread);
+
 static void on_read(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
   (void)buf;
   squall_stream *s = h->data;
+  if (nread > 0 && s->tls != NULL) {
+    if (squall_tls_feed(s->tls, buf->base, (size_t)nread) != 0) {
+      close_with(s, "tls", "out of memory buffering TLS input");
+      return;
+    }
+    int r = tls_pump(s);
+    if (r == SQUALL_TLS_ERROR)
+      return;
+    if (r == SQUALL_TLS_EOF)
+      nread = UV_EOF; /* close_notify: a clean end, handled below */
+  }
   if (nread > 0) {
-    squall_buffer_commit(&s->rbuf, (size_t)nread);
+    if (s->tls == NULL)
+      squall_buffer_commit(&s->rbuf, (size_t)nread);
     if (s->read_kind != READ_NONE)
       process_pending_read(s);
     /* Backpressure: nobody reads and the buffer is full. */
@@ -388,6 +426,10 @@ static void on_read(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
       stop_reading(s);
     return;
   }
+  on_eof(s, nread);
+}
+
+static void on_eof(squall_stream *s, ssize_t nread) {
   /* EOF or a socket error: what is buffered stays readable, and a reader
    * woken now already sees the stream closed. */
   s->eof = 1;
@@ -395,6 +437,10 @@ static void on_read(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
   stop_reading(s);
   if (nread != UV_EOF)
     set_error(s, squall_uv_error_kind((int)nread), uv_strerror((int)nread));
+  else if (s->tls != NULL && !s->tls_eof && squall_tls_truncated(s->tls))
+    tls_failed(s, squall_tls_handshake_done(s->tls)
+                      ? "the peer closed the connection mid-record"
+                      : "the peer closed the connection during the handshake");
   if (s->read_kind != READ_NONE)
     process_pending_read(s);
   if (nread == UV_EOF)
@@ -404,6 +450,12 @@ static void on_read(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
 }
 
 static void start_reading(squall_stream *s) {
+  if (s->tls != NULL && !s->closing && squall_tls_pending(s->tls) > 0) {
+    /* No socket event will come for what OpenSSL already holds: decrypt
+     * it from the loop's flush hook. */
+    s->need_pump = 1;
+    mark_dirty(s);
+  }
   if (s->reading || !s->connected || s->closed || s->eof)
     return;
   if (squall_buffer_len(&s->rbuf) >= s->o.max_buffer_size)
@@ -610,6 +662,181 @@ static int l_read_until_close(lua_State *L) {
   return try_inline_read(L, s, "read_until_close");
 }
 
+/* ---- TLS -------------------------------------------------------------- */
+
+#define TLS_LOG_KEY "squall.stream.tls_log"
+
+/* Resume a coroutine waiting for the handshake: true, or nil and the
+ * stream's error. */
+static void wake_handshake(squall_stream *s, int ok) {
+  lua_State *L = loop_L(s);
+  if (s->hs_ref == LUA_NOREF)
+    return;
+  int ref = s->hs_ref;
+  s->hs_ref = LUA_NOREF;
+  if (s->handles_open > 0 && uv_is_active((uv_handle_t *)&s->rtimer))
+    uv_timer_stop(&s->rtimer);
+  if (L == NULL) {
+    squall_stream_release(NULL, s);
+    return;
+  }
+  int n = 1;
+  if (ok)
+    lua_pushboolean(L, 1);
+  else
+    n = push_closed(L, s);
+  lua_State *co = squall_coro_unpark(L, ref);
+  lua_insert(L, -(n + 1));
+  lua_xmove(L, co, n);
+  squall_coro_resume(L, co, n);
+  lua_pop(L, 1);
+  squall_stream_release(L, s);
+}
+
+/* A TLS failure closes the stream with kind `tls`; it is logged once, at
+ * debug level (scanners and broken clients make this routine noise). */
+static void tls_failed(squall_stream *s, const char *msg) {
+  lua_State *L = loop_L(s);
+  if (s->err_kind[0] == '\0' && L != NULL) {
+    lua_getfield(L, LUA_REGISTRYINDEX, TLS_LOG_KEY);
+    if (lua_isfunction(L, -1)) {
+      lua_pushstring(L, msg);
+      squall_loop_call(s->loop, 1, "TLS log");
+    } else {
+      lua_pop(L, 1);
+    }
+  }
+  close_with(s, "tls", msg);
+}
+
+/* Decrypt what OpenSSL holds into the read buffer (never past
+ * max_buffer_size), queue what it produced (handshake records, alerts) and
+ * wake a handshake waiter. Returns SQUALL_TLS_OK, _EOF or _ERROR (the
+ * stream is closed then). */
+static int tls_pump(squall_stream *s) {
+  if (s->tls == NULL || s->closing)
+    return SQUALL_TLS_ERROR;
+  size_t len = squall_buffer_len(&s->rbuf);
+  size_t room = s->o.max_buffer_size > len ? s->o.max_buffer_size - len : 0;
+  int was_done = squall_tls_handshake_done(s->tls);
+  int r = squall_tls_read(s->tls, &s->rbuf, room);
+  if (r == SQUALL_TLS_ERROR) {
+    tls_failed(s, squall_tls_error(s->tls));
+    wake_handshake(s, 0);
+    return r;
+  }
+  if (r == SQUALL_TLS_EOF)
+    s->tls_eof = 1;
+  if (squall_tls_drain(s->tls, &s->wcipher) != 0) {
+    tls_failed(s, "out of memory buffering TLS output");
+    return SQUALL_TLS_ERROR;
+  }
+  if (squall_buffer_len(&s->wcipher) > 0 ||
+      (!was_done && squall_tls_handshake_done(s->tls) &&
+       squall_buffer_len(&s->wq) > 0))
+    mark_dirty(s);
+  if (!was_done && squall_tls_handshake_done(s->tls))
+    wake_handshake(s, 1);
+  return r;
+}
+
+/* stream:_start_tls(context, hostname): put TLS under this stream. Bytes
+ * already buffered are the peer's first TLS records, so they go to
+ * OpenSSL. The caller (iostream.lua) flushed plaintext writes first. */
+static int l_start_tls(lua_State *L) {
+  squall_stream *s = check_stream(L, 1);
+  int server_side = 0;
+  SSL_CTX *ctx = squall_tls_check_ctx(L, 2, &server_side);
+  const char *hostname = luaL_optstring(L, 3, NULL);
+  if (s->tls != NULL)
+    return luaL_error(L, "start_tls: the stream already uses TLS");
+  if (s->read_kind != READ_NONE)
+    return luaL_error(L, "start_tls: a read is pending");
+  if (s->closed)
+    return push_closed(L, s);
+  if (unsent(s) > 0)
+    return luaL_error(L, "start_tls: plaintext writes are still queued");
+  char err[256];
+  s->tls = squall_tls_new(ctx, server_side, hostname, err, sizeof err);
+  if (s->tls == NULL) {
+    lua_pushnil(L);
+    squall_push_error(L, "tls", err);
+    return 2;
+  }
+  lua_pushvalue(L, 2);
+  s->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  size_t len = squall_buffer_len(&s->rbuf);
+  if (len > 0) {
+    squall_tls_feed(s->tls, squall_buffer_head(&s->rbuf), len);
+    squall_buffer_consume(&s->rbuf, len);
+  }
+  /* A client's hello goes out now; a server answers what it was fed. */
+  if (tls_pump(s) == SQUALL_TLS_ERROR)
+    return push_closed(L, s);
+  flush_writes(s);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static void on_handshake_timeout(uv_timer_t *t) {
+  squall_stream *s = t->data;
+  close_with(s, "timeout", "the TLS handshake did not finish in time");
+  wake_handshake(s, 0);
+}
+
+/* stream:_handshake(): wait until the TLS handshake is done. */
+static int l_handshake(lua_State *L) {
+  squall_stream *s = check_stream(L, 1);
+  if (s->tls == NULL)
+    return luaL_error(L, "the stream does not use TLS");
+  if (s->closed)
+    return push_closed(L, s);
+  if (squall_tls_handshake_done(s->tls)) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (s->hs_ref != LUA_NOREF)
+    return busy(L);
+  squall_stream_hold(L, s, 1);
+  s->hs_ref = squall_coro_park(L, "the TLS handshake");
+  if (s->timeout > 0)
+    uv_timer_start(&s->rtimer, on_handshake_timeout,
+                   (uint64_t)(s->timeout * 1000.0 + 0.5), 0);
+  start_reading(s);
+  return lua_yield(L, 0);
+}
+
+static int l_get_alpn_protocol(lua_State *L) {
+  squall_stream *s = check_stream(L, 1);
+  if (s->tls == NULL) {
+    lua_pushnil(L);
+    return 1;
+  }
+  return squall_tls_push_alpn(L, s->tls);
+}
+
+static int l_get_peer_certificate(lua_State *L) {
+  squall_stream *s = check_stream(L, 1);
+  if (s->tls == NULL) {
+    lua_pushnil(L);
+    return 1;
+  }
+  return squall_tls_push_peer_certificate(L, s->tls);
+}
+
+static int l_uses_tls(lua_State *L) {
+  lua_pushboolean(L, check_stream(L, 1)->tls != NULL);
+  return 1;
+}
+
+/* core.stream_tls_log(fn): fn(message) logs a TLS failure. */
+static int l_stream_tls_log(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_settop(L, 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, TLS_LOG_KEY);
+  return 0;
+}
+
 /* ---- writes ----------------------------------------------------------- */
 
 static void on_write(uv_write_t *req, int status);
@@ -648,11 +875,27 @@ static void wake_writer(squall_stream *s) {
  * uv_write. Returns 0, or a libuv error (the stream is then closed). */
 static int flush_writes(squall_stream *s) {
   remove_dirty(s);
-  if (s->in_flight || squall_buffer_len(&s->wq) == 0 || !s->connected ||
-      s->closing)
+  if (!s->connected || s->closing)
     return 0;
-  uv_buf_t b = uv_buf_init((char *)squall_buffer_head(&s->wq),
-                           (unsigned)squall_buffer_len(&s->wq));
+  squall_buffer *out = &s->wq;
+  if (s->tls != NULL) {
+    if (squall_tls_write(s->tls, &s->wq) != SQUALL_TLS_OK ||
+        squall_tls_drain(s->tls, &s->wcipher) != 0) {
+      tls_failed(s, squall_tls_error(s->tls));
+      return UV_EPROTO;
+    }
+    if (s->flush_close && !s->shutdown_sent && squall_buffer_len(&s->wq) == 0 &&
+        squall_tls_handshake_done(s->tls)) {
+      s->shutdown_sent = 1;
+      squall_tls_shutdown(s->tls);
+      squall_tls_drain(s->tls, &s->wcipher);
+    }
+    out = &s->wcipher;
+  }
+  if (s->in_flight || squall_buffer_len(out) == 0)
+    return 0;
+  uv_buf_t b = uv_buf_init((char *)squall_buffer_head(out),
+                           (unsigned)squall_buffer_len(out));
   int n = uv_try_write((uv_stream_t *)&s->tcp, &b, 1);
   if (n == UV_EAGAIN || n == UV_ENOSYS)
     n = 0;
@@ -660,9 +903,9 @@ static int flush_writes(squall_stream *s) {
     close_with(s, squall_uv_error_kind(n), uv_strerror(n));
     return n;
   }
-  squall_buffer_consume(&s->wq, (size_t)n);
-  if (squall_buffer_len(&s->wq) > 0) {
-    squall_buffer_swap(&s->wq, &s->wflight);
+  squall_buffer_consume(out, (size_t)n);
+  if (squall_buffer_len(out) > 0) {
+    squall_buffer_swap(out, &s->wflight);
     b = uv_buf_init((char *)squall_buffer_head(&s->wflight),
                     (unsigned)squall_buffer_len(&s->wflight));
     int err = uv_write(&s->wreq, (uv_stream_t *)&s->tcp, &b, 1, on_write);
@@ -690,6 +933,7 @@ static void on_write(uv_write_t *req, int status) {
     if (!s->closing)
       close_with(s, squall_uv_error_kind(status), uv_strerror(status));
     squall_buffer_consume(&s->wq, squall_buffer_len(&s->wq));
+    squall_buffer_consume(&s->wcipher, squall_buffer_len(&s->wcipher));
   } else {
     flush_writes(s);
   }
@@ -701,6 +945,16 @@ static void flush_dirty(squall_loop *loop, void *arg) {
   (void)arg;
   while (loop->dirty != NULL) {
     squall_stream *s = loop->dirty;
+    if (s->need_pump) {
+      s->need_pump = 0;
+      remove_dirty(s);
+      int r = tls_pump(s);
+      if (r == SQUALL_TLS_OK && s->read_kind != READ_NONE)
+        process_pending_read(s);
+      else if (r == SQUALL_TLS_EOF)
+        on_eof(s, UV_EOF);
+      continue; /* tls_pump marked it dirty again if it has output */
+    }
     flush_writes(s); /* takes it off the list */
     after_progress(s);
   }
@@ -868,6 +1122,8 @@ static void on_handle_closed(uv_handle_t *h) {
       resume_reader(s, push_closed(L, s));
     if (s->writer_ref != LUA_NOREF)
       resume_writer(s, 0);
+    if (s->hs_ref != LUA_NOREF)
+      wake_handshake(s, 0);
     if (s->held_unsent) {
       s->held_unsent = 0;
       squall_stream_release(L, s);
@@ -922,8 +1178,11 @@ static void close_flushing(squall_stream *s) {
   if (s->closing)
     return;
   s->closed = 1;
-  stop_reading(s);
-  if (s->connected && unsent(s) > 0 && flush_writes(s) == 0 && unsent(s) > 0) {
+  s->flush_close = 1; /* for TLS: close_notify follows the last record */
+  if (s->tls == NULL || squall_tls_handshake_done(s->tls))
+    stop_reading(s); /* else the handshake must finish before the flush */
+  if (s->connected && (unsent(s) > 0 || s->tls != NULL) &&
+      flush_writes(s) == 0 && unsent(s) > 0) {
     s->flush_close = 1; /* on_write closes once the queue is out */
     return;
   }
@@ -1051,6 +1310,7 @@ static int l_gc(lua_State *L) {
   lua_State *RL = s->loop->finalizing ? NULL : L;
   unref(RL, &s->close_cb_ref);
   unref(RL, &s->delim_ref);
+  unref(RL, &s->ctx_ref);
   s->close_cb_run = 1;
   if (!s->closing)
     close_with(s, NULL, NULL);
@@ -1079,6 +1339,7 @@ squall_stream *squall_stream_new(lua_State *L, squall_loop *loop,
   s->o = *o;
   s->delim_ref = s->reader_ref = s->writer_ref = LUA_NOREF;
   s->close_cb_ref = s->self_ref = LUA_NOREF;
+  s->ctx_ref = s->hs_ref = LUA_NOREF;
   s->max_bytes = SIZE_MAX;
   s->ud_alive = 1;
   uv_timer_init(&loop->uv, &s->rtimer);
@@ -1158,6 +1419,11 @@ int squall_stream_open(lua_State *L) {
       {"fileno", l_fileno},
       {"getpeername", l_getpeername},
       {"getsockname", l_getsockname},
+      {"_start_tls", l_start_tls},
+      {"_handshake", l_handshake},
+      {"get_alpn_protocol", l_get_alpn_protocol},
+      {"get_peer_certificate", l_get_peer_certificate},
+      {"uses_tls", l_uses_tls},
       {NULL, NULL},
   };
   luaL_newmetatable(L, STREAM_MT);
@@ -1173,5 +1439,7 @@ int squall_stream_open(lua_State *L) {
   lua_setfield(L, -2, "stream_mt"); /* core.stream_mt */
   lua_pushcfunction(L, l_stream_call_back);
   lua_setfield(L, -2, "stream_call_back");
+  lua_pushcfunction(L, l_stream_tls_log);
+  lua_setfield(L, -2, "stream_tls_log");
   return 0;
 }

@@ -41,6 +41,34 @@ function M.q(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
 
+--- Start a shell command in the background (wrap it in `timeout N` so it
+-- cannot outlive the spec). Returns wait(), which inside a coroutine waits
+-- for it to exit, letting the loop run meanwhile, and returns status,
+-- stdout, stderr.
+function M.spawn(cmd)
+  local out, err, rc = os.tmpname(), os.tmpname(), os.tmpname()
+  os.remove(rc)
+  os.execute(("( (%s) >%s 2>%s </dev/null; echo $? >%s.tmp && mv %s.tmp %s ) &")
+    :format(cmd, out, err, rc, rc, rc))
+  return function()
+    local gen = require "squall.gen"
+    while true do
+      local f = io.open(rc)
+      if f then
+        local status = tonumber(f:read("*a"))
+        f:close()
+        local o, e = slurp(out), slurp(err)
+        os.remove(out); os.remove(err); os.remove(rc)
+        return status, o, e
+      end
+      gen.sleep(0.02)
+    end
+  end
+end
+
+--- The folder scripts/gen-test-certs fills (make test runs it).
+M.certs = "build/certs"
+
 --- Inside testing.async: a connected pair of streams over 127.0.0.1.
 -- Returns the server side, the client side, and the listening port.
 -- `server_opts` and `client_opts` are stream options for each side.

@@ -10,6 +10,7 @@
 -- @module squall.iostream
 local core = require "squall.core"
 local ioloop = require "squall.ioloop"
+local log = require "squall.log"
 
 local M = {}
 
@@ -112,25 +113,95 @@ function methods.set_close_callback(s, fn)
   end
 end
 
+-- TLS failures are routine noise (scanners, broken clients): debug level.
+core.stream_tls_log(function(msg) log.debug("TLS: %s", msg) end)
+
+-- Contexts are built once per ssl_options table, not per connection.
+local contexts = setmetatable({}, { __mode = "k" })
+
+--- The OpenSSL context for an ssl_options table (built once per table and
+-- side). Raises with a message naming the file or key at fault.
+-- @tparam table ssl_options `certfile`, `keyfile`, `ca_certs`, `cert_reqs`,
+--   `ciphers`, `alpn_protocols`, `min_version`
+-- @tparam boolean server_side
+function M.ssl_context(ssl_options, server_side)
+  if type(ssl_options) ~= "table" then
+    error("ssl_options must be a table, got " .. type(ssl_options), 2)
+  end
+  local by_side = contexts[ssl_options]
+  if not by_side then
+    by_side = {}
+    contexts[ssl_options] = by_side
+  end
+  local side = server_side and "server" or "client"
+  local ctx = by_side[side]
+  if not ctx then
+    local ok, res = pcall(core.ssl_context, ssl_options, server_side)
+    if not ok then error(res, 2) end
+    ctx = res
+    by_side[side] = ctx
+  end
+  return ctx
+end
+
+local c_start_tls, c_handshake = methods._start_tls, methods._handshake
+
+--- Put TLS under this stream (STARTTLS): flush what was written in
+-- plaintext, then handshake. Data the peer sent after the plaintext part
+-- is kept and read as TLS. Waits inside a coroutine for the handshake.
+-- @tparam boolean server_side
+-- @tparam table ssl_options
+-- @tparam[opt] string server_hostname for SNI and verification (clients)
+-- @treturn stream this same stream, now over TLS
+-- @return nil, err (kind `tls`, `closed` or `timeout`)
+function methods.start_tls(s, server_side, ssl_options, server_hostname)
+  local ctx = M.ssl_context(ssl_options, server_side)
+  local ok, err = s:flush()
+  if not ok then return nil, err end
+  ok, err = c_start_tls(s, ctx, server_hostname)
+  if not ok then return nil, err end
+  ok, err = c_handshake(s)
+  if not ok then return nil, err end
+  return s
+end
+
 --- Connect to host:port. Waits inside a coroutine.
 -- @tparam string host a name (resolved without blocking the loop) or IP
 -- @tparam number port
 -- @tparam[opt] table opts `timeout`, `source_ip`, `source_port`,
 --   `max_buffer_size`, `read_chunk_size`, `write_high_water`,
---   `max_write_buffer_size`
+--   `max_write_buffer_size`, `ssl_options` (then the peer is verified
+--   against the system CAs or `ca_certs` and `server_hostname`, default
+--   `host`, unless `cert_reqs = "none"`)
 -- @treturn stream
--- @return nil, err (kinds `resolve`, `refused`, `unreachable`, `timeout`, `io`)
+-- @return nil, err (kinds `resolve`, `refused`, `unreachable`, `timeout`,
+--   `tls`, `io`)
 function M.connect(host, port, opts, callback)
   if type(host) ~= "string" then error("host must be a string", 2) end
   if type(port) ~= "number" then error("port must be a number", 2) end
   if type(opts) == "function" and callback == nil then opts, callback = nil, opts end
   local loop = ioloop.current()
   if callback then
-    call_back(function(_, ...) return core.connect(loop._uv, ...) end, nil, callback,
-      host, port, opts)
+    call_back(function(_, ...) return M.connect(...) end, nil, callback, host, port, opts)
     return
   end
-  return core.connect(loop._uv, host, port, opts)
+  local ssl_options = opts and opts.ssl_options
+  local ctx = ssl_options and M.ssl_context(ssl_options, false)
+  local t0 = loop:time()
+  local s, err = core.connect(loop._uv, host, port, opts)
+  if not s or not ctx then return s, err end
+  -- The connect timeout bounds the handshake too.
+  local timeout = opts.timeout
+  if timeout then s:set_timeout(math.max(0.001, timeout - (loop:time() - t0))) end
+  local ok
+  ok, err = c_start_tls(s, ctx, opts.server_hostname or host)
+  if ok then ok, err = c_handshake(s) end
+  if not ok then
+    s:close()
+    return nil, err
+  end
+  if timeout then s:set_timeout(nil) end
+  return s
 end
 
 return M

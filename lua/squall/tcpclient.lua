@@ -19,16 +19,14 @@ setmetatable(TCPClient, { __call = TCPClient.new })
 -- @tparam number port
 -- @tparam[opt] table opts `timeout`, `source_ip`, `source_port`,
 --   `max_buffer_size`, `read_chunk_size`, `write_high_water`,
---   `max_write_buffer_size`
+--   `max_write_buffer_size`, `ssl_options`, `server_hostname`
 -- @treturn stream
--- @return nil, err (kinds `resolve`, `refused`, `unreachable`, `timeout`, `io`)
+-- @return nil, err (kinds `resolve`, `refused`, `unreachable`, `timeout`,
+--   `tls`, `io`)
 function TCPClient:connect(host, port, opts)
   local merged = {}
   for k, v in pairs(self._defaults) do merged[k] = v end
   for k, v in pairs(opts or {}) do merged[k] = v end
-  if merged.ssl_options ~= nil then
-    error("ssl_options: TLS is not available in this build yet", 2)
-  end
   return iostream.connect(host, port, merged)
 end
 

@@ -8,6 +8,7 @@
 local core = require "squall.core"
 local log = require "squall.log"
 local netutil = require "squall.netutil"
+local iostream = require "squall.iostream"
 
 local TCPServer = {}
 TCPServer.__index = TCPServer
@@ -15,6 +16,7 @@ TCPServer.__index = TCPServer
 local traceback, xpcall, type, tostring, error = debug.traceback, xpcall, type, tostring, error
 local create = coroutine.create
 local resume = core.resume
+local start_tls = iostream.methods._start_tls
 
 local STREAM_OPTS = { "max_buffer_size", "read_chunk_size", "write_high_water",
   "max_write_buffer_size" }
@@ -31,7 +33,8 @@ end
 
 --- Create a server.
 -- @tparam[opt] table opts `handle_stream` (instead of a subclass method),
---   `ssl_options`, `max_buffer_size`, `read_chunk_size`,
+--   `ssl_options` (checked now: a missing certfile, an unreadable file or a
+--   key that does not match raises), `max_buffer_size`, `read_chunk_size`,
 --   `write_high_water`, `max_write_buffer_size`
 function TCPServer.new(cls, opts)
   opts = opts or {}
@@ -51,7 +54,10 @@ function TCPServer.new(cls, opts)
     self.handle_stream = function(_, ...) return opts.handle_stream(...) end
   end
   if opts.ssl_options ~= nil then
-    error("ssl_options: TLS is not available in this build yet", 3)
+    -- Built (and its files checked) now, once for every connection.
+    local ok, ctx = pcall(iostream.ssl_context, opts.ssl_options, true)
+    if not ok then error(ctx, 3) end
+    self._ssl_ctx = ctx
   end
   return self
 end
@@ -87,10 +93,14 @@ end
 
 --- Start accepting on sockets from netutil.bind_sockets.
 function TCPServer:add_sockets(sockets)
+  local ctx = self._ssl_ctx
   for _, sock in ipairs(sockets) do
     self._sockets[#self._sockets + 1] = sock
     self._acceptors[#self._acceptors + 1] = netutil.add_accept_handler(sock,
       function(stream, address)
+        -- The handshake runs as data arrives; the handler's first read
+        -- waits for it.
+        if ctx then start_tls(stream, ctx) end
         resume(create(serve), self, stream, address)
       end, self._stream_opts)
   end
