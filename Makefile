@@ -21,7 +21,7 @@ LUA_SRCS := $(shell find lua -name '*.lua')
 ASAN_DIR := build-asan
 ASAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
 
-.PHONY: all run test check check-asan check-valgrind lint format install deps clean
+.PHONY: all run run-tls test check check-asan check-valgrind lint format install deps clean
 
 C_TESTS := $(patsubst tests/%.c,%,$(wildcard tests/*_test.c))
 
@@ -29,6 +29,12 @@ all: build/squall $(C_TESTS:%=build/tests/%)
 
 deps:
 	@scripts/install-deps
+
+# Test certificates for the TLS specs, made fresh (never committed).
+CERTS := build/certs/.done
+$(CERTS): scripts/gen-test-certs
+	@rm -rf build/certs
+	scripts/gen-test-certs build/certs
 
 build/squall: $(SRCS) $(HDRS) Makefile
 	@mkdir -p build
@@ -51,6 +57,11 @@ $(ASAN_DIR)/tests/buffer_test: tests/buffer_test.c runtime/buffer.c runtime/buff
 run: deps build/squall
 	build/squall examples/echo.lua
 
+# The echo server over TLS on 127.0.0.1:8443, with the test certificates
+# (try: openssl s_client -connect 127.0.0.1:8443 -quiet).
+run-tls: deps build/squall $(CERTS)
+	build/squall examples/tls_echo.lua
+
 # The plain C libuv baseline servers and the echo load generator that the
 # benchmarks run beside squall.
 build/uv_baseline: bench/uv_baseline.c
@@ -63,12 +74,6 @@ build/echo_load: bench/echo_load.c
 
 # Every spec, inside the real host. scripts/run-tests prints the closing
 # "N passed, N failed" line.
-# Test certificates for the TLS specs, made fresh (never committed).
-CERTS := build/certs/.done
-$(CERTS): scripts/gen-test-certs
-	@rm -rf build/certs
-	scripts/gen-test-certs build/certs
-
 test: deps all $(CERTS)
 	@scripts/run-tests build/squall
 
