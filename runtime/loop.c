@@ -368,6 +368,92 @@ static int l_signal_close(lua_State *L) {
   return 0;
 }
 
+/* --- file system events -------------------------------------------------- */
+
+#define PATH_MT "squall.path_watch"
+
+/* A watched file or directory (inotify through uv_fs_event). Owned by its
+ * userdata, anchored while open, as fd watchers are. */
+typedef struct {
+  squall_handle h;
+  uv_fs_event_t ev;
+  squall_loop *loop;
+  int fn_ref;
+  int self_ref;
+  int closing;
+} path_watch;
+
+static void path_cb(uv_fs_event_t *e, const char *filename, int events,
+                    int status) {
+  path_watch *w = (path_watch *)((squall_handle *)e->data);
+  if (w->closing)
+    return;
+  lua_State *L = w->loop->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->fn_ref);
+  if (filename != NULL)
+    lua_pushstring(L, filename);
+  else
+    lua_pushnil(L);
+  lua_pushinteger(L, status < 0 ? -1 : events);
+  squall_loop_call(w->loop, 2, "path watcher");
+}
+
+static void path_closed(uv_handle_t *h) {
+  path_watch *w = (path_watch *)((squall_handle *)h->data);
+  if (w->loop->finalizing)
+    return;
+  lua_State *L = w->loop->L;
+  luaL_unref(L, LUA_REGISTRYINDEX, w->fn_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, w->self_ref);
+  w->fn_ref = w->self_ref = LUA_NOREF;
+}
+
+static void path_close(squall_handle *h) {
+  path_watch *w = (path_watch *)h;
+  if (w->closing)
+    return;
+  w->closing = 1;
+  uv_close((uv_handle_t *)&w->ev, path_closed);
+}
+
+/* core.watch_path(loop, path, fn) -> watcher | nil, err
+ * fn(filename, events) when something in `path` changes. It does not keep
+ * the loop alive. */
+static int l_watch_path(lua_State *L) {
+  squall_loop *loop = squall_loop_check(L, 1);
+  const char *path = luaL_checkstring(L, 2);
+  luaL_checktype(L, 3, LUA_TFUNCTION);
+  path_watch *w = lua_newuserdata(L, sizeof *w);
+  memset(w, 0, sizeof *w);
+  w->h.close = path_close;
+  w->loop = loop;
+  uv_fs_event_init(&loop->uv, &w->ev);
+  w->ev.data = &w->h;
+  uv_unref((uv_handle_t *)&w->ev);
+  luaL_getmetatable(L, PATH_MT);
+  lua_setmetatable(L, -2);
+  lua_pushvalue(L, 3);
+  w->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, -1);
+  w->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  int err = uv_fs_event_start(&w->ev, path_cb, path, 0);
+  if (err != 0) {
+    lua_State *outer = loop->L;
+    loop->L = L;
+    path_close(&w->h);
+    uv_run(&loop->uv, UV_RUN_NOWAIT);
+    loop->L = outer;
+    return squall_push_uv_error(L, err);
+  }
+  return 1;
+}
+
+static int l_path_close(lua_State *L) {
+  path_watch *w = luaL_checkudata(L, 1, PATH_MT);
+  path_close(&w->h);
+  return 0;
+}
+
 static void new_metatable(lua_State *L, const char *name, const luaL_Reg *m) {
   luaL_newmetatable(L, name);
   lua_pushvalue(L, -1);
@@ -385,13 +471,13 @@ int squall_loop_open(lua_State *L) {
   new_metatable(L, LOOP_MT, loop_m);
   new_metatable(L, WATCH_MT, watch_m);
   new_metatable(L, SIGNAL_MT, signal_m);
-  static const luaL_Reg fns[] = {{"loop_new", l_loop_new},
-                                 {"time", l_time},
-                                 {"wall_time", l_wall_time},
-                                 {"close_fd", l_close_fd},
-                                 {"watch_fd", l_watch_fd},
-                                 {"watch_signal", l_watch_signal},
-                                 {NULL, NULL}};
+  static const luaL_Reg path_m[] = {{"close", l_path_close}, {NULL, NULL}};
+  new_metatable(L, PATH_MT, path_m);
+  static const luaL_Reg fns[] = {
+      {"loop_new", l_loop_new},     {"time", l_time},
+      {"wall_time", l_wall_time},   {"close_fd", l_close_fd},
+      {"watch_fd", l_watch_fd},     {"watch_signal", l_watch_signal},
+      {"watch_path", l_watch_path}, {NULL, NULL}};
   luaL_register(L, NULL, fns);
   return 0;
 }

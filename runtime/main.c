@@ -4,6 +4,7 @@
  *     -e code   run code (may repeat; runs before the script)
  *     -l name   require library `name`
  *     -v        print versions of squall, LuaJIT, libuv and OpenSSL
+ *     --reload  reload changed Lua modules while running (squall.reload)
  *     --        stop handling options
  *     -         run standard input
  *
@@ -30,6 +31,7 @@ static void usage(void) {
           "  -e code   run code\n"
           "  -l name   require library name\n"
           "  -v        show versions\n"
+          "  --reload  reload changed Lua modules while running\n"
           "  --        stop handling options\n"
           "  -         run standard input\n",
           progname);
@@ -131,6 +133,8 @@ int main(int argc, char **argv) {
       has_e |= a[1] == 'e';
     } else if (strcmp(a, "-v") == 0) {
       has_v = 1;
+    } else if (strcmp(a, "--reload") == 0) {
+      /* handled in the second pass */
     } else {
       fprintf(stderr, "%s: unrecognized option '%s'\n", progname, a);
       usage();
@@ -158,6 +162,10 @@ int main(int argc, char **argv) {
           L, luaL_loadbuffer(L, code, strlen(code), "=(command line)"), 0);
     } else if (strcmp(argv[i], "-l") == 0) {
       status = require_lib(L, argv[++i]);
+    } else if (strcmp(argv[i], "--reload") == 0) {
+      const char *code = "require('squall.reload').enable()";
+      status = run_chunk(
+          L, luaL_loadbuffer(L, code, strlen(code), "=(--reload)"), 0);
     }
   }
   if (status == 0 && script < argc)

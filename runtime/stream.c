@@ -90,6 +90,7 @@ struct squall_stream {
   unsigned need_pump : 1;     /* TLS holds data the reader can now take */
   unsigned tls_eof : 1;       /* the peer sent close_notify */
   unsigned shutdown_sent : 1; /* close_notify queued */
+  unsigned idle : 1;          /* between requests (set_idle) */
   int handles_open;           /* libuv handles not yet closed */
   void (*reset_done)(squall_stream *, void *);
   void *reset_arg;
@@ -1220,6 +1221,18 @@ static int l_set_close_callback(lua_State *L) {
   return 1;
 }
 
+/* stream:set_idle(flag): the handler is between requests, so a graceful
+ * shutdown may close this stream without losing a request. */
+static int l_set_idle(lua_State *L) {
+  check_stream(L, 1)->idle = lua_toboolean(L, 2);
+  return 0;
+}
+
+static int l_is_idle(lua_State *L) {
+  lua_pushboolean(L, check_stream(L, 1)->idle);
+  return 1;
+}
+
 static int l_closed(lua_State *L) {
   lua_pushboolean(L, check_stream(L, 1)->closed);
   return 1;
@@ -1424,6 +1437,8 @@ int squall_stream_open(lua_State *L) {
       {"get_alpn_protocol", l_get_alpn_protocol},
       {"get_peer_certificate", l_get_peer_certificate},
       {"uses_tls", l_uses_tls},
+      {"set_idle", l_set_idle},
+      {"is_idle", l_is_idle},
       {NULL, NULL},
   };
   luaL_newmetatable(L, STREAM_MT);

@@ -17,7 +17,16 @@ function M.capture_log(fn)
 end
 
 --- The squall binary under test (scripts/run-tests sets SQUALL_BIN).
-M.squall = os.getenv("SQUALL_BIN") or "build/squall"
+local function absolute(path)
+  if path:sub(1, 1) == "/" then return path end
+  return (os.getenv("PWD") or ".") .. "/" .. path
+end
+M.squall = absolute(os.getenv("SQUALL_BIN") or "build/squall")
+
+--- The squall binary itself, never wrapped in valgrind (for specs whose
+-- subprocesses must not be slowed down or need every fd).
+M.squall_real = absolute(os.getenv("SQUALL_REAL_BIN") or os.getenv("SQUALL_BIN") or
+  "build/squall")
 
 local function slurp(path)
   local f = assert(io.open(path, "rb"))

@@ -125,7 +125,7 @@ describe("accepting when the process runs out of file descriptors", function()
     local log_path = os.tmpname()
     local pid_path = os.tmpname()
     os.execute(("(ulimit -n 32; exec %s %s) 2>%s & echo $! >%s"):format(
-      helpers.q(os.getenv("SQUALL_REAL_BIN") or helpers.squall), helpers.q(script),
+      helpers.q(helpers.squall_real), helpers.q(script),
       helpers.q(log_path), helpers.q(pid_path)))
     local pf = assert(io.open(pid_path))
     local pid = pf:read("*n")

@@ -68,8 +68,16 @@ local function check_seconds(x, name, level)
   end
 end
 
+-- How many loops this process made (squall.process refuses to fork after).
+M._created = 0
+
+-- Functions called with the loop each time start() begins (squall.reload
+-- sets up its watchers on the loop that actually runs).
+M._start_hooks = {}
+
 --- Create a new IOLoop (not made current).
 function M.new()
+  M._created = M._created + 1
   return setmetatable({
     _uv = core.loop_new(),
     _cb_fns = {}, _cb_args = {}, _ncb = 0,
@@ -312,6 +320,7 @@ function IOLoop:start()
   self._running = true
   local outer = current
   current = self
+  for i = 1, #M._start_hooks do M._start_hooks[i](self) end
   local uv = self._uv
   while true do
     local t0, seq0 = now(), self._seq

@@ -39,7 +39,8 @@ end
 function TCPServer.new(cls, opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("options must be a table", 3) end
-  local self = setmetatable({ _acceptors = {}, _sockets = {}, _stream_opts = {} }, cls)
+  local self = setmetatable({ _acceptors = {}, _sockets = {}, _stream_opts = {},
+    _streams = {}, _nstreams = 0 }, cls)
   for _, k in ipairs(STREAM_OPTS) do
     local v = opts[k]
     if v ~= nil and (type(v) ~= "number" or v < 1 or v % 1 ~= 0) then
@@ -81,14 +82,20 @@ local function on_error(e)
   return traceback(msg, 2)
 end
 
--- The coroutine body serving one connection.
+-- The coroutine body serving one connection. The server counts its
+-- running handlers so close_gracefully knows when they are done.
 local function serve(server, stream, address)
+  server._streams[stream] = true
+  server._nstreams = server._nstreams + 1
   local ok, err = xpcall(server.handle_stream, on_error, server, stream, address)
+  server._streams[stream] = nil
+  server._nstreams = server._nstreams - 1
   if not ok then
     log.error("Error in handle_stream for %s:%s\n%s", tostring(address.host),
       tostring(address.port), err)
     stream:close()
   end
+  if server._drained and server._nstreams == 0 then server._drained() end
 end
 
 --- Start accepting on sockets from netutil.bind_sockets.
@@ -131,13 +138,11 @@ function TCPServer:bind(port, address, opts)
   return socks
 end
 
---- Start accepting on the sockets from `bind`. Forking several processes
--- (`n` other than 1) needs squall.process.
-function TCPServer:start(n)
-  if n ~= nil and n ~= 1 then
-    local ok, process = pcall(require, "squall.process")
-    if not ok then error("start(n) needs squall.process, which is not available yet", 2) end
-    process.fork_processes(n)
+--- Start accepting on the sockets from `bind`, in `n` processes (0 or nil:
+-- one per CPU; 1: this process only). See process.fork_processes.
+function TCPServer:start(n, max_restarts)
+  if n ~= 1 then
+    require("squall.process").fork_processes(n, max_restarts)
   end
   local pending = self._pending or {}
   self._pending = nil
@@ -149,6 +154,57 @@ function TCPServer:stop()
   for _, remove in ipairs(self._acceptors) do remove() end
   for _, sock in ipairs(self._sockets) do sock:close() end
   self._acceptors, self._sockets = {}, {}
+end
+
+--- The number of handle_stream coroutines still running.
+function TCPServer:active_streams()
+  return self._nstreams
+end
+
+--- True once close_gracefully has begun.
+function TCPServer:draining()
+  return self._draining == true
+end
+
+--- Stop accepting, then wait (inside a coroutine) until every running
+-- handle_stream has returned, closing at once the streams whose handler
+-- marked them idle (`stream:set_idle(true)` between requests) and, at the
+-- deadline, every stream still open.
+-- @tparam[opt=30] number deadline seconds
+-- @treturn boolean true when every handler finished before the deadline
+-- @treturn number how many streams were closed at the deadline
+function TCPServer:close_gracefully(deadline)
+  deadline = deadline or 30
+  if type(deadline) ~= "number" or deadline < 0 then
+    error("deadline must be a non-negative number", 2)
+  end
+  local gen = require "squall.gen"
+  local ioloop = require "squall.ioloop"
+  self:stop()
+  self._draining = true
+  local loop = ioloop.current()
+  local t_end = loop:time() + deadline
+  local done = gen.Future()
+  self._drained = function() if not done:done() then done:set_result(true) end end
+  -- Idle streams are closed now and whenever a handler marks one idle
+  -- later; checking a few times a second is plenty for a shutdown.
+  while self._nstreams > 0 and loop:time() < t_end do
+    for stream in pairs(self._streams) do
+      if stream:is_idle() then stream:close() end
+    end
+    gen.with_timeout(math.min(0.05, math.max(0, t_end - loop:time())), done)
+  end
+  local closed = 0
+  if self._nstreams > 0 then
+    for stream in pairs(self._streams) do
+      if not stream:closed() then closed = closed + 1 end
+      stream:close()
+    end
+    -- handlers see `closed` on their next call and return
+    gen.with_timeout(1, done)
+  end
+  self._drained = nil
+  return closed == 0, closed
 end
 
 return TCPServer

@@ -1,0 +1,223 @@
+--- Hot reload: when a Lua module the program loaded changes on disk (or on
+-- SIGHUP), load it again and put its functions into the old module table
+-- in place.
+--
+--     squall --reload server.lua          -- or: require("squall.reload").enable()
+--
+-- What is reloaded: `require(name)` returns the new version from then on,
+-- and the new functions are also put into the old module table in place,
+-- recursing into tables both versions have (classes such as a TCPServer
+-- subclass and their methods), so code holding the old table calls the new
+-- functions: a server's next connection runs the new `handle_stream`. A
+-- coroutine already running an old function finishes with it, and keeps
+-- seeing the old table's data.
+--
+-- What is not: the old table's other values (data) are not overwritten;
+-- upvalues of the old functions (module-level `local`s) are not carried
+-- over, the new functions see the new version's own, so state that must
+-- survive a reload belongs in a module that is not edited; the main script
+-- is not a module and is not reloaded; squall's own modules and libraries
+-- installed under /usr (Debian's and LuaRocks' trees) are never reloaded.
+--
+-- A module that fails to load or raises while loading leaves the old code
+-- running; the error is logged with its file and line.
+-- @module squall.reload
+local core = require "squall.core"
+local ioloop = require "squall.ioloop"
+local log = require "squall.log"
+
+local M = {}
+
+local enabled = false
+local modules = {}   -- name -> path
+local by_path = {}   -- path -> name
+local dir_watch = setmetatable({}, { __mode = "k" }) -- loop -> { dir -> watcher }
+local pending, flush_scheduled = {}, false
+local versions = {}  -- name -> the module's tables so far (weak)
+local installed = setmetatable({}, { __mode = "k" }) -- loops set up
+local DEBOUNCE = 0.05 -- editors write a file in several steps
+
+local function dirname(path)
+  return path:match("^(.*)/[^/]*$") or "."
+end
+
+local function basename(path)
+  return path:match("([^/]*)$")
+end
+
+local function traceback(e)
+  return debug.traceback(tostring(e), 2)
+end
+
+-- Put the new version's functions into the old table, recursing into
+-- tables both versions have (so a class table a server holds gets the new
+-- methods); keys the old table lacks are added; its other values stay, so
+-- code still running with the old table keeps seeing its data.
+local function patch(old, new, seen)
+  for k, v in pairs(new) do
+    local o = rawget(old, k)
+    if type(v) == "function" or o == nil then
+      rawset(old, k, v)
+    elseif type(v) == "table" and type(o) == "table" then
+      if not seen[o] and not seen[v] then
+        seen[o], seen[v] = true, true
+        patch(o, v, seen)
+      end
+    end
+  end
+end
+
+--- Load module `name` again from its file and patch it in place.
+-- @treturn boolean true when it reloaded; false (and the error logged)
+--   when the new code does not load, leaving the old code running
+function M.reload(name)
+  local path = modules[name] or package.searchpath(name, package.path)
+  if not path then
+    log.error("reload: cannot find module %s", name)
+    return false
+  end
+  local chunk, err = loadfile(path)
+  if not chunk then
+    log.error("reload of %s failed, keeping the old code: %s", name, err)
+    return false
+  end
+  local ok, new = xpcall(chunk, traceback, name)
+  if not ok then
+    log.error("reload of %s failed, keeping the old code: %s", name, new)
+    return false
+  end
+  if new == nil then new = true end
+  local old = package.loaded[name]
+  if type(new) == "table" then
+    -- Every earlier version someone may still hold gets the new functions.
+    local known = versions[name]
+    if not known then
+      known = setmetatable({}, { __mode = "k" })
+      versions[name] = known
+    end
+    if type(old) == "table" then known[old] = true end
+    for t in pairs(known) do patch(t, new, { [t] = true, [new] = true }) end
+    known[new] = true
+  end
+  -- require() from now on returns the new version, constants and all.
+  package.loaded[name] = new
+  log.info("reloaded %s", name)
+  return true
+end
+
+--- Reload every watched module.
+function M.reload_all()
+  local names = {}
+  for name in pairs(modules) do names[#names + 1] = name end
+  table.sort(names)
+  for _, name in ipairs(names) do M.reload(name) end
+end
+
+local function flush()
+  flush_scheduled = false
+  local names = {}
+  for name in pairs(pending) do names[#names + 1] = name end
+  pending = {}
+  table.sort(names)
+  for _, name in ipairs(names) do M.reload(name) end
+end
+
+local function changed(dir, filename)
+  if not filename then return end
+  local name = by_path[dir .. "/" .. filename]
+  if not name then return end
+  pending[name] = true
+  if not flush_scheduled then
+    flush_scheduled = true
+    ioloop.current():call_later(DEBOUNCE, flush)
+  end
+end
+
+-- Watch the directory (not the file: editors replace files by renaming,
+-- which would end a watch on the old file).
+local function watch_dir(loop, dir)
+  local dirs = dir_watch[loop]
+  if not dirs then
+    dirs = {}
+    dir_watch[loop] = dirs
+  end
+  if dirs[dir] then return end
+  local w, err = core.watch_path(loop._uv, dir, function(filename)
+    changed(dir, filename)
+  end)
+  if not w then
+    log.warn("reload: cannot watch %s: %s", dir, tostring(err))
+    return
+  end
+  dirs[dir] = w
+end
+
+-- Libraries installed on the system (Debian's and LuaRocks' trees) do not
+-- change under a running program, and running their code again could undo
+-- their setup: only the program's own modules are watched.
+local SYSTEM_DIRS = { "/usr/share/lua/", "/usr/local/share/lua/", "/usr/lib/",
+  "/usr/local/lib/", "/usr/share/squall/", "/usr/local/share/squall/" }
+
+local function is_system(path)
+  for _, dir in ipairs(SYSTEM_DIRS) do
+    if path:sub(1, #dir) == dir then return true end
+  end
+  return false
+end
+
+local function track(name)
+  if modules[name] or type(name) ~= "string" or name:match("^squall%.") then return end
+  local path = package.searchpath(name, package.path)
+  if not path or is_system(path) then return end -- C, preload or a library
+  if path:sub(1, 1) ~= "/" then
+    local pwd = os.getenv("PWD")
+    if pwd then path = pwd .. "/" .. path:gsub("^%./", "") end
+  end
+  modules[name] = path
+  by_path[dirname(path) .. "/" .. basename(path)] = name
+  for loop in pairs(installed) do
+    if not loop._closed then watch_dir(loop, dirname(path)) end
+  end
+end
+
+-- Set up a loop: watchers for every tracked module, and SIGHUP.
+local function install(loop)
+  if installed[loop] then return end
+  installed[loop] = true
+  for _, path in pairs(modules) do watch_dir(loop, dirname(path)) end
+  loop:add_signal_handler("SIGHUP", function() M.reload_all() end)
+end
+
+--- Turn reloading on: modules loaded so far and from now on are watched,
+-- on the loop that runs (set up when it starts; fork_processes first is
+-- fine: each child watches for itself).
+-- @tparam[opt] table opts `modules`: a list of module names to watch
+--   besides those loaded (they need not be loaded yet)
+function M.enable(opts)
+  opts = opts or {}
+  for _, name in ipairs(opts.modules or {}) do track(name) end
+  if enabled then return end
+  enabled = true
+  for name in pairs(package.loaded) do track(name) end
+  local require_ = require
+  -- Later requires are tracked as they happen.
+  _G.require = function(name, ...)
+    local m = require_(name, ...)
+    track(name)
+    return m
+  end
+  table.insert(ioloop._start_hooks, install)
+  if ioloop._created > 0 then
+    local loop = ioloop.current()
+    if loop:is_running() then install(loop) end
+  end
+end
+
+--- The watched modules: a table of name -> file.
+function M.watched()
+  local copy = {}
+  for k, v in pairs(modules) do copy[k] = v end
+  return copy
+end
+
+return M

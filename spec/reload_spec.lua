@@ -1,0 +1,226 @@
+local iostream = require "squall.iostream"
+local gen = require "squall.gen"
+local testing = require "squall.testing"
+local TCPServer = require "squall.tcpserver"
+local reload = require "squall.reload"
+local helpers = require "helpers"
+
+local async, q = testing.async, helpers.q
+
+local counter = 0
+-- A fresh module directory and name, on package.path.
+local function new_module(code)
+  counter = counter + 1
+  local dir = os.tmpname()
+  os.remove(dir)
+  assert(os.execute("mkdir -p " .. q(dir)) == 0)
+  local name = ("reload_mod_%d_%d"):format(counter, os.time())
+  package.path = dir .. "/?.lua;" .. package.path
+  local path = dir .. "/" .. name .. ".lua"
+  local function write(src)
+    -- write then rename, as editors do
+    local f = assert(io.open(path .. ".tmp", "w"))
+    f:write(src)
+    f:close()
+    assert(os.rename(path .. ".tmp", path))
+  end
+  write(code)
+  return name, write, dir
+end
+
+local function version_module(v)
+  return ([[
+    local M = {}
+    M.version = %q
+    function M.handle_stream(stream)
+      while true do
+        local line = stream:read_until("\n")
+        if not line then return end
+        stream:write(M.version .. " " .. line)
+      end
+    end
+    return M
+  ]]):format(v)
+end
+
+-- A server whose handle_stream looks the module up per connection.
+local function serve(modname)
+  local mod = require(modname)
+  local server = TCPServer({ handle_stream = function(stream) mod.handle_stream(stream) end })
+  local sock, port = testing.bind_unused_port()
+  server:add_sockets({ sock })
+  return server, port
+end
+
+local function ask(port, line)
+  local c = assert(iostream.connect("127.0.0.1", port))
+  c:write(line .. "\n")
+  local r = c:read_until("\n")
+  c:close()
+  return r
+end
+
+local function eventually(fn)
+  for _ = 1, 250 do
+    if fn() then return true end
+    gen.sleep(0.02)
+  end
+  return false
+end
+
+describe("squall.reload", function()
+  it("gives new connections the new code while an open one keeps the old",
+    async(function()
+      local name, write = new_module(version_module("v1"))
+      reload.enable({ modules = { name } })
+      local server, port = serve(name)
+      local held = assert(iostream.connect("127.0.0.1", port))
+      held:write("a\n")
+      assert.equal("v1 a\n", held:read_until("\n"))
+      local log = helpers.capture_log(function()
+        write(version_module("v2"))
+        assert.is_true(eventually(function() return ask(port, "b") == "v2 b\n" end))
+      end)
+      assert.matches("reloaded " .. name, log)
+      held:write("c\n")
+      assert.equal("v1 c\n", held:read_until("\n"))
+      assert.is_not_nil(reload.watched()[name])
+      server:stop()
+    end, { timeout = 10 }))
+
+  it("keeps the old code and logs file and line when the new code does not load",
+    async(function()
+      local name, write = new_module(version_module("good"))
+      reload.enable({ modules = { name } })
+      local server, port = serve(name)
+      assert.equal("good x\n", ask(port, "x"))
+      local log = helpers.capture_log(function()
+        write("local M = {}\nfunction M.handle_stream(\n  syntax error here\nreturn M\n")
+        assert.is_true(eventually(function() return false end) == false) -- let it try
+      end)
+      assert.matches("reload of " .. name .. " failed, keeping the old code", log)
+      assert.matches(name .. "%.lua:%d+:", log)
+      assert.equal("good y\n", ask(port, "y"))
+      -- one that raises while loading is refused the same way
+      log = helpers.capture_log(function()
+        write("error('refusing to load')\n")
+        gen.sleep(0.3)
+      end)
+      assert.matches("refusing to load", log)
+      assert.equal("good z\n", ask(port, "z"))
+      server:stop()
+    end, { timeout = 20 }))
+
+  it("reloads on SIGHUP", async(function()
+    local name = new_module("_G.reload_spec_loads = (_G.reload_spec_loads or 0) + 1\n" ..
+      "return { n = _G.reload_spec_loads }")
+    reload.enable({ modules = { name } })
+    require(name)
+    local before = _G.reload_spec_loads
+    gen.sleep(0.05)
+    local log = helpers.capture_log(function()
+      -- the shell's parent is this process
+      assert(os.execute("kill -HUP $PPID") == 0)
+      assert.is_true(eventually(function() return _G.reload_spec_loads > before end))
+    end)
+    assert.matches("reloaded " .. name, log)
+  end))
+
+  it("drops no connection while reloading under steady load", async(function()
+    local name, write = new_module(version_module("r0"))
+    reload.enable({ modules = { name } })
+    local server, port = serve(name)
+    local running, served, failures = true, 0, {}
+    local clients = {}
+    for i = 1, 20 do
+      clients[i] = function()
+        while running do
+          local c, err = iostream.connect("127.0.0.1", port)
+          if not c then failures[#failures + 1] = tostring(err); return end
+          c:write("ping\n")
+          local r, rerr = c:read_until("\n")
+          if not r or not r:match("^r%d+ ping\n$") then
+            failures[#failures + 1] = tostring(r or rerr)
+          end
+          c:close()
+          served = served + 1
+        end
+      end
+    end
+    local load = gen.spawn(gen.multi, clients)
+    local reloads = 0
+    local log = helpers.capture_log(function()
+      for v = 1, 10 do
+        write(version_module("r" .. v))
+        if eventually(function() return ask(port, "probe") == ("r%d probe\n"):format(v) end) then
+          reloads = reloads + 1
+        end
+      end
+    end)
+    running = false
+    load:result()
+    assert.matches("reloaded " .. name, log)
+    assert.equal(10, reloads)
+    assert.same({}, failures)
+    assert.is_true(served > 100)
+    server:stop()
+  end, { timeout = 60 }))
+
+  it("squall --reload watches the script's modules", async(function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p " .. q(dir)) == 0)
+    local function write(path, src)
+      local f = assert(io.open(path, "w"))
+      f:write(src)
+      f:close()
+    end
+    write(dir .. "/greeter.lua", "return { word = 'hello' }")
+    local sock, port = testing.bind_unused_port()
+    sock:close()
+    write(dir .. "/main.lua", ([[
+      package.path = %q .. "/?.lua;" .. package.path
+      local greeter = require "greeter"
+      local TCPServer = require "squall.tcpserver"
+      TCPServer({ handle_stream = function(s)
+        s:write(require("greeter").word .. "\n")
+        s:close()
+      end }):listen(%d, "127.0.0.1")
+      local loop = require("squall.ioloop").current()
+      loop:add_signal_handler("SIGTERM", function() loop:stop() end)
+      loop:call_later(15, function() loop:stop() end)
+      local _ = greeter
+      loop:start()
+    ]]):format(dir, port))
+    local squall = helpers.squall_real
+    local pidfile = dir .. "/pid"
+    local wait = helpers.spawn(("cd %s && exec timeout 20 sh -c %s"):format(q(dir),
+      q(("echo $$ >pid; exec %s --reload main.lua"):format(q(squall)))))
+    local function stop()
+      local pf = io.open(pidfile)
+      if pf then
+        os.execute("kill -TERM " .. pf:read("*n"))
+        pf:close()
+      end
+    end
+    local function word()
+      local c = iostream.connect("127.0.0.1", port)
+      if not c then return nil end
+      local w = c:read_until("\n")
+      c:close()
+      return w
+    end
+    if not eventually(function() return word() == "hello\n" end) then
+      stop()
+      local _, out, err = wait()
+      error("the server did not answer: " .. out .. err)
+    end
+    write(dir .. "/greeter.lua", "return { word = 'howdy' }")
+    assert.is_true(eventually(function() return word() == "howdy\n" end))
+    stop()
+    local status, _, err = wait()
+    os.execute("rm -rf " .. q(dir))
+    assert.equal(0, status, err)
+    assert.matches("reloaded greeter", err)
+  end, { timeout = 30 }))
+end)

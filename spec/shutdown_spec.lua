@@ -1,0 +1,110 @@
+local ioloop = require "squall.ioloop"
+local iostream = require "squall.iostream"
+local gen = require "squall.gen"
+local testing = require "squall.testing"
+local TCPServer = require "squall.tcpserver"
+local helpers = require "helpers"
+
+local async, q = testing.async, helpers.q
+
+local function serve(handler)
+  local server = TCPServer({ handle_stream = handler })
+  local sock, port = testing.bind_unused_port()
+  server:add_sockets({ sock })
+  return server, port
+end
+
+describe("graceful shutdown", function()
+  it("lets an in-flight request finish and refuses new connections", async(function()
+    local server, port = serve(function(stream)
+      local req = stream:read_until("\n")
+      gen.sleep(0.3) -- working on it when the shutdown begins
+      stream:write("answer to " .. req)
+      stream:close()
+    end)
+    local c = assert(iostream.connect("127.0.0.1", port))
+    c:write("question\n")
+    gen.sleep(0.1)
+    local drained = gen.spawn(function() return server:close_gracefully(5) end)
+    assert.is_true(server:draining())
+    local late, err = iostream.connect("127.0.0.1", port)
+    assert.is_nil(late)
+    assert.equal("refused", err.kind)
+    assert.equal("answer to question\n", c:read_until("\n"))
+    local clean, closed = drained:result()
+    assert.is_true(clean)
+    assert.equal(0, closed)
+    assert.equal(0, server:active_streams())
+  end))
+
+  it("closes idle connections at once", async(function()
+    local server, port = serve(function(stream)
+      while true do
+        stream:set_idle(true)
+        local line = stream:read_until("\n")
+        stream:set_idle(false)
+        if not line then return end
+        stream:write(line)
+      end
+    end)
+    local c = assert(iostream.connect("127.0.0.1", port))
+    c:write("one\n")
+    assert.equal("one\n", c:read_until("\n"))
+    local loop = ioloop.current()
+    local t0 = loop:time()
+    assert.is_true((server:close_gracefully(5)))
+    assert.is_true(loop:time() - t0 < 1)
+    local r, err = c:read_until("\n")
+    assert.is_nil(r)
+    assert.equal("closed", err.kind)
+  end))
+
+  it("closes stragglers at the deadline", async(function()
+    local server, port = serve(function(stream)
+      stream:read_until("never comes") -- busy, not idle
+    end)
+    local c = assert(iostream.connect("127.0.0.1", port))
+    c:write("partial request")
+    gen.sleep(0.05)
+    local loop = ioloop.current()
+    local t0 = loop:time()
+    local clean, closed = server:close_gracefully(0.2)
+    assert.is_false(clean)
+    assert.equal(1, closed)
+    assert.is_true(loop:time() - t0 >= 0.19)
+    local r, err = c:read_until("\n")
+    assert.is_nil(r)
+    assert.equal("closed", err.kind)
+    assert.equal(0, server:active_streams())
+  end))
+
+  it("examples/graceful.lua answers the request in flight on SIGTERM and exits 0",
+    async(function()
+      local sock, port = testing.bind_unused_port()
+      sock:close()
+      local squall = helpers.squall_real
+      local pidfile = os.tmpname()
+      local wait = helpers.spawn(("timeout 20 sh -c %s"):format(q(("echo $$ >%s; exec %s %s %d")
+        :format(q(pidfile), q(squall), "examples/graceful.lua", port))))
+      local c
+      for _ = 1, 100 do
+        c = iostream.connect("127.0.0.1", port)
+        if c then break end
+        gen.sleep(0.05)
+      end
+      assert(c, "the example did not start")
+      c:write("GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+      gen.sleep(0.3)
+      local pf = assert(io.open(pidfile))
+      local pid = pf:read("*n")
+      pf:close()
+      os.remove(pidfile)
+      assert(os.execute("kill -TERM " .. pid) == 0)
+      local head = c:read_until("\r\n\r\n")
+      assert.matches("^HTTP/1.1 200 OK", head)
+      assert.equal("done /slow\n", c:read_bytes(tonumber(head:match("Content%-Length: (%d+)"))))
+      local status, _, err = wait()
+      assert.equal(0, status, err)
+      assert.matches("draining 1 connection", err)
+    end, { timeout = 30 }))
+end)
