@@ -64,7 +64,7 @@ run-tls: deps build/squall $(CERTS)
 
 # The plain C libuv baseline servers and the echo load generator that the
 # benchmarks run beside squall.
-build/uv_baseline: bench/uv_baseline.c
+build/uv_baseline: bench/baseline/uv_servers.c
 	@mkdir -p build
 	$(CC) $(CFLAGS) $< -o $@ $(PKG_LIBS)
 
@@ -92,10 +92,10 @@ check-valgrind: all $(CERTS)
 
 lint:
 	luacheck -q lua spec $(wildcard examples)
-	clang-format --dry-run --Werror $(SRCS) $(HDRS) tests/*.c bench/*.c
+	clang-format --dry-run --Werror $(SRCS) $(HDRS) tests/*.c bench/*.c bench/baseline/*.c
 
 format:
-	clang-format -i $(SRCS) $(HDRS) tests/*.c bench/*.c
+	clang-format -i $(SRCS) $(HDRS) tests/*.c bench/*.c bench/baseline/*.c
 
 install: build/squall
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/squall/lua/squall

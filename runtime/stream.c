@@ -531,6 +531,10 @@ static int try_inline_read(lua_State *L, squall_stream *s, const char *what) {
     lua_pushvalue(L, 2);
     s->delim_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   }
+  /* An idle connection parked here holds no buffer: it is allocated again
+   * when data arrives (memory per idle connection is a figure we track). */
+  if (squall_buffer_len(&s->rbuf) == 0)
+    squall_buffer_free(&s->rbuf);
   squall_stream_hold(L, s, 1);
   s->reader_ref = squall_coro_park(L, what);
   if (s->timeout > 0)
@@ -852,6 +856,12 @@ static void mark_dirty(squall_stream *s) {
 
 /* Drop the hold for unsent bytes once everything reached the kernel. */
 static void settle_unsent(squall_stream *s) {
+  if (unsent(s) == 0 && !s->in_flight) {
+    /* Drained: give the write buffers back until the next write. */
+    squall_buffer_free(&s->wq);
+    squall_buffer_free(&s->wflight);
+    squall_buffer_free(&s->wcipher);
+  }
   if (s->held_unsent && unsent(s) == 0) {
     s->held_unsent = 0;
     squall_stream_release(loop_L(s), s);

@@ -3,6 +3,7 @@
  *   uv_baseline echo PORT    echo every byte back (a line echo server)
  *   uv_baseline http PORT    answer each request head ("\r\n\r\n") with a
  *                            keep-alive "Hello, world!" response
+ *   uv_baseline sink PORT    read and drop everything; close at EOF
  *
  * Written the way a careful libuv user would: one read buffer per
  * connection, one uv_try_write per read callback with uv_write only for
@@ -14,7 +15,7 @@
 #include <string.h>
 #include <uv.h>
 
-static int http_mode;
+static int http_mode, sink_mode;
 
 static const char RESPONSE[] = "HTTP/1.1 200 OK\r\nServer: squall\r\n"
                                "Content-Type: text/plain\r\n"
@@ -74,6 +75,8 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     uv_close((uv_handle_t *)s, on_closed);
     return;
   }
+  if (sink_mode)
+    return;
   if (!http_mode) {
     send_all(c, buf->base, (size_t)n);
     return;
@@ -115,12 +118,14 @@ static void on_connection(uv_stream_t *server, int status) {
 }
 
 int main(int argc, char **argv) {
-  if (argc != 3 || (strcmp(argv[1], "echo") && strcmp(argv[1], "http"))) {
-    fprintf(stderr, "usage: %s echo|http PORT\n", argv[0]);
+  if (argc != 3 || (strcmp(argv[1], "echo") && strcmp(argv[1], "http") &&
+                    strcmp(argv[1], "sink"))) {
+    fprintf(stderr, "usage: %s echo|http|sink PORT\n", argv[0]);
     return 2;
   }
   signal(SIGPIPE, SIG_IGN);
   http_mode = strcmp(argv[1], "http") == 0;
+  sink_mode = strcmp(argv[1], "sink") == 0;
   uv_loop_t *loop = uv_default_loop();
   uv_tcp_t server;
   struct sockaddr_in addr;
