@@ -21,7 +21,7 @@ LUA_SRCS := $(shell find lua -name '*.lua')
 ASAN_DIR := build-asan
 ASAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
 
-.PHONY: all run run-tls test check check-asan check-valgrind lint format install deps clean
+.PHONY: all run run-tls bench bench-quick bench-deps test check check-asan check-valgrind lint format install deps clean
 
 C_TESTS := $(patsubst tests/%.c,%,$(wildcard tests/*_test.c))
 
@@ -71,6 +71,23 @@ build/uv_baseline: bench/baseline/uv_servers.c
 build/echo_load: bench/echo_load.c
 	@mkdir -p build
 	$(CC) $(CFLAGS) $< -o $@ $(PKG_LIBS)
+
+build/loadgen: bench/loadgen.c
+	@mkdir -p build
+	$(CC) $(CFLAGS) $< -o $@
+
+BENCH_TOOLS := build/squall build/uv_baseline build/loadgen $(CERTS)
+
+# Every scenario, twice, side by side: build/bench/report.md and .png.
+bench: bench-deps $(BENCH_TOOLS)
+	scripts/bench
+
+# One short pass of each scenario.
+bench-quick: bench-deps $(BENCH_TOOLS)
+	scripts/bench --quick
+
+bench-deps:
+	@scripts/install-deps --bench
 
 # Every spec, inside the real host. scripts/run-tests prints the closing
 # "N passed, N failed" line.

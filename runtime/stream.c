@@ -39,9 +39,10 @@ enum write_wait { WAIT_NONE, WAIT_HIGH_WATER, WAIT_FLUSH };
 struct squall_stream {
   squall_handle h; /* first: the loop closes us through it */
   uv_tcp_t tcp;
-  uv_timer_t rtimer; /* read timeout; also the connect timeout */
-  uv_timer_t wtimer; /* write-wait timeout */
-  uv_write_t wreq;
+  /* Made on first use, so an idle connection without a timeout does not
+   * pay for them (memory per idle connection is a figure we track). */
+  struct stream_timers *timers; /* read/handshake and write-wait timeouts */
+  uv_write_t *wreq;             /* the one uv_write in flight */
   squall_loop *loop;
   squall_stream_opts o;
   squall_buffer rbuf;    /* received, not yet read */
@@ -94,6 +95,11 @@ struct squall_stream {
   int handles_open;           /* libuv handles not yet closed */
   void (*reset_done)(squall_stream *, void *);
   void *reset_arg;
+};
+
+struct stream_timers {
+  uv_timer_t r; /* a read or the handshake */
+  uv_timer_t w; /* a write waiting under write_high_water */
 };
 
 static const size_t DEFAULT_MAX_BUFFER = 104857600;
@@ -180,6 +186,8 @@ static void free_stream(squall_stream *s) {
   squall_buffer_free(&s->wflight);
   squall_buffer_free(&s->wcipher);
   squall_tls_free(s->tls);
+  free(s->timers);
+  free(s->wreq);
   free(s);
 }
 
@@ -219,8 +227,8 @@ static void clear_read(squall_stream *s, lua_State *L) {
   s->read_kind = READ_NONE;
   s->delim = NULL;
   unref(L, &s->delim_ref);
-  if (s->handles_open > 0 && uv_is_active((uv_handle_t *)&s->rtimer))
-    uv_timer_stop(&s->rtimer);
+  if (s->timers != NULL && !s->closing)
+    uv_timer_stop(&s->timers->r);
 }
 
 /* Resume the parked reader with what `push` leaves on its stack. The
@@ -248,8 +256,8 @@ static void resume_writer(squall_stream *s, int ok) {
   int ref = s->writer_ref;
   s->writer_ref = LUA_NOREF;
   s->write_wait = WAIT_NONE;
-  if (s->handles_open > 0 && uv_is_active((uv_handle_t *)&s->wtimer))
-    uv_timer_stop(&s->wtimer);
+  if (s->timers != NULL && !s->closing)
+    uv_timer_stop(&s->timers->w);
   if (L == NULL) {
     squall_stream_release(NULL, s);
     return;
@@ -537,8 +545,8 @@ static int try_inline_read(lua_State *L, squall_stream *s, const char *what) {
     squall_buffer_free(&s->rbuf);
   squall_stream_hold(L, s, 1);
   s->reader_ref = squall_coro_park(L, what);
-  if (s->timeout > 0)
-    uv_timer_start(&s->rtimer, on_read_timeout,
+  if (s->timeout > 0 && s->timers != NULL)
+    uv_timer_start(&s->timers->r, on_read_timeout,
                    (uint64_t)(s->timeout * 1000.0 + 0.5), 0);
   start_reading(s);
   return lua_yield(L, 0);
@@ -679,8 +687,8 @@ static void wake_handshake(squall_stream *s, int ok) {
     return;
   int ref = s->hs_ref;
   s->hs_ref = LUA_NOREF;
-  if (s->handles_open > 0 && uv_is_active((uv_handle_t *)&s->rtimer))
-    uv_timer_stop(&s->rtimer);
+  if (s->timers != NULL && !s->closing)
+    uv_timer_stop(&s->timers->r);
   if (L == NULL) {
     squall_stream_release(NULL, s);
     return;
@@ -804,8 +812,8 @@ static int l_handshake(lua_State *L) {
     return busy(L);
   squall_stream_hold(L, s, 1);
   s->hs_ref = squall_coro_park(L, "the TLS handshake");
-  if (s->timeout > 0)
-    uv_timer_start(&s->rtimer, on_handshake_timeout,
+  if (s->timeout > 0 && s->timers != NULL)
+    uv_timer_start(&s->timers->r, on_handshake_timeout,
                    (uint64_t)(s->timeout * 1000.0 + 0.5), 0);
   start_reading(s);
   return lua_yield(L, 0);
@@ -919,7 +927,15 @@ static int flush_writes(squall_stream *s) {
     squall_buffer_swap(out, &s->wflight);
     b = uv_buf_init((char *)squall_buffer_head(&s->wflight),
                     (unsigned)squall_buffer_len(&s->wflight));
-    int err = uv_write(&s->wreq, (uv_stream_t *)&s->tcp, &b, 1, on_write);
+    if (s->wreq == NULL) {
+      s->wreq = malloc(sizeof *s->wreq);
+      if (s->wreq == NULL) {
+        close_with(s, "io", "out of memory");
+        return UV_ENOMEM;
+      }
+      s->wreq->data = s;
+    }
+    int err = uv_write(s->wreq, (uv_stream_t *)&s->tcp, &b, 1, on_write);
     if (err != 0) {
       close_with(s, squall_uv_error_kind(err), uv_strerror(err));
       return err;
@@ -999,8 +1015,8 @@ static int wait_writer(lua_State *L, squall_stream *s, int kind,
   squall_stream_hold(L, s, 1);
   s->writer_ref = squall_coro_park(L, what);
   s->write_wait = kind;
-  if (s->timeout > 0)
-    uv_timer_start(&s->wtimer, on_write_timeout,
+  if (s->timeout > 0 && s->timers != NULL)
+    uv_timer_start(&s->timers->w, on_write_timeout,
                    (uint64_t)(s->timeout * 1000.0 + 0.5), 0);
   return lua_yield(L, 0);
 }
@@ -1153,12 +1169,13 @@ static void close_handles(squall_stream *s) {
   s->closed = 1;
   remove_dirty(s);
   stop_reading(s);
-  uv_timer_stop(&s->rtimer);
-  uv_timer_stop(&s->wtimer);
+
   if (s->tcp_init)
     uv_close((uv_handle_t *)&s->tcp, on_handle_closed);
-  uv_close((uv_handle_t *)&s->rtimer, on_handle_closed);
-  uv_close((uv_handle_t *)&s->wtimer, on_handle_closed);
+  if (s->timers != NULL) {
+    uv_close((uv_handle_t *)&s->timers->r, on_handle_closed);
+    uv_close((uv_handle_t *)&s->timers->w, on_handle_closed);
+  }
   if (!s->tcp_init) {
     /* Never connected: no tcp close callback will say goodbye. */
     lua_State *L = loop_L(s);
@@ -1275,6 +1292,15 @@ static int l_set_timeout(lua_State *L) {
   }
   lua_Number t = luaL_checknumber(L, 2);
   luaL_argcheck(L, t > 0, 2, "timeout must be positive (or nil for none)");
+  if (s->timers == NULL && !s->closing) {
+    s->timers = malloc(sizeof *s->timers);
+    if (s->timers == NULL)
+      return luaL_error(L, "out of memory");
+    uv_timer_init(&s->loop->uv, &s->timers->r);
+    uv_timer_init(&s->loop->uv, &s->timers->w);
+    s->timers->r.data = s->timers->w.data = s;
+    s->handles_open += 2;
+  }
   s->timeout = t;
   return 0;
 }
@@ -1365,11 +1391,7 @@ squall_stream *squall_stream_new(lua_State *L, squall_loop *loop,
   s->ctx_ref = s->hs_ref = LUA_NOREF;
   s->max_bytes = SIZE_MAX;
   s->ud_alive = 1;
-  uv_timer_init(&loop->uv, &s->rtimer);
-  uv_timer_init(&loop->uv, &s->wtimer);
-  s->rtimer.data = s->wtimer.data = s;
-  s->wreq.data = s;
-  s->handles_open = 2;
+  s->handles_open = 0;
   *p = s;
   luaL_getmetatable(L, STREAM_MT);
   lua_setmetatable(L, -2);

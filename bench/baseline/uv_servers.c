@@ -24,9 +24,12 @@ static const char RESPONSE[] = "HTTP/1.1 200 OK\r\nServer: squall\r\n"
 
 typedef struct conn {
   uv_tcp_t tcp;
-  char buf[65536];
   int matched; /* bytes of "\r\n\r\n" matched so far (http) */
 } conn;
+
+/* libuv calls on_read right after on_alloc, so one read buffer serves
+ * every connection and an idle one costs only its handle. */
+static char read_buf[65536];
 
 typedef struct wreq {
   uv_write_t req;
@@ -65,8 +68,8 @@ static void send_all(conn *c, const char *p, size_t n) {
 
 static void on_alloc(uv_handle_t *h, size_t size, uv_buf_t *buf) {
   (void)size;
-  conn *c = h->data;
-  *buf = uv_buf_init(c->buf, sizeof c->buf);
+  (void)h;
+  *buf = uv_buf_init(read_buf, sizeof read_buf);
 }
 
 static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
