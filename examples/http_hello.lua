@@ -25,12 +25,21 @@ end
 local OK_KEEP = response("200 OK", BODY, true)
 local OK_CLOSE = response("200 OK", BODY, false)
 
+local find, match, lower = string.find, string.match, string.lower
+
+-- The value of header `name` (lower case) in `lhead`, the request head in
+-- lower case: plain searches, no pattern tried at every position.
+local function header(lhead, name)
+  local i = find(lhead, "\r\n" .. name .. ":", 1, true)
+  if not i then return nil end
+  return match(lhead, "^[ \t]*([^\r]*)", i + #name + 3)
+end
+
 -- Whether the client wants the connection kept open after this request.
-local function keep_alive(version, head)
-  local conn = head:match("\r\n[Cc][Oo][Nn][Nn][Ee][Cc][Tt][Ii][Oo][Nn]:[ \t]*([^\r]*)")
-  conn = conn and conn:lower() or ""
-  if version == "1.1" then return not conn:find("close", 1, true) end
-  return conn:find("keep-alive", 1, true) ~= nil
+local function keep_alive(version, lhead)
+  local conn = header(lhead, "connection") or ""
+  if version == "1.1" then return not find(conn, "close", 1, true) end
+  return find(conn, "keep-alive", 1, true) ~= nil
 end
 
 local Hello = TCPServer:extend()
@@ -44,14 +53,19 @@ function Hello:handle_stream(stream)
       end
       break
     end
-    local method, version = head:match("^(%u+) %S+ HTTP/(%d%.%d)\r\n")
+    local method, version = match(head, "^(%u+) %S+ HTTP/(%d%.%d)\r\n")
     if not method then
       stream:write(response("400 Bad Request", "bad request\n", false))
       break
     end
-    local length = tonumber(head:match("\r\n[Cc]ontent%-[Ll]ength:[ \t]*(%d+)") or 0)
+    local lhead = lower(head)
+    local length = tonumber(header(lhead, "content-length") or 0)
+    if not length then
+      stream:write(response("400 Bad Request", "bad content-length\n", false))
+      break
+    end
     if length > 0 and not stream:read_bytes(length) then break end
-    local keep = keep_alive(version, head)
+    local keep = keep_alive(version, lhead)
     stream:write(keep and OK_KEEP or OK_CLOSE)
     if not keep then break end
   end

@@ -1,0 +1,79 @@
+local iostream = require "squall.iostream"
+local gen = require "squall.gen"
+local testing = require "squall.testing"
+local helpers = require "helpers"
+
+local async, q = testing.async, helpers.q
+
+-- Start an example on a free port; returns its port and stop().
+local function start(example)
+  local sock, port = testing.bind_unused_port()
+  sock:close()
+  local pidfile = os.tmpname()
+  local wait = helpers.spawn(("timeout 30 sh -c %s"):format(q(("echo $$ >%s; exec %s %s %d")
+    :format(q(pidfile), q(helpers.squall_real), example, port))))
+  local up = false
+  for _ = 1, 200 do
+    local c = iostream.connect("127.0.0.1", port)
+    if c then c:close(); up = true; break end
+    gen.sleep(0.025)
+  end
+  assert(up, example .. " did not start")
+  return port, function()
+    local f = assert(io.open(pidfile))
+    os.execute("kill -TERM " .. f:read("*n"))
+    f:close()
+    os.remove(pidfile)
+    return wait()
+  end
+end
+
+describe("examples", function()
+  it("echo.lua echoes lines and stops cleanly on SIGTERM", async(function()
+    local port, stop = start("examples/echo.lua")
+    local c = assert(iostream.connect("127.0.0.1", port))
+    c:write("one\ntwo\n")
+    assert.equal("one\n", c:read_until("\n"))
+    assert.equal("two\n", c:read_until("\n"))
+    local status, _, err = stop()
+    assert.equal(0, status, err)
+  end, { timeout = 15 }))
+
+  it("http_hello.lua answers keep-alive, pipelined, HTTP/1.0 and bad requests",
+    async(function()
+      local port, stop = start("examples/http_hello.lua")
+      local c = assert(iostream.connect("127.0.0.1", port))
+      local function response()
+        local head = assert(c:read_until("\r\n\r\n"))
+        local body = assert(c:read_bytes(tonumber(head:match("Content%-Length: (%d+)"))))
+        return head, body
+      end
+      -- 16 pipelined requests, one with a body, all on one connection
+      local reqs = {}
+      for i = 1, 16 do
+        reqs[i] = i == 5 and "POST /form HTTP/1.1\r\nHost: x\r\ncontent-length: 3\r\n\r\na=1"
+          or "GET /" .. i .. " HTTP/1.1\r\nHost: x\r\n\r\n"
+      end
+      c:write(table.concat(reqs))
+      for _ = 1, 16 do
+        local head, body = response()
+        assert.matches("^HTTP/1.1 200 OK\r\n", head)
+        assert.matches("Connection: keep%-alive", head)
+        assert.equal("Hello, world!\n", body)
+      end
+      c:write("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+      local head = response()
+      assert.matches("Connection: close", head)
+      assert.equal("", c:read_until_close())
+      -- HTTP/1.0 without keep-alive closes
+      local old = assert(iostream.connect("127.0.0.1", port))
+      old:write("GET / HTTP/1.0\r\n\r\n")
+      assert.matches("Connection: close", old:read_until_close())
+      -- garbage gets a 400 and the server goes on
+      local bad = assert(iostream.connect("127.0.0.1", port))
+      bad:write("NOT HTTP AT ALL\r\n\r\n")
+      assert.matches("^HTTP/1.1 400 Bad Request", bad:read_until_close())
+      local status, _, err = stop()
+      assert.equal(0, status, err)
+    end, { timeout = 15 }))
+end)
