@@ -213,12 +213,18 @@ static int run_echo(int port, int conns, double secs) {
 
 static int run_idle(int port, int conns, double secs) {
   int open_ = 0;
+  int first_err = 0;
   for (int i = 0; i < conns; i++) {
-    if (connect_to(port, 0) >= 0)
+    if (connect_to(port, 0) >= 0) {
       open_++;
-    else
-      errors++;
+    } else {
+      if (errors++ == 0)
+        first_err = errno;
+    }
   }
+  if (errors > 0)
+    fprintf(stderr, "loadgen: %d connects failed, the first with: %s\n",
+            errors, strerror(first_err));
   printf("ready open=%d\n", open_);
   fflush(stdout);
   struct timespec ts = {(time_t)secs,

@@ -73,8 +73,10 @@ struct squall_stream {
   int holds;
   double timeout; /* seconds; 0: none */
 
-  char err_kind[16];
-  char err_msg[128];
+  /* Why it closed: a kind from API.md (always a static string) and a
+   * message, kept only once something failed. */
+  const char *err_kind;
+  char *err_msg;
 
   unsigned tcp_init : 1;      /* tcp handle initialized and not closed */
   unsigned connected : 1;     /* reading and writing are possible */
@@ -188,6 +190,7 @@ static void free_stream(squall_stream *s) {
   squall_tls_free(s->tls);
   free(s->timers);
   free(s->wreq);
+  free(s->err_msg);
   free(s);
 }
 
@@ -202,18 +205,18 @@ static size_t unsent(const squall_stream *s) {
 }
 
 static void set_error(squall_stream *s, const char *kind, const char *msg) {
-  if (s->err_kind[0] != '\0')
+  if (s->err_kind != NULL)
     return; /* the first cause wins */
-  snprintf(s->err_kind, sizeof s->err_kind, "%s", kind);
-  snprintf(s->err_msg, sizeof s->err_msg, "%s", msg);
+  s->err_kind = kind;
+  s->err_msg = strdup(msg);
 }
 
 /* Push nil and the error a failed operation returns: the error that closed
  * the stream, or `closed`. */
 static int push_closed(lua_State *L, squall_stream *s) {
   lua_pushnil(L);
-  if (s->err_kind[0] != '\0')
-    squall_push_error(L, s->err_kind, s->err_msg);
+  if (s->err_kind != NULL)
+    squall_push_error(L, s->err_kind, s->err_msg ? s->err_msg : s->err_kind);
   else
     squall_push_error(L, "closed", "the stream is closed");
   return 2;
@@ -710,7 +713,7 @@ static void wake_handshake(squall_stream *s, int ok) {
  * debug level (scanners and broken clients make this routine noise). */
 static void tls_failed(squall_stream *s, const char *msg) {
   lua_State *L = loop_L(s);
-  if (s->err_kind[0] == '\0' && L != NULL) {
+  if (s->err_kind == NULL && L != NULL) {
     lua_getfield(L, LUA_REGISTRYINDEX, TLS_LOG_KEY);
     if (lua_isfunction(L, -1)) {
       lua_pushstring(L, msg);
@@ -1278,9 +1281,9 @@ static int l_writing(lua_State *L) {
 /* stream:_error(): the error that closed the stream, or nil. */
 static int l_error(lua_State *L) {
   squall_stream *s = check_stream(L, 1);
-  if (s->err_kind[0] == '\0')
+  if (s->err_kind == NULL)
     return 0;
-  squall_push_error(L, s->err_kind, s->err_msg);
+  squall_push_error(L, s->err_kind, s->err_msg ? s->err_msg : s->err_kind);
   return 1;
 }
 
