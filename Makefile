@@ -108,7 +108,7 @@ check-valgrind: all $(CERTS)
 	  scripts/run-tests build/squall
 
 lint:
-	luacheck -q lua spec $(wildcard examples)
+	luacheck -q lua spec examples bench
 	clang-format --dry-run --Werror $(SRCS) $(HDRS) tests/*.c bench/*.c bench/baseline/*.c
 
 format:

@@ -223,8 +223,8 @@ static int run_idle(int port, int conns, double secs) {
     }
   }
   if (errors > 0)
-    fprintf(stderr, "loadgen: %d connects failed, the first with: %s\n",
-            errors, strerror(first_err));
+    fprintf(stderr, "loadgen: %d connects failed, the first with: %s\n", errors,
+            strerror(first_err));
   printf("ready open=%d\n", open_);
   fflush(stdout);
   struct timespec ts = {(time_t)secs,
