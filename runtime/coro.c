@@ -5,6 +5,8 @@
 
 #include "host.h"
 
+#define ON_ERROR_KEY "squall.coro.on_error"
+
 int squall_coro_park(lua_State *L, const char *what) {
   if (lua_pushthread(L)) {
     lua_pop(L, 1);
@@ -34,9 +36,39 @@ int squall_coro_resume(lua_State *L, lua_State *co, int nargs) {
   if (msg == NULL && luaL_callmeta(co, -1, "__tostring"))
     msg = lua_tostring(co, -1);
   luaL_traceback(L, co, msg ? msg : "(error object is not a string)", 0);
+  /* A handler set with core.on_error(co, fn) gets (co, traceback) instead
+   * of the generic report: TCPServer cleans up after its handlers this
+   * way, without an xpcall frame on every connection's stack. */
+  lua_getfield(L, LUA_REGISTRYINDEX, ON_ERROR_KEY);
+  lua_pushthread(co);
+  lua_xmove(co, L, 1);
+  lua_rawget(L, -2);
   lua_settop(co, 0);
+  if (lua_isfunction(L, -1)) {
+    lua_pushthread(co);
+    lua_xmove(co, L, 1);
+    lua_pushvalue(L, -4); /* the traceback */
+    if (squall_host_pcall(L, 2, 0) != 0)
+      squall_host_report(L, "coroutine error handler");
+    lua_pop(L, 2); /* the table, the traceback */
+    return status;
+  }
+  lua_pop(L, 2);
   squall_host_report(L, "coroutine");
   return status;
+}
+
+/* core.on_error(co, fn): when `co` dies of an error, call fn(co, traceback)
+ * instead of logging it. The table is weak: a finished coroutine goes. */
+static int l_on_error(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTHREAD);
+  if (!lua_isnil(L, 2))
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+  lua_settop(L, 2);
+  lua_getfield(L, LUA_REGISTRYINDEX, ON_ERROR_KEY);
+  lua_insert(L, 1);
+  lua_rawset(L, 1);
+  return 0;
 }
 
 /* What coroutine.status would say, without the coroutine library. */
@@ -70,6 +102,14 @@ static int l_resume(lua_State *L) {
 }
 
 int squall_coro_open(lua_State *L) {
+  lua_newtable(L); /* coroutine -> error handler, weak keys */
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "k");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_setfield(L, LUA_REGISTRYINDEX, ON_ERROR_KEY);
+  lua_pushcfunction(L, l_on_error);
+  lua_setfield(L, -2, "on_error");
   lua_pushcfunction(L, l_resume);
   lua_setfield(L, -2, "resume");
   return 0;

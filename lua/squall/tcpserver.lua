@@ -13,9 +13,9 @@ local iostream = require "squall.iostream"
 local TCPServer = {}
 TCPServer.__index = TCPServer
 
-local traceback, xpcall, type, tostring, error = debug.traceback, xpcall, type, tostring, error
-local create = coroutine.create
-local resume = core.resume
+local type, tostring, error = type, tostring, error
+local create, running = coroutine.create, coroutine.running
+local resume, on_error_of = core.resume, core.on_error
 local start_tls = iostream.methods._start_tls
 
 local STREAM_OPTS = { "max_buffer_size", "read_chunk_size", "write_high_water",
@@ -40,7 +40,7 @@ function TCPServer.new(cls, opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("options must be a table", 3) end
   local self = setmetatable({ _acceptors = {}, _sockets = {}, _stream_opts = {},
-    _streams = {}, _nstreams = 0 }, cls)
+    _conns = {}, _nstreams = 0 }, cls)
   for _, k in ipairs(STREAM_OPTS) do
     local v = opts[k]
     if v ~= nil and (type(v) ~= "number" or v < 1 or v % 1 ~= 0) then
@@ -73,34 +73,34 @@ function TCPServer:handle_stream(stream, address) -- luacheck: ignore 212
   error("TCPServer:handle_stream is not implemented", 2)
 end
 
-local function on_error(e)
-  local msg = e
-  if type(e) ~= "string" then
-    local m = getmetatable(e)
-    msg = (m and m.__tostring) and tostring(e) or ("error object: " .. tostring(e))
-  end
-  return traceback(msg, 2)
+-- Running handlers: coroutine -> its stream (one table entry per
+-- connection; close_gracefully walks it).
+local function finished(server, co)
+  server._conns[co] = nil
+  server._nstreams = server._nstreams - 1
+  if server._drained and server._nstreams == 0 then server._drained() end
 end
 
--- The coroutine body serving one connection. The server counts its
--- running handlers so close_gracefully knows when they are done.
+-- The coroutine body serving one connection. It calls handle_stream
+-- directly: an error is caught where the coroutine dies (core.on_error),
+-- so no xpcall frame sits on each connection's stack (memory per idle
+-- connection is a figure we track).
 local function serve(server, stream, address)
-  server._streams[stream] = true
-  server._nstreams = server._nstreams + 1
-  local ok, err = xpcall(server.handle_stream, on_error, server, stream, address)
-  server._streams[stream] = nil
-  server._nstreams = server._nstreams - 1
-  if not ok then
-    log.error("Error in handle_stream for %s:%s\n%s", tostring(address.host),
-      tostring(address.port), err)
-    stream:close()
-  end
-  if server._drained and server._nstreams == 0 then server._drained() end
+  server.handle_stream(server, stream, address)
+  finished(server, running())
 end
 
 --- Start accepting on sockets from netutil.bind_sockets.
 function TCPServer:add_sockets(sockets)
   local ctx = self._ssl_ctx
+  local function on_error(co, tb)
+    local stream = self._conns[co]
+    local host, port = stream:getpeername()
+    if not host then host, port = "?", "?" end -- closed before it raised
+    log.error("Error in handle_stream for %s:%s\n%s", tostring(host), tostring(port), tb)
+    stream:close()
+    finished(self, co)
+  end
   for _, sock in ipairs(sockets) do
     self._sockets[#self._sockets + 1] = sock
     self._acceptors[#self._acceptors + 1] = netutil.add_accept_handler(sock,
@@ -108,7 +108,11 @@ function TCPServer:add_sockets(sockets)
         -- The handshake runs as data arrives; the handler's first read
         -- waits for it.
         if ctx then start_tls(stream, ctx) end
-        resume(create(serve), self, stream, address)
+        local co = create(serve)
+        self._conns[co] = stream
+        self._nstreams = self._nstreams + 1
+        on_error_of(co, on_error)
+        resume(co, self, stream, address)
       end, self._stream_opts)
   end
 end
@@ -189,14 +193,14 @@ function TCPServer:close_gracefully(deadline)
   -- Idle streams are closed now and whenever a handler marks one idle
   -- later; checking a few times a second is plenty for a shutdown.
   while self._nstreams > 0 and loop:time() < t_end do
-    for stream in pairs(self._streams) do
+    for _, stream in pairs(self._conns) do
       if stream:is_idle() then stream:close() end
     end
     gen.with_timeout(math.min(0.05, math.max(0, t_end - loop:time())), done)
   end
   local closed = 0
   if self._nstreams > 0 then
-    for stream in pairs(self._streams) do
+    for _, stream in pairs(self._conns) do
       if not stream:closed() then closed = closed + 1 end
       stream:close()
     end
