@@ -1,4 +1,4 @@
-# Squall: make (build), make run, make test, make check, make install.
+# Squall: make (build), make run, make test, make check, make bench, make install.
 PREFIX ?= /usr/local
 CC ?= cc
 PKGS := luajit libuv openssl
@@ -62,13 +62,9 @@ run: deps build/squall
 run-tls: deps build/squall $(CERTS)
 	build/squall examples/tls_echo.lua
 
-# The plain C libuv baseline servers and the echo load generator that the
-# benchmarks run beside squall.
+# The plain C libuv baseline servers, and the load generator the
+# benchmarks run against squall, the baseline and the peers.
 build/uv_baseline: bench/baseline/uv_servers.c
-	@mkdir -p build
-	$(CC) $(CFLAGS) $< -o $@ $(PKG_LIBS)
-
-build/echo_load: bench/echo_load.c
 	@mkdir -p build
 	$(CC) $(CFLAGS) $< -o $@ $(PKG_LIBS)
 
