@@ -237,11 +237,14 @@ static void clear_read(squall_stream *s, lua_State *L) {
 /* Resume the parked reader with what `push` leaves on its stack. The
  * stream stays anchored until the reader has run, so the collector cannot
  * free it underneath. */
-static void resume_reader(squall_stream *s, int nres) {
+/* Resume the coroutine parked as `ref` with the `nres` values on top of
+ * the loop's thread, then drop the hold its wait took. The hold lasts
+ * across the resume, so the collector cannot free the stream underneath.
+ * Without a Lua state (the loop is being finalized) only the hold goes;
+ * callers push nothing then. The one resume path for readers, writers and
+ * handshakes. */
+static void resume_parked(squall_stream *s, int ref, int nres) {
   lua_State *L = loop_L(s);
-  int ref = s->reader_ref;
-  s->reader_ref = LUA_NOREF;
-  clear_read(s, L);
   if (L == NULL) {
     squall_stream_release(NULL, s);
     return;
@@ -254,28 +257,33 @@ static void resume_reader(squall_stream *s, int nres) {
   squall_stream_release(L, s);
 }
 
-static void resume_writer(squall_stream *s, int ok) {
+/* Push what a write or handshake wait returns: true, or nil and the
+ * stream's error. Returns how many values (none without a Lua state). */
+static int push_outcome(squall_stream *s, int ok) {
   lua_State *L = loop_L(s);
+  if (L == NULL)
+    return 0;
+  if (!ok)
+    return push_closed(L, s);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* Resume the parked reader with the `nres` results on the loop's thread. */
+static void resume_reader(squall_stream *s, int nres) {
+  int ref = s->reader_ref;
+  s->reader_ref = LUA_NOREF;
+  clear_read(s, loop_L(s));
+  resume_parked(s, ref, nres);
+}
+
+static void resume_writer(squall_stream *s, int ok) {
   int ref = s->writer_ref;
   s->writer_ref = LUA_NOREF;
   s->write_wait = WAIT_NONE;
   if (s->timers != NULL && !s->closing)
     uv_timer_stop(&s->timers->w);
-  if (L == NULL) {
-    squall_stream_release(NULL, s);
-    return;
-  }
-  int n = 1;
-  if (ok)
-    lua_pushboolean(L, 1);
-  else
-    n = push_closed(L, s);
-  lua_State *co = squall_coro_unpark(L, ref);
-  lua_insert(L, -(n + 1));
-  lua_xmove(L, co, n);
-  squall_coro_resume(L, co, n);
-  lua_pop(L, 1);
-  squall_stream_release(L, s);
+  resume_parked(s, ref, push_outcome(s, ok));
 }
 
 /* ---- the read state machine ------------------------------------------ */
@@ -685,28 +693,13 @@ static int l_read_until_close(lua_State *L) {
 /* Resume a coroutine waiting for the handshake: true, or nil and the
  * stream's error. */
 static void wake_handshake(squall_stream *s, int ok) {
-  lua_State *L = loop_L(s);
   if (s->hs_ref == LUA_NOREF)
     return;
   int ref = s->hs_ref;
   s->hs_ref = LUA_NOREF;
   if (s->timers != NULL && !s->closing)
     uv_timer_stop(&s->timers->r);
-  if (L == NULL) {
-    squall_stream_release(NULL, s);
-    return;
-  }
-  int n = 1;
-  if (ok)
-    lua_pushboolean(L, 1);
-  else
-    n = push_closed(L, s);
-  lua_State *co = squall_coro_unpark(L, ref);
-  lua_insert(L, -(n + 1));
-  lua_xmove(L, co, n);
-  squall_coro_resume(L, co, n);
-  lua_pop(L, 1);
-  squall_stream_release(L, s);
+  resume_parked(s, ref, push_outcome(s, ok));
 }
 
 /* A TLS failure closes the stream with kind `tls`; it is logged once, at
@@ -998,12 +991,9 @@ static void on_write_timeout(uv_timer_t *t) {
   int ref = s->writer_ref;
   s->writer_ref = LUA_NOREF;
   s->write_wait = WAIT_NONE;
-  lua_State *co = squall_coro_unpark(L, ref);
-  lua_pushnil(co);
-  squall_push_error(co, "timeout", "the stream's timeout ran out");
-  squall_coro_resume(L, co, 2);
-  lua_pop(L, 1);
-  squall_stream_release(L, s);
+  lua_pushnil(L);
+  squall_push_error(L, "timeout", "the stream's timeout ran out");
+  resume_parked(s, ref, 2);
 }
 
 /* Park the calling coroutine until wake_writer's condition holds. */
