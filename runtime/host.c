@@ -107,6 +107,15 @@ int squall_push_uv_error(lua_State *L, int uv_err) {
   return 2;
 }
 
+void squall_new_metatable(lua_State *L, const char *name,
+                          const luaL_Reg *methods) {
+  luaL_newmetatable(L, name);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -2, "__index");
+  luaL_register(L, NULL, methods);
+  lua_pop(L, 1);
+}
+
 int squall_host_traceback(lua_State *L) {
   if (!lua_isstring(L, 1)) {
     /* Error objects (tables) pass through untouched so callers can inspect

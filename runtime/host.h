@@ -45,6 +45,11 @@ int squall_push_uv_error(lua_State *L, int uv_err);
 /* The error kind (API.md) for a libuv error code. */
 const char *squall_uv_error_kind(int uv_err);
 
+/* Register metatable `name` whose __index is itself, holding `methods`:
+ * the one way a C module defines a userdata type's methods. */
+void squall_new_metatable(lua_State *L, const char *name,
+                          const luaL_Reg *methods);
+
 /* Add the host's functions (set_reporter, error) to the squall.core table
  * at the top of the stack. */
 int squall_host_open(lua_State *L);

@@ -454,25 +454,17 @@ static int l_path_close(lua_State *L) {
   return 0;
 }
 
-static void new_metatable(lua_State *L, const char *name, const luaL_Reg *m) {
-  luaL_newmetatable(L, name);
-  lua_pushvalue(L, -1);
-  lua_setfield(L, -2, "__index");
-  luaL_register(L, NULL, m);
-  lua_pop(L, 1);
-}
-
 int squall_loop_open(lua_State *L) {
   static const luaL_Reg loop_m[] = {
       {"poll", l_poll}, {"close", l_close}, {"__gc", l_loop_gc}, {NULL, NULL}};
   static const luaL_Reg watch_m[] = {
       {"update", l_watch_update}, {"close", l_watch_close}, {NULL, NULL}};
   static const luaL_Reg signal_m[] = {{"close", l_signal_close}, {NULL, NULL}};
-  new_metatable(L, LOOP_MT, loop_m);
-  new_metatable(L, WATCH_MT, watch_m);
-  new_metatable(L, SIGNAL_MT, signal_m);
+  squall_new_metatable(L, LOOP_MT, loop_m);
+  squall_new_metatable(L, WATCH_MT, watch_m);
+  squall_new_metatable(L, SIGNAL_MT, signal_m);
   static const luaL_Reg path_m[] = {{"close", l_path_close}, {NULL, NULL}};
-  new_metatable(L, PATH_MT, path_m);
+  squall_new_metatable(L, PATH_MT, path_m);
   static const luaL_Reg fns[] = {
       {"loop_new", l_loop_new},     {"time", l_time},
       {"wall_time", l_wall_time},   {"close_fd", l_close_fd},

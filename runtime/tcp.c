@@ -686,21 +686,13 @@ int squall_tcp_open(lua_State *L) {
                                       {"__gc", l_socket_close},
                                       {"__tostring", l_socket_tostring},
                                       {NULL, NULL}};
-  luaL_newmetatable(L, SOCKET_MT);
-  lua_pushvalue(L, -1);
-  lua_setfield(L, -2, "__index");
-  luaL_register(L, NULL, socket_m);
-  lua_pop(L, 1);
+  squall_new_metatable(L, SOCKET_MT, socket_m);
   lua_pushcfunction(L, l_bind_sockets);
   lua_setfield(L, -2, "bind_sockets");
 
   static const luaL_Reg acceptor_m[] = {
       {"close", l_acceptor_close}, {"__gc", l_acceptor_gc}, {NULL, NULL}};
-  luaL_newmetatable(L, ACCEPTOR_MT);
-  lua_pushvalue(L, -1);
-  lua_setfield(L, -2, "__index");
-  luaL_register(L, NULL, acceptor_m);
-  lua_pop(L, 1);
+  squall_new_metatable(L, ACCEPTOR_MT, acceptor_m);
   lua_pushcfunction(L, l_accept);
   lua_setfield(L, -2, "accept");
   lua_pushcfunction(L, l_connect);
