@@ -9,9 +9,8 @@ local async, q = testing.async, helpers.q
 local function start(example)
   local sock, port = testing.bind_unused_port()
   sock:close()
-  local pidfile = os.tmpname()
-  local wait = helpers.spawn(("timeout 30 sh -c %s"):format(q(("echo $$ >%s; exec %s %s %d")
-    :format(q(pidfile), q(helpers.squall_real), example, port))))
+  local wait, signal = helpers.start(("exec %s %s %d"):format(q(helpers.squall_real),
+    example, port), 30)
   local up = false
   for _ = 1, 200 do
     local c = iostream.connect("127.0.0.1", port)
@@ -20,10 +19,7 @@ local function start(example)
   end
   assert(up, example .. " did not start")
   return port, function()
-    local f = assert(io.open(pidfile))
-    os.execute("kill -TERM " .. f:read("*n"))
-    f:close()
-    os.remove(pidfile)
+    signal("TERM")
     return wait()
   end
 end

@@ -75,6 +75,27 @@ function M.spawn(cmd)
   end
 end
 
+--- Like spawn, for a command that ends by exec-ing a long-running process
+-- (a server): it runs under `timeout secs` (default 20) and `signal(name)`
+-- sends that process a signal ("TERM", "KILL"...). Returns wait, signal.
+function M.start(cmd, secs)
+  local pidfile = os.tmpname()
+  local wait = M.spawn(("timeout %d sh -c %s"):format(secs or 20,
+    M.q(("echo $$ >%s; %s"):format(M.q(pidfile), cmd))))
+  local function signal(name)
+    local f = io.open(pidfile)
+    local pid = f and f:read("*n")
+    if f then f:close() end
+    if not pid then return false end
+    return os.execute(("kill -%s %d"):format(name, pid)) == 0
+  end
+  return function()
+    local status, out, err = wait()
+    os.remove(pidfile)
+    return status, out, err
+  end, signal
+end
+
 --- The folder scripts/gen-test-certs fills (make test runs it).
 M.certs = "build/certs"
 

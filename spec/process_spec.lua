@@ -89,9 +89,7 @@ describe("squall.process", function()
     async(function()
       local dir = tmpdir()
       local path = script(dir, IDLE_CHILD)
-      local pidfile = dir .. "/parent.pid"
-      local wait = helpers.spawn(("timeout 20 sh -c %s"):format(q(("echo $$ >%s; exec %s %s %s 2 5")
-        :format(q(pidfile), q(squall), q(path), q(dir)))))
+      local wait, signal = helpers.start(("exec %s %s %s 2 5"):format(q(squall), q(path), q(dir)))
       assert.is_true(eventually(function() return #files(dir, "^(%d)%.(%d+)$") == 2 end))
       local victim
       for _, f in ipairs(files(dir, "^(%d)%.(%d+)$")) do
@@ -105,10 +103,7 @@ describe("squall.process", function()
         end
         return ones == 2
       end), "task 1 was not restarted")
-      local pf = assert(io.open(pidfile))
-      local parent = pf:read("*n")
-      pf:close()
-      assert(os.execute("kill -TERM " .. parent) == 0)
+      assert.is_true(signal("TERM"))
       local status, _, err = wait()
       os.execute("rm -rf " .. q(dir))
       assert.equal(0, status, err)
@@ -173,9 +168,7 @@ describe("squall.process", function()
       loop:add_signal_handler("SIGTERM", function() loop:stop() end)
       loop:start()
     ]])
-    local pidfile = dir .. "/parent.pid"
-    local wait = helpers.spawn(("timeout 20 sh -c %s"):format(q(("echo $$ >%s; exec %s %s %s")
-      :format(q(pidfile), q(squall), q(path), q(dir)))))
+    local wait, signal = helpers.start(("exec %s %s %s"):format(q(squall), q(path), q(dir)))
     assert.is_true(eventually(function()
       local f = io.open(dir .. "/port")
       if f then f:close() end
@@ -199,9 +192,7 @@ describe("squall.process", function()
     local n = 0
     for _ in pairs(seen) do n = n + 1 end
     assert.is_true(n >= 2, "only one child served")
-    local ppf = assert(io.open(pidfile))
-    os.execute("kill -TERM " .. ppf:read("*n"))
-    ppf:close()
+    assert.is_true(signal("TERM"))
     assert.equal(0, (wait()))
     os.execute("rm -rf " .. q(dir))
   end, { timeout = 30 }))

@@ -193,16 +193,9 @@ describe("squall.reload", function()
       loop:start()
     ]]):format(dir, port))
     local squall = helpers.squall_real
-    local pidfile = dir .. "/pid"
-    local wait = helpers.spawn(("cd %s && exec timeout 20 sh -c %s"):format(q(dir),
-      q(("echo $$ >pid; exec %s --reload main.lua"):format(q(squall)))))
-    local function stop()
-      local pf = io.open(pidfile)
-      if pf then
-        os.execute("kill -TERM " .. pf:read("*n"))
-        pf:close()
-      end
-    end
+    local wait, signal = helpers.start(("cd %s && exec %s --reload main.lua")
+      :format(q(dir), q(squall)))
+    local function stop() signal("TERM") end
     local function word()
       local c = iostream.connect("127.0.0.1", port)
       if not c then return nil end
