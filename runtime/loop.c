@@ -61,6 +61,15 @@ static void run_end_hook(squall_loop *loop) {
     loop->end_hook(loop, loop->end_hook_arg);
 }
 
+uint64_t squall_timeout_ms(double seconds) {
+  /* 1e15 s is 31 million years; libuv clamps deadline overflow itself. */
+  if (!(seconds > 0))
+    return 0;
+  if (seconds >= 1e15)
+    return (uint64_t)1e18;
+  return (uint64_t)ceil(seconds * 1000.0);
+}
+
 /* loop:poll(timeout): wait for I/O at most `timeout` seconds (0: do not
  * block, negative: until something happens), dispatch it, and return. */
 static int l_poll(lua_State *L) {
@@ -78,10 +87,9 @@ static int l_poll(lua_State *L) {
     uv_run(&loop->uv, UV_RUN_NOWAIT);
   } else {
     if (timeout > 0) {
-      /* Round up so we never wake just before a timer is due. */
-      uint64_t ms = (uint64_t)ceil(timeout * 1000.0);
       uv_update_time(&loop->uv);
-      uv_timer_start(&loop->timer, bound_timer_cb, ms, 0);
+      uv_timer_start(&loop->timer, bound_timer_cb, squall_timeout_ms(timeout),
+                     0);
     }
     uv_run(&loop->uv, UV_RUN_ONCE);
     uv_timer_stop(&loop->timer);

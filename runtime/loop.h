@@ -50,6 +50,12 @@ squall_loop *squall_loop_check(lua_State *L, int idx);
  * with a traceback handler; an error is reported, never propagated. */
 void squall_loop_call(squall_loop *loop, int nargs, const char *where);
 
+/* A timeout in seconds as libuv milliseconds: rounded up, so a timer never
+ * fires before its time, and clamped, so math.huge or 1e300 means "in a
+ * very long time" rather than an overflowed cast (which fired at once).
+ * Zero, negative or NaN give 0. The one conversion every timer uses. */
+uint64_t squall_timeout_ms(double seconds);
+
 /* Add core.loop_new, core.time, core.watch_fd, core.watch_signal. */
 int squall_loop_open(lua_State *L);
 

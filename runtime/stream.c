@@ -31,7 +31,22 @@
 #define STREAM_MT "squall.stream"
 
 enum read_kind { READ_NONE, READ_UNTIL, READ_PATTERN, READ_BYTES, READ_CLOSE };
-enum write_wait { WAIT_NONE, WAIT_HIGH_WATER, WAIT_FLUSH };
+enum write_wait { WAIT_HIGH_WATER, WAIT_FLUSH };
+
+/* A coroutine parked in write() or flush(). Waiters form a FIFO on the
+ * stream and are woken strictly in order, each when its own condition
+ * holds: `mark` is the stream's byte count (queued_total) right after what
+ * the waiter queued, so a writer waits until at most write_high_water of
+ * the bytes up to its mark are unsent, and a flush until none are. Bytes
+ * queued later by others never hold an earlier waiter back. Malloc'd when
+ * a coroutine parks, freed when it is woken. */
+struct write_waiter {
+  struct write_waiter *next;
+  int ref;           /* the parked coroutine */
+  int kind;          /* enum write_wait */
+  uint64_t mark;     /* queued_total when it parked */
+  uint64_t deadline; /* uv_now() ms at which it times out; 0: never */
+};
 
 /* Owned by its userdata and by libuv (see stream.h for when it is freed).
  * Registry references (`*_ref`) are released in exactly one place each:
@@ -66,8 +81,9 @@ struct squall_stream {
   int delim_ref; /* keeps `delim` (a Lua string) alive while parked */
   int reader_ref;
 
-  int write_wait;
-  int writer_ref;
+  struct write_waiter *wwait;      /* parked writers, oldest first */
+  struct write_waiter **wwait_end; /* where the next one is linked */
+  uint64_t queued_total;           /* bytes ever queued by write() */
   int close_cb_ref;
   int self_ref; /* the userdata, while `holds` > 0 */
   int holds;
@@ -183,6 +199,13 @@ static void remove_dirty(squall_stream *s) {
 
 static void free_stream(squall_stream *s) {
   remove_dirty(s);
+  /* Only when the loop was finalized with writers parked: their
+   * coroutines went with the Lua state. */
+  while (s->wwait != NULL) {
+    struct write_waiter *w = s->wwait;
+    s->wwait = w->next;
+    free(w);
+  }
   squall_buffer_free(&s->rbuf);
   squall_buffer_free(&s->wq);
   squall_buffer_free(&s->wflight);
@@ -277,12 +300,25 @@ static void resume_reader(squall_stream *s, int nres) {
   resume_parked(s, ref, nres);
 }
 
-static void resume_writer(squall_stream *s, int ok) {
-  int ref = s->writer_ref;
-  s->writer_ref = LUA_NOREF;
-  s->write_wait = WAIT_NONE;
-  if (s->timers != NULL && !s->closing)
-    uv_timer_stop(&s->timers->w);
+/* Unlink the waiter at `link`, free it, and return its coroutine's ref
+ * for resume_parked. */
+static int unlink_waiter(squall_stream *s, struct write_waiter **link) {
+  struct write_waiter *w = *link;
+  int ref = w->ref;
+  *link = w->next;
+  if (*link == NULL)
+    s->wwait_end = link;
+  free(w);
+  return ref;
+}
+
+static void arm_write_timer(squall_stream *s);
+
+/* Resume the oldest parked writer with true, or nil and the stream's
+ * error. */
+static void resume_first_writer(squall_stream *s, int ok) {
+  int ref = unlink_waiter(s, &s->wwait);
+  arm_write_timer(s);
   resume_parked(s, ref, push_outcome(s, ok));
 }
 
@@ -558,7 +594,7 @@ static int try_inline_read(lua_State *L, squall_stream *s, const char *what) {
   s->reader_ref = squall_coro_park(L, what);
   if (s->timeout > 0 && s->timers != NULL)
     uv_timer_start(&s->timers->r, on_read_timeout,
-                   (uint64_t)(s->timeout * 1000.0 + 0.5), 0);
+                   squall_timeout_ms(s->timeout), 0);
   start_reading(s);
   return lua_yield(L, 0);
 }
@@ -810,7 +846,7 @@ static int l_handshake(lua_State *L) {
   s->hs_ref = squall_coro_park(L, "the TLS handshake");
   if (s->timeout > 0 && s->timers != NULL)
     uv_timer_start(&s->timers->r, on_handshake_timeout,
-                   (uint64_t)(s->timeout * 1000.0 + 0.5), 0);
+                   squall_timeout_ms(s->timeout), 0);
   start_reading(s);
   return lua_yield(L, 0);
 }
@@ -872,18 +908,29 @@ static void settle_unsent(squall_stream *s) {
   }
 }
 
-/* Wake a writer waiting on the queue, once its condition holds. */
-static void wake_writer(squall_stream *s) {
-  if (s->writer_ref == LUA_NOREF)
-    return;
-  if (s->closing || (s->closed && !s->flush_close)) {
-    resume_writer(s, 0);
-    return;
+/* Whether waiter `w` may go on: how many of the bytes up to its mark are
+ * still unsent. Under TLS unsent() counts ciphertext, which is never
+ * shorter than its plaintext, so this errs on the side of waiting. */
+static int waiter_ready(const squall_stream *s, const struct write_waiter *w) {
+  uint64_t after = s->queued_total - w->mark; /* queued later by others */
+  uint64_t left = unsent(s);
+  left = left > after ? left - after : 0;
+  return w->kind == WAIT_FLUSH ? left == 0 : left <= s->o.write_high_water;
+}
+
+/* Wake parked writers in order: each whose condition holds, up to the
+ * first that must still wait; every one of them, with the stream's error,
+ * once it closed for good. A woken coroutine may write and park again:
+ * it goes to the tail, and the loop looks at the head afresh. */
+static void wake_writers(squall_stream *s) {
+  while (s->wwait != NULL) {
+    if (s->closing || (s->closed && !s->flush_close))
+      resume_first_writer(s, 0);
+    else if (waiter_ready(s, s->wwait))
+      resume_first_writer(s, 1);
+    else
+      break;
   }
-  size_t left = unsent(s);
-  if ((s->write_wait == WAIT_HIGH_WATER && left <= s->o.write_high_water) ||
-      (s->write_wait == WAIT_FLUSH && left == 0))
-    resume_writer(s, 1);
 }
 
 /* Send what is queued: one try_write of everything, the rest handed to
@@ -941,10 +988,12 @@ static int flush_writes(squall_stream *s) {
   return 0;
 }
 
+/* After bytes went out (or failed to): wake the writers whose bytes are
+ * out, then finish a close() that waited for them. */
 static void after_progress(squall_stream *s) {
+  wake_writers(s);
   if (s->flush_close && unsent(s) == 0 && !s->closing)
     close_handles(s);
-  wake_writer(s);
   settle_unsent(s);
 }
 
@@ -983,34 +1032,68 @@ static void flush_dirty(squall_loop *loop, void *arg) {
   }
 }
 
+static void on_write_timeout(uv_timer_t *t);
+
+/* Point the write timer at the earliest deadline among the waiters (they
+ * may differ: set_timeout can change between two writes). */
+static void arm_write_timer(squall_stream *s) {
+  if (s->timers == NULL || s->closing)
+    return;
+  uint64_t first = 0;
+  for (struct write_waiter *w = s->wwait; w != NULL; w = w->next)
+    if (w->deadline != 0 && (first == 0 || w->deadline < first))
+      first = w->deadline;
+  if (first == 0) {
+    uv_timer_stop(&s->timers->w);
+    return;
+  }
+  uint64_t now = uv_now(&s->loop->uv);
+  uv_timer_start(&s->timers->w, on_write_timeout, first > now ? first - now : 0,
+                 0);
+}
+
+/* Each waiter whose deadline passed gets `timeout`, in order; what it
+ * queued stays queued. Then those behind may go on. */
 static void on_write_timeout(uv_timer_t *t) {
   squall_stream *s = t->data;
   lua_State *L = loop_L(s);
-  if (s->writer_ref == LUA_NOREF || L == NULL)
+  if (L == NULL)
     return;
-  int ref = s->writer_ref;
-  s->writer_ref = LUA_NOREF;
-  s->write_wait = WAIT_NONE;
-  lua_pushnil(L);
-  squall_push_error(L, "timeout", "the stream's timeout ran out");
-  resume_parked(s, ref, 2);
+  uint64_t now = uv_now(&s->loop->uv);
+  for (;;) {
+    struct write_waiter **link = &s->wwait;
+    while (*link != NULL && ((*link)->deadline == 0 || (*link)->deadline > now))
+      link = &(*link)->next;
+    if (*link == NULL)
+      break;
+    int ref = unlink_waiter(s, link);
+    lua_pushnil(L);
+    squall_push_error(L, "timeout", "the stream's timeout ran out");
+    resume_parked(s, ref, 2);
+  }
+  arm_write_timer(s);
+  wake_writers(s);
 }
 
-/* Park the calling coroutine until wake_writer's condition holds. */
+/* Park the calling coroutine at the tail of the writers' queue until
+ * waiter_ready holds for it (woken by wake_writers), it times out, or the
+ * stream closes. */
 static int wait_writer(lua_State *L, squall_stream *s, int kind,
                        const char *what) {
-  if (s->writer_ref != LUA_NOREF) {
-    /* Another coroutine waits already: this one goes on, its bytes
-     * queued behind. */
-    lua_pushboolean(L, 1);
-    return 1;
-  }
-  squall_stream_hold(L, s, 1);
-  s->writer_ref = squall_coro_park(L, what);
-  s->write_wait = kind;
+  struct write_waiter *w = malloc(sizeof *w);
+  if (w == NULL)
+    return luaL_error(L, "out of memory");
+  w->ref = squall_coro_park(L, what);
+  w->kind = kind;
+  w->mark = s->queued_total;
+  w->deadline = 0;
+  w->next = NULL;
   if (s->timeout > 0 && s->timers != NULL)
-    uv_timer_start(&s->timers->w, on_write_timeout,
-                   (uint64_t)(s->timeout * 1000.0 + 0.5), 0);
+    w->deadline = uv_now(&s->loop->uv) + squall_timeout_ms(s->timeout);
+  *s->wwait_end = w;
+  s->wwait_end = &w->next;
+  squall_stream_hold(L, s, 1);
+  arm_write_timer(s);
   return lua_yield(L, 0);
 }
 
@@ -1020,7 +1103,9 @@ static int in_coroutine(lua_State *L) {
   return !main;
 }
 
-/* stream:write(data): data is a string or an array of strings. */
+/* stream:write(data [, callback]): data is a string or an array of
+ * strings. With a callback (iostream.lua waits for it with flush in a
+ * coroutine of its own) the caller never waits here. */
 static int l_write(lua_State *L) {
   squall_stream *s = check_stream(L, 1);
   size_t total = 0;
@@ -1066,6 +1151,7 @@ static int l_write(lua_State *L) {
   }
   if (err != 0)
     return luaL_error(L, "out of memory queueing a write");
+  s->queued_total += total;
   if (total == 0) {
     lua_pushboolean(L, 1);
     return 1;
@@ -1079,7 +1165,8 @@ static int l_write(lua_State *L) {
     if (flush_writes(s) != 0)
       return push_closed(L, s);
     settle_unsent(s);
-    if (unsent(s) > s->o.write_high_water && in_coroutine(L))
+    if (unsent(s) > s->o.write_high_water && lua_isnoneornil(L, 3) &&
+        in_coroutine(L))
       return wait_writer(L, s, WAIT_HIGH_WATER, "write");
   }
   lua_pushboolean(L, 1);
@@ -1140,8 +1227,8 @@ static void on_handle_closed(uv_handle_t *h) {
     lua_State *L = loop_L(s);
     if (s->reader_ref != LUA_NOREF && L != NULL)
       resume_reader(s, push_closed(L, s));
-    if (s->writer_ref != LUA_NOREF)
-      resume_writer(s, 0);
+    while (s->wwait != NULL)
+      resume_first_writer(s, 0);
     if (s->hs_ref != LUA_NOREF)
       wake_handshake(s, 0);
     if (s->held_unsent) {
@@ -1268,6 +1355,13 @@ static int l_writing(lua_State *L) {
   return 1;
 }
 
+/* stream:get_write_buffer_size(): bytes queued that the kernel has not
+ * taken yet (asyncio's name); with TLS, counted after encryption. */
+static int l_get_write_buffer_size(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)unsent(check_stream(L, 1)));
+  return 1;
+}
+
 /* stream:_error(): the error that closed the stream, or nil. */
 static int l_error(lua_State *L) {
   squall_stream *s = check_stream(L, 1);
@@ -1379,7 +1473,8 @@ squall_stream *squall_stream_new(lua_State *L, squall_loop *loop,
   s->h.close = close_for_loop;
   s->loop = loop;
   s->o = *o;
-  s->delim_ref = s->reader_ref = s->writer_ref = LUA_NOREF;
+  s->delim_ref = s->reader_ref = LUA_NOREF;
+  s->wwait_end = &s->wwait;
   s->close_cb_ref = s->self_ref = LUA_NOREF;
   s->ctx_ref = s->hs_ref = LUA_NOREF;
   s->max_bytes = SIZE_MAX;
@@ -1451,6 +1546,7 @@ int squall_stream_open(lua_State *L) {
       {"closed", l_closed},
       {"reading", l_reading},
       {"writing", l_writing},
+      {"get_write_buffer_size", l_get_write_buffer_size},
       {"_error", l_error},
       {"set_timeout", l_set_timeout},
       {"set_nodelay", l_set_nodelay},

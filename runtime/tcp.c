@@ -674,7 +674,7 @@ static int l_connect(lua_State *L) {
   c->co_ref = squall_coro_park(L, "connect");
   if (timeout > 0)
     uv_timer_start(&c->timer, on_connect_timeout,
-                   (uint64_t)(timeout * 1000.0 + 0.5), 0);
+                   squall_timeout_ms(timeout), 0);
   return lua_yield(L, 0);
 }
 

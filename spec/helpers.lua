@@ -96,6 +96,29 @@ function M.start(cmd, secs)
   end, signal
 end
 
+--- How much slower than usual this run may be (make check's valgrind run
+-- sets SQUALL_TEST_TIMEOUT_SCALE); multiply every spec's own deadline.
+M.scale = tonumber(os.getenv("SQUALL_TEST_TIMEOUT_SCALE")) or 1
+
+--- Inside a coroutine: wait until `cond()` returns a true value, checking
+-- every few milliseconds while the loop runs, and return that value.
+-- Raises when `timeout` seconds (default 5, scaled) pass first, naming
+-- `what`. Specs wait on this or on a Future, never on a fixed sleep.
+function M.eventually(cond, what, timeout)
+  local gen = require "squall.gen"
+  local ioloop = require "squall.ioloop"
+  local loop = ioloop.current()
+  local deadline = loop:time() + (timeout or 5) * M.scale
+  while true do
+    local v = cond()
+    if v then return v end
+    if loop:time() > deadline then
+      error("eventually: timed out waiting for " .. (what or "a condition"), 2)
+    end
+    gen.sleep(0.005)
+  end
+end
+
 --- The folder scripts/gen-test-certs fills (make test runs it).
 M.certs = "build/certs"
 

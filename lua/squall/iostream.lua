@@ -96,7 +96,9 @@ function methods.write(s, data, callback)
   if type(callback) ~= "function" then
     error("write: callback must be a function", 2)
   end
-  local ok, err = c_write(s, data)
+  -- Passing the callback tells C not to wait past write_high_water: the
+  -- callback, not the caller, learns when the bytes are out.
+  local ok, err = c_write(s, data, callback)
   if not ok then
     ioloop.current():add_callback(callback, nil, err)
     return
