@@ -7,6 +7,10 @@
  *   loadgen idle -p PORT -c conns -t secs
  *       opens `conns` connections and holds them; prints how many are open
  *       (a line "ready" once all are connected, for the RSS measurement).
+ *   loadgen pending -p PORT -c conns -t secs
+ *       like idle, but each connection then sends one byte, and a moment
+ *       later another (no newline): the server holds a few bytes per
+ *       connection while its reader waits for the rest of a line.
  *   loadgen bulk -p PORT -n bytes
  *       one connection sends `bytes` then half-closes; the time until the
  *       server closes gives MB/s (the server reads it all first).
@@ -211,16 +215,30 @@ static int run_echo(int port, int conns, double secs) {
 
 /* ---- idle, bulk, line ------------------------------------------------- */
 
-static int run_idle(int port, int conns, double secs) {
+static void send_byte_each(const int *fds, int n) {
+  for (int i = 0; i < n; i++)
+    if (write(fds[i], "x", 1) != 1)
+      errors++;
+}
+
+static int run_idle(int port, int conns, double secs, int pending) {
   int open_ = 0;
   int first_err = 0;
+  int *fds = calloc((size_t)conns, sizeof *fds);
   for (int i = 0; i < conns; i++) {
-    if (connect_to(port, 0) >= 0) {
-      open_++;
+    int fd = connect_to(port, 0);
+    if (fd >= 0) {
+      fds[open_++] = fd;
     } else {
       if (errors++ == 0)
         first_err = errno;
     }
+  }
+  if (pending) {
+    struct timespec gap = {0, 200 * 1000 * 1000};
+    send_byte_each(fds, open_);
+    nanosleep(&gap, NULL);
+    send_byte_each(fds, open_);
   }
   if (errors > 0)
     fprintf(stderr, "loadgen: %d connects failed, the first with: %s\n", errors,
@@ -231,6 +249,7 @@ static int run_idle(int port, int conns, double secs) {
                         (long)((secs - (double)(time_t)secs) * 1e9)};
   nanosleep(&ts, NULL);
   printf("open=%d errors=%d\n", open_, errors);
+  free(fds);
   return errors != 0;
 }
 
@@ -291,7 +310,7 @@ static int run_line(int port, uint64_t bytes) {
 
 int main(int argc, char **argv) {
   if (argc < 2) {
-    fprintf(stderr, "usage: loadgen echo|idle|bulk|line -p PORT [-c conns] "
+    fprintf(stderr, "usage: loadgen echo|idle|pending|bulk|line -p PORT [-c conns] "
                     "[-s size] [-d depth] [-t secs] [-n bytes]\n");
     return 2;
   }
@@ -324,7 +343,9 @@ int main(int argc, char **argv) {
   if (!strcmp(mode, "echo"))
     return run_echo(port, conns, secs);
   if (!strcmp(mode, "idle"))
-    return run_idle(port, conns, secs);
+    return run_idle(port, conns, secs, 0);
+  if (!strcmp(mode, "pending"))
+    return run_idle(port, conns, secs, 1);
   if (!strcmp(mode, "bulk"))
     return run_bulk(port, bytes);
   if (!strcmp(mode, "line"))

@@ -4,6 +4,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The smallest allocation: a connection holding a few bytes of a request
+ * keeps this much (nginx starts a request with 1 KiB too). */
+enum { MIN_CAP = 1024 };
+
 void squall_buffer_init(squall_buffer *b) {
   memset(b, 0, sizeof *b);
 }
@@ -28,7 +32,7 @@ char *squall_buffer_reserve(squall_buffer *b, size_t n) {
   size_t want = len + n;
   if (want < len)
     return NULL; /* overflow */
-  size_t cap = b->cap ? b->cap : 4096;
+  size_t cap = b->cap ? b->cap : MIN_CAP;
   while (cap < want) {
     if (cap > (size_t)-1 / 2) {
       cap = want;
@@ -94,6 +98,27 @@ long squall_buffer_find(squall_buffer *b, const char *delim, size_t dlen) {
   /* A match may still begin in the last dlen-1 bytes once more arrive. */
   b->scanned = len - dlen + 1;
   return -1;
+}
+
+void squall_buffer_shrink(squall_buffer *b) {
+  size_t len = b->end - b->start;
+  if (len == 0) {
+    squall_buffer_free(b);
+    return;
+  }
+  size_t want = MIN_CAP;
+  while (want < 2 * len)
+    want *= 2;
+  if (b->cap <= 2 * want)
+    return; /* close enough: not worth a copy */
+  memmove(b->data, b->data + b->start, len);
+  b->start = 0;
+  b->end = len;
+  char *data = realloc(b->data, want);
+  if (data == NULL)
+    return; /* keep the larger block; the bytes are at its front */
+  b->data = data;
+  b->cap = want;
 }
 
 void squall_buffer_swap(squall_buffer *a, squall_buffer *b) {

@@ -68,6 +68,12 @@ static inline void squall_buffer_reset_scan(squall_buffer *b) {
   b->scanned = 0;
 }
 
+/* Give back storage far larger than what is held: after a burst, a
+ * connection that keeps a few bytes should not keep the burst's buffer.
+ * Frees it when empty; otherwise keeps at least twice the length (and 1
+ * KiB), moving the bytes to the front. The remembered scan stays valid. */
+void squall_buffer_shrink(squall_buffer *b);
+
 /* Swap the contents of two buffers (the write queue and the bytes handed to
  * the kernel trade places this way, with no copy). */
 void squall_buffer_swap(squall_buffer *a, squall_buffer *b);

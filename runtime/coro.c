@@ -32,10 +32,10 @@ int squall_coro_resume(lua_State *L, lua_State *co, int nargs) {
     return status;
   }
   /* The coroutine is dead; build the report on L from co's stack. */
-  const char *msg = lua_tostring(co, -1);
-  if (msg == NULL && luaL_callmeta(co, -1, "__tostring"))
-    msg = lua_tostring(co, -1);
-  luaL_traceback(L, co, msg ? msg : "(error object is not a string)", 0);
+  lua_xmove(co, L, 1); /* the error value, described on L (protected) */
+  luaL_traceback(L, co, squall_host_describe(L, -1), 0);
+  lua_replace(L, -3); /* the traceback replaces the error value */
+  lua_pop(L, 1);      /* the description */
   /* A handler set with core.on_error(co, fn) gets (co, traceback) instead
    * of the generic report: TCPServer cleans up after its handlers this
    * way, without an xpcall frame on every connection's stack. */

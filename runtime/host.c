@@ -116,14 +116,42 @@ void squall_new_metatable(lua_State *L, const char *name,
   lua_pop(L, 1);
 }
 
+static int call_tostring(lua_State *L) {
+  luaL_callmeta(L, 1, "__tostring");
+  return 1;
+}
+
+const char *squall_host_describe(lua_State *L, int idx) {
+  if (lua_type(L, idx) == LUA_TSTRING || lua_type(L, idx) == LUA_TNUMBER) {
+    lua_pushvalue(L, idx);
+    return lua_tostring(L, -1);
+  }
+  if (luaL_getmetafield(L, idx, "__tostring")) {
+    lua_pop(L, 1);
+    /* In a pcall: a __tostring that raises must not take the process (or
+     * the report of the first error) down with it. */
+    lua_pushcfunction(L, call_tostring);
+    lua_pushvalue(L, idx < 0 ? idx - 1 : idx);
+    if (lua_pcall(L, 1, 1, 0) == 0 && lua_type(L, -1) == LUA_TSTRING)
+      return lua_tostring(L, -1);
+    const char *why = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1)
+                                                     : "it returned no string";
+    lua_pushfstring(L, "(error object's __tostring failed: %s)", why);
+    lua_remove(L, -2);
+    return lua_tostring(L, -1);
+  }
+  lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, idx));
+  return lua_tostring(L, -1);
+}
+
 int squall_host_traceback(lua_State *L) {
   if (!lua_isstring(L, 1)) {
     /* Error objects (tables) pass through untouched so callers can inspect
      * them; those with __tostring still get a readable traceback. */
-    if (!luaL_callmeta(L, 1, "__tostring"))
+    if (!luaL_getmetafield(L, 1, "__tostring"))
       return 1;
-    if (!lua_isstring(L, -1))
-      return 1;
+    lua_pop(L, 1);
+    squall_host_describe(L, 1);
     lua_replace(L, 1);
   }
   luaL_traceback(L, L, lua_tostring(L, 1), 1);

@@ -24,6 +24,11 @@ lua_State *squall_host_new(void);
  * unless they have a __tostring metamethod. */
 int squall_host_traceback(lua_State *L);
 
+/* Push a readable string for the error value at `idx` and return it: a
+ * string as it is, else its __tostring called under pcall (one that raises
+ * is described, never propagated), else its type. */
+const char *squall_host_describe(lua_State *L, int idx);
+
 /* lua_pcall with squall_host_traceback as the message handler. On error the
  * message (with traceback) is left on the stack, as lua_pcall does. */
 int squall_host_pcall(lua_State *L, int nargs, int nresults);

@@ -3,8 +3,11 @@
  *   squall [options] [script [args...]]
  *     -e code   run code (may repeat; runs before the script)
  *     -l name   require library `name`
- *     -v        print versions of squall, LuaJIT, libuv and OpenSSL
+ *     -v, --version  print versions of squall, LuaJIT, libuv and OpenSSL
+ *     -h, --help     print usage and exit 0
  *     --reload  reload changed Lua modules while running (squall.reload)
+ *     --log-level LEVEL  debug|info|warn|error (sets SQUALL_LOG_LEVEL,
+ *               which squall.log reads, so forked children inherit it)
  *     --        stop handling options
  *     -         run standard input
  *
@@ -16,6 +19,7 @@
 #include <openssl/crypto.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -25,16 +29,24 @@
 
 static const char *progname = "squall";
 
-static void usage(void) {
-  fprintf(stderr,
+static void usage(FILE *to) {
+  fprintf(to,
           "usage: %s [options] [script [args...]]\n"
-          "  -e code   run code\n"
-          "  -l name   require library name\n"
-          "  -v        show versions\n"
-          "  --reload  reload changed Lua modules while running\n"
-          "  --        stop handling options\n"
-          "  -         run standard input\n",
+          "  -e code            run code\n"
+          "  -l name            require library name\n"
+          "  -v, --version      show versions\n"
+          "  -h, --help         show this help\n"
+          "  --reload           reload changed Lua modules while running\n"
+          "  --log-level LEVEL  debug, info, warn or error (default info;\n"
+          "                     also SQUALL_LOG_LEVEL)\n"
+          "  --                 stop handling options\n"
+          "  -                  run standard input\n",
           progname);
+}
+
+static int valid_level(const char *l) {
+  return strcmp(l, "debug") == 0 || strcmp(l, "info") == 0 ||
+         strcmp(l, "warn") == 0 || strcmp(l, "error") == 0;
 }
 
 static void print_versions(void) {
@@ -56,12 +68,9 @@ static void raise_nofile_limit(void) {
 
 static int report(lua_State *L, int status) {
   if (status != 0) {
-    const char *msg = lua_tostring(L, -1);
-    if (msg == NULL)
-      msg = "(error object is not a string)";
-    fprintf(stderr, "%s: %s\n", progname, msg);
+    fprintf(stderr, "%s: %s\n", progname, squall_host_describe(L, -1));
     fflush(stderr);
-    lua_pop(L, 1);
+    lua_pop(L, 2);
   }
   return status;
 }
@@ -82,6 +91,8 @@ static int run_chunk(lua_State *L, int status, int nargs) {
     lua_insert(L, -(nargs + 1));
     status = squall_host_pcall(L, nargs, 0);
   } else {
+    /* The load error is on top of the script's arguments: keep it. */
+    lua_insert(L, -(nargs + 1));
     lua_pop(L, nargs);
   }
   return report(L, status);
@@ -124,20 +135,34 @@ int main(int argc, char **argv) {
         script = i + 1;
       break;
     }
-    if (strcmp(a, "-e") == 0 || strcmp(a, "-l") == 0) {
+    if (strcmp(a, "-e") == 0 || strcmp(a, "-l") == 0 ||
+        strcmp(a, "--log-level") == 0) {
       if (++i >= argc) {
         fprintf(stderr, "%s: '%s' needs an argument\n", progname, a);
-        usage();
+        usage(stderr);
         return 1;
       }
       has_e |= a[1] == 'e';
-    } else if (strcmp(a, "-v") == 0) {
+      if (a[1] == '-') {
+        if (!valid_level(argv[i])) {
+          fprintf(stderr,
+                  "%s: --log-level takes debug, info, warn or error, "
+                  "got '%s'\n",
+                  progname, argv[i]);
+          return 1;
+        }
+        setenv("SQUALL_LOG_LEVEL", argv[i], 1);
+      }
+    } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+      usage(stdout);
+      return 0;
+    } else if (strcmp(a, "-v") == 0 || strcmp(a, "--version") == 0) {
       has_v = 1;
     } else if (strcmp(a, "--reload") == 0) {
       /* handled in the second pass */
     } else {
       fprintf(stderr, "%s: unrecognized option '%s'\n", progname, a);
-      usage();
+      usage(stderr);
       return 1;
     }
   }
@@ -162,6 +187,8 @@ int main(int argc, char **argv) {
           L, luaL_loadbuffer(L, code, strlen(code), "=(command line)"), 0);
     } else if (strcmp(argv[i], "-l") == 0) {
       status = require_lib(L, argv[++i]);
+    } else if (strcmp(argv[i], "--log-level") == 0) {
+      i++; /* set in the environment by the first pass */
     } else if (strcmp(argv[i], "--reload") == 0) {
       const char *code = "require('squall.reload').enable()";
       status = run_chunk(
@@ -174,7 +201,7 @@ int main(int argc, char **argv) {
     /* Nothing to run: read a script from stdin, as `lua -` does, unless a
      * person is typing, who wants to know how to use us. */
     if (isatty(0)) {
-      usage();
+      usage(stderr);
       lua_close(L);
       return 1;
     }

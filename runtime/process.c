@@ -4,23 +4,23 @@
 #include <errno.h>
 #include <lauxlib.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 #include <uv.h>
 
 static int task_id = -1; /* -1: not a child of fork_processes */
 
-/* Signals the parent got and has not forwarded yet. */
-static volatile sig_atomic_t pending[NSIG];
-
-static void note_signal(int sig) {
-  pending[sig] = 1;
-}
-
+/* The supervisor never runs a signal handler: it keeps the signals it
+ * acts on blocked and takes them one at a time with sigwaitinfo, after
+ * reaping. A signal that arrives at any moment stays pending until then,
+ * so none is lost between a check and a wait (a handler that set a flag
+ * lost SIGTERMs that came just before waitpid blocked). */
 static const int FORWARDED[] = {SIGTERM, SIGINT, SIGHUP};
 #define N_FORWARDED (int)(sizeof FORWARDED / sizeof FORWARDED[0])
 
@@ -29,31 +29,65 @@ typedef struct {
   int id;
 } child;
 
-static void set_handlers(void (*handler)(int)) {
-  for (int i = 0; i < N_FORWARDED; i++) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = handler;
-    sigemptyset(&sa.sa_mask);
-    /* No SA_RESTART: waitpid must return so the parent can forward. */
-    sigaction(FORWARDED[i], &sa, NULL);
-  }
+/* One log line in squall.log's format, from C (the supervisor has no loop
+ * and runs no Lua while it waits). */
+static void log_line(char level, const char *fmt, ...) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  struct tm tm;
+  localtime_r(&ts.tv_sec, &tm);
+  char when[32];
+  strftime(when, sizeof when, "%y%m%d %H:%M:%S", &tm);
+  char msg[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  fprintf(stderr, "[%c %s.%03ld squall.process] %s\n", level, when,
+          ts.tv_nsec / 1000000, msg);
+  fflush(stderr);
 }
 
-/* Fork one child for task `id`. Returns 0 in the child, 1 in the parent,
- * -1 on failure (errno set). */
-static int spawn(child *c, int id) {
+static void supervised_set(sigset_t *set) {
+  sigemptyset(set);
+  for (int i = 0; i < N_FORWARDED; i++)
+    sigaddset(set, FORWARDED[i]);
+  sigaddset(set, SIGCHLD);
+}
+
+/* Fork one child for task `id`, with the supervised signals still blocked
+ * (as they are in the parent): the child resets their dispositions before
+ * it unblocks them, so a signal forwarded at once is acted on by the
+ * child's defaults, never by a handler it inherited. SIGHUP starts
+ * ignored: it means "reload" to a child that installs a handler for it
+ * (squall.reload) and nothing otherwise; it never kills one. Returns 0 in
+ * the child, 1 in the parent, -1 on failure (errno set). */
+static int spawn(child *c, int id, const sigset_t *old_mask) {
   pid_t pid = fork();
   if (pid < 0)
     return -1;
   if (pid == 0) {
-    set_handlers(SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+    signal(SIGINT, SIG_DFL);
+    signal(SIGCHLD, SIG_DFL);
+    signal(SIGHUP, SIG_IGN);
+    sigprocmask(SIG_SETMASK, old_mask, NULL);
     task_id = id;
     return 0;
   }
   c->pid = pid;
   c->id = id;
   return 1;
+}
+
+static void kill_all(child *kids, int n, int sig) {
+  for (int k = 0; k < n; k++)
+    if (kids[k].pid > 0)
+      kill(kids[k].pid, sig);
+}
+
+static void on_sigchld(int sig) {
+  (void)sig; /* a handler, not SIG_DFL, so SIGCHLD is surely queued */
 }
 
 /* core.fork_processes(n, max_restarts) -> task id, in each child; nil in
@@ -71,10 +105,16 @@ static int l_fork_processes(lua_State *L) {
   if (kids == NULL)
     return luaL_error(L, "out of memory");
   fflush(NULL); /* buffered output would be written by every child */
-  memset((void *)pending, 0, sizeof pending);
-  set_handlers(note_signal);
+  sigset_t set, old_mask;
+  supervised_set(&set);
+  sigprocmask(SIG_BLOCK, &set, &old_mask);
+  struct sigaction sa, old_chld;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_sigchld;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGCHLD, &sa, &old_chld);
   for (int i = 0; i < n; i++) {
-    int r = spawn(&kids[i], i);
+    int r = spawn(&kids[i], i, &old_mask);
     if (r == 0) {
       free(kids);
       lua_pushinteger(L, i);
@@ -85,72 +125,68 @@ static int l_fork_processes(lua_State *L) {
       for (int j = 0; j < i; j++)
         kill(kids[j].pid, SIGTERM);
       free(kids);
+      sigaction(SIGCHLD, &old_chld, NULL);
+      sigprocmask(SIG_SETMASK, &old_mask, NULL);
       return luaL_error(L, "fork: %s", strerror(e));
     }
   }
+  log_line('I', "supervising %d processes; signal pid %d to stop (TERM) or "
+                "reload (HUP) them all",
+           n, (int)getpid());
 
   int alive = n, restarts = 0, stopping = 0, failed = 0;
   while (alive > 0) {
-    for (int i = 0; i < N_FORWARDED; i++) {
-      int sig = FORWARDED[i];
-      if (!pending[sig])
-        continue;
-      pending[sig] = 0;
-      if (sig != SIGHUP)
-        stopping = 1; /* children stopped on purpose are not restarted */
-      for (int k = 0; k < n; k++)
-        if (kids[k].pid > 0)
-          kill(kids[k].pid, sig);
-    }
+    /* Reap whoever exited; restart those that died before a stop. */
     int status;
-    pid_t pid = waitpid(-1, &status, 0);
-    if (pid < 0) {
-      if (errno == EINTR)
+    pid_t pid;
+    while (alive > 0 && (pid = waitpid(-1, &status, WNOHANG)) > 0) {
+      int k = 0;
+      while (k < n && kids[k].pid != pid)
+        k++;
+      if (k == n)
         continue;
-      break; /* ECHILD: nobody left */
+      kids[k].pid = 0;
+      int normal = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+      if (normal || stopping) {
+        alive--;
+        continue;
+      }
+      if (WIFSIGNALED(status))
+        log_line('W', "child %d (pid %d) killed by signal %d; restarting",
+                 kids[k].id, (int)pid, WTERMSIG(status));
+      else
+        log_line('W', "child %d (pid %d) exited with status %d; restarting",
+                 kids[k].id, (int)pid, WEXITSTATUS(status));
+      if (++restarts > max_restarts) {
+        failed = 1;
+        alive--;
+        stopping = 1;
+        kill_all(kids, n, SIGTERM);
+        continue;
+      }
+      int r = spawn(&kids[k], kids[k].id, &old_mask);
+      if (r == 0) {
+        int id = kids[k].id;
+        free(kids);
+        lua_pushinteger(L, id);
+        return 1;
+      }
+      if (r < 0)
+        alive--;
     }
-    int k = 0;
-    while (k < n && kids[k].pid != pid)
-      k++;
-    if (k == n)
+    if (alive == 0)
+      break;
+    /* Then wait for the next signal: a child's exit, or one to forward. */
+    int sig = sigwaitinfo(&set, NULL);
+    if (sig < 0 || sig == SIGCHLD)
       continue;
-    kids[k].pid = 0;
-    int normal = WIFEXITED(status) && WEXITSTATUS(status) == 0;
-    if (normal || stopping) {
-      alive--;
-      continue;
-    }
-    if (WIFSIGNALED(status))
-      fprintf(stderr,
-              "[W squall.process] child %d (pid %d) killed by signal "
-              "%d; restarting\n",
-              kids[k].id, (int)pid, WTERMSIG(status));
-    else
-      fprintf(stderr,
-              "[W squall.process] child %d (pid %d) exited with "
-              "status %d; restarting\n",
-              kids[k].id, (int)pid, WEXITSTATUS(status));
-    if (++restarts > max_restarts) {
-      failed = 1;
-      alive--;
-      stopping = 1;
-      for (int j = 0; j < n; j++)
-        if (kids[j].pid > 0)
-          kill(kids[j].pid, SIGTERM);
-      continue;
-    }
-    int r = spawn(&kids[k], kids[k].id);
-    if (r == 0) {
-      int id = kids[k].id;
-      free(kids);
-      lua_pushinteger(L, id);
-      return 1;
-    }
-    if (r < 0)
-      alive--;
+    if (sig != SIGHUP)
+      stopping = 1; /* children stopped on purpose are not restarted */
+    kill_all(kids, n, sig);
   }
   free(kids);
-  set_handlers(SIG_DFL);
+  sigaction(SIGCHLD, &old_chld, NULL);
+  sigprocmask(SIG_SETMASK, &old_mask, NULL);
   if (failed)
     return luaL_error(L, "fork_processes: children died more than %d times",
                       max_restarts);

@@ -324,6 +324,91 @@ static void resume_first_writer(squall_stream *s, int ok) {
 
 /* ---- the read state machine ------------------------------------------ */
 
+/* The longest match a Lua pattern can make, or SIZE_MAX when it has no
+ * bound (a `*`, `+` or `-` quantifier, %b, %f or a back-reference). The
+ * pattern is well-formed: string.find checked it when the read started. */
+static size_t pattern_max_len(const char *p) {
+  size_t n = 0;
+  if (*p == '^')
+    p++;
+  while (*p != '\0') {
+    if (*p == '(' || *p == ')') {
+      p++;
+      continue;
+    }
+    if (*p == '$' && p[1] == '\0')
+      break;
+    if (*p == '%') {
+      if (p[1] == 'b' || p[1] == 'f' || (p[1] >= '0' && p[1] <= '9'))
+        return SIZE_MAX;
+      p += 2;
+    } else if (*p == '[') {
+      p++;
+      if (*p == '^')
+        p++;
+      do { /* the first ']' of a set is literal */
+        if (*p == '%')
+          p++;
+        p++;
+      } while (*p != ']');
+      p++;
+    } else {
+      p++;
+    }
+    if (*p == '*' || *p == '+' || *p == '-')
+      return SIZE_MAX;
+    if (*p == '?')
+      p++;
+    n++;
+  }
+  return n;
+}
+
+/* READ_PATTERN: where the first match ends, 0 when there is none yet, -1
+ * past max_bytes. string.find runs over what is buffered from `scanned`
+ * on: a match of at most `dlen` bytes (pattern_max_len) that starts
+ * earlier would have been found by an earlier search, so a line arriving
+ * in many chunks is searched in linear time overall. A pattern with no
+ * bound, or anchored with `^`, is searched over the whole buffer each
+ * time (docs/guide.md says what that costs; max_bytes bounds it). */
+static long find_pattern(lua_State *L, squall_stream *s) {
+  size_t len = squall_buffer_len(&s->rbuf);
+  if (len == 0 || L == NULL)
+    return 0;
+  size_t from = 0, n = len;
+  if (s->delim[0] == '^') {
+    size_t k = s->dlen;
+    /* An anchored, bounded pattern without `$` looks at k bytes at most. */
+    if (k != SIZE_MAX && k < len && s->delim[strlen(s->delim) - 1] != '$')
+      n = k;
+  } else if (s->dlen != SIZE_MAX) {
+    from = s->rbuf.scanned;
+  }
+  lua_getglobal(L, "string");
+  lua_getfield(L, -1, "find");
+  lua_remove(L, -2);
+  lua_pushlstring(L, squall_buffer_head(&s->rbuf) + from, n - from);
+  lua_pushstring(L, s->delim);
+  long r = 0;
+  if (lua_pcall(L, 2, 2, 0) == 0) {
+    if (lua_isnumber(L, -1)) {
+      size_t end = from + (size_t)lua_tointeger(L, -1);
+      r = end > s->max_bytes ? -1 : (long)end;
+    } else {
+      if (len >= s->max_bytes)
+        r = -1;
+      /* No match starts before len - k + 1: each such attempt saw all of
+       * its at most k bytes already. */
+      if (s->dlen != SIZE_MAX && len >= s->dlen && len - s->dlen + 1 > from)
+        s->rbuf.scanned = len - s->dlen + 1;
+    }
+    lua_pop(L, 2);
+  } else {
+    lua_pop(L, 1);
+  }
+  return r;
+}
+
 /* How many buffered bytes the pending read takes: > 0 to finish it now,
  * 0 to keep waiting, -1 when it can never be satisfied (max_bytes). */
 static long find_read_pos(lua_State *L, squall_stream *s) {
@@ -337,30 +422,8 @@ static long find_read_pos(lua_State *L, squall_stream *s) {
     }
     return len >= s->max_bytes ? -1 : 0;
   }
-  case READ_PATTERN: {
-    if (len == 0 || L == NULL)
-      return 0;
-    /* string.find over what is buffered; the pattern was checked when the
-     * read started, so this cannot raise for a malformed pattern. */
-    lua_getglobal(L, "string");
-    lua_getfield(L, -1, "find");
-    lua_remove(L, -2);
-    lua_pushlstring(L, squall_buffer_head(&s->rbuf), len);
-    lua_pushstring(L, s->delim);
-    long r = 0;
-    if (lua_pcall(L, 2, 2, 0) == 0) {
-      if (lua_isnumber(L, -1)) {
-        size_t end = (size_t)lua_tointeger(L, -1);
-        r = end > s->max_bytes ? -1 : (long)end;
-      } else if (len >= s->max_bytes) {
-        r = -1;
-      }
-      lua_pop(L, 2);
-    } else {
-      lua_pop(L, 1);
-    }
-    return r;
-  }
+  case READ_PATTERN:
+    return find_pattern(L, s);
   case READ_BYTES:
     if (len >= s->read_n)
       return (long)s->read_n;
@@ -427,19 +490,41 @@ static size_t read_chunk(const squall_stream *s) {
   return chunk < room ? chunk : room;
 }
 
-/* Ciphertext lands here and is handed to OpenSSL at once: libuv calls
- * on_read right after on_alloc, so one buffer serves every TLS stream. */
-static char tls_scratch[65536];
+/* A read that cannot land in the stream's own buffer lands here, and
+ * on_read copies what came: libuv calls on_read right after on_alloc, so
+ * one buffer serves every stream. Ciphertext always comes here, on its way
+ * to OpenSSL. */
+static char read_scratch[65536];
 
+/* Where the next read lands. Straight into the buffer's free tail when a
+ * whole chunk fits there (a bulk transfer, after its first chunk: no
+ * copy); into the scratch when the buffer holds less than a chunk, so a
+ * connection holding a few bytes keeps a buffer the size of those bytes
+ * instead of a whole chunk (5,000 slow clients would pin 100 KB each);
+ * else the buffer grows by a chunk, as a long line needs. */
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   (void)suggested;
   squall_stream *s = h->data;
   if (s->tls != NULL) {
-    *buf = uv_buf_init(tls_scratch, sizeof tls_scratch);
+    *buf = uv_buf_init(read_scratch, sizeof read_scratch);
     return;
   }
   size_t chunk = read_chunk(s);
-  char *tail = chunk ? squall_buffer_reserve(&s->rbuf, chunk) : NULL;
+  if (chunk == 0) {
+    *buf = uv_buf_init(NULL, 0);
+    return;
+  }
+  if (squall_buffer_tail_room(&s->rbuf) >= chunk) {
+    *buf = uv_buf_init(s->rbuf.data + s->rbuf.end, (unsigned)chunk);
+    return;
+  }
+  if (squall_buffer_len(&s->rbuf) < chunk) {
+    if (chunk > sizeof read_scratch)
+      chunk = sizeof read_scratch;
+    *buf = uv_buf_init(read_scratch, (unsigned)chunk);
+    return;
+  }
+  char *tail = squall_buffer_reserve(&s->rbuf, chunk);
   *buf = uv_buf_init(tail, tail ? (unsigned)chunk : 0);
 }
 
@@ -467,8 +552,14 @@ static void on_read(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
       nread = UV_EOF; /* close_notify: a clean end, handled below */
   }
   if (nread > 0) {
-    if (s->tls == NULL)
+    if (s->tls == NULL && buf->base == read_scratch) {
+      if (squall_buffer_append(&s->rbuf, read_scratch, (size_t)nread) != 0) {
+        close_with(s, "io", "out of memory buffering a read");
+        return;
+      }
+    } else if (s->tls == NULL) {
       squall_buffer_commit(&s->rbuf, (size_t)nread);
+    }
     if (s->read_kind != READ_NONE)
       process_pending_read(s);
     /* Backpressure: nobody reads and the buffer is full. */
@@ -586,10 +677,10 @@ static int try_inline_read(lua_State *L, squall_stream *s, const char *what) {
     lua_pushvalue(L, 2);
     s->delim_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   }
-  /* An idle connection parked here holds no buffer: it is allocated again
-   * when data arrives (memory per idle connection is a figure we track). */
-  if (squall_buffer_len(&s->rbuf) == 0)
-    squall_buffer_free(&s->rbuf);
+  /* An idle connection parked here holds no buffer (it is allocated again
+   * when data arrives), and one holding part of a message keeps only about
+   * twice that: memory per idle connection is a figure we track. */
+  squall_buffer_shrink(&s->rbuf);
   squall_stream_hold(L, s, 1);
   s->reader_ref = squall_coro_park(L, what);
   if (s->timeout > 0 && s->timers != NULL)
@@ -680,7 +771,8 @@ static int l_read_until_pattern(lua_State *L) {
     return busy(L);
   s->read_kind = READ_PATTERN;
   s->delim = pat;
-  s->dlen = 0;
+  s->dlen = pattern_max_len(pat);
+  squall_buffer_reset_scan(&s->rbuf);
   s->max_bytes = max_bytes;
   return try_inline_read(L, s, "read_until_pattern");
 }

@@ -110,6 +110,51 @@ describe("squall.process", function()
       assert.matches("child 1 %(pid " .. victim .. "%) killed by signal 9", err)
     end, { timeout = 30 }))
 
+  it("never loses a SIGTERM that comes right after a child died (20 trials)",
+    async(function()
+      -- The parent used to check for signals, then block in waitpid: a
+      -- TERM in between, or one forwarded to a child still running the
+      -- parent's handler, was lost and the parent waited forever.
+      for trial = 1, 20 do
+        local dir = tmpdir()
+        local path = script(dir, IDLE_CHILD)
+        local wait, signal = helpers.start(("exec %s %s %s 2 50"):format(q(squall), q(path),
+          q(dir)), 10)
+        assert.is_true(eventually(function() return #files(dir, "^(%d)%.(%d+)$") == 2 end))
+        local victim = files(dir, "^(%d)%.(%d+)$")[1][2]
+        assert(os.execute("kill -KILL " .. victim) == 0)
+        assert.is_true(signal("TERM"))
+        local status, _, err = wait()
+        os.execute("rm -rf " .. q(dir))
+        assert.equal(0, status, ("trial %d: %s"):format(trial, err))
+      end
+    end, { timeout = 120 }))
+
+  it("SIGHUP never kills a child, with or without reload", async(function()
+    for _, reload in ipairs({ "", "--reload" }) do
+      local dir = tmpdir()
+      local path = script(dir, IDLE_CHILD)
+      local wait, signal = helpers.start(("exec %s %s %s %s 2 5"):format(q(squall), reload,
+        q(path), q(dir)), 30)
+      local pattern = "^(%d)%.(%d+)$"
+      assert.is_true(eventually(function() return #files(dir, pattern) == 2 end))
+      -- a restarted child gets HUPs from its first moment, before it could
+      -- install a handler
+      assert(os.execute("kill -KILL " .. files(dir, pattern)[1][2]) == 0)
+      for _ = 1, 20 do signal("HUP") end
+      assert.is_true(eventually(function() return #files(dir, pattern) == 3 end))
+      for _ = 1, 60 do signal("HUP") end
+      io.open(dir .. "/stop", "w"):close()
+      local status, _, err = wait()
+      local started = #files(dir, pattern)
+      os.execute("rm -rf " .. q(dir))
+      assert.equal(0, status, err)
+      assert.equal(3, started, err) -- two, and the one restart after the KILL
+      local _, restarts = err:gsub("restarting", "")
+      assert.equal(1, restarts, err)
+    end
+  end, { timeout = 60 }))
+
   it("exits 0 when every child exits normally", async(function()
     local dir = tmpdir()
     local path = script(dir, IDLE_CHILD)

@@ -135,7 +135,28 @@ static void test_large(void) {
   squall_buffer_free(&b);
 }
 
+static void test_shrink(void) {
+  squall_buffer b;
+  squall_buffer_init(&b);
+  char *big = calloc(1, 1 << 20);
+  squall_buffer_append(&b, big, 1 << 20);
+  squall_buffer_append(&b, "abc\n", 4);
+  squall_buffer_consume(&b, 1 << 20);
+  ok(b.cap >= (1 << 20), "a burst leaves a large buffer behind");
+  ok(squall_buffer_find(&b, "\n", 1) == 3, "the scan points at the newline");
+  squall_buffer_shrink(&b);
+  ok(b.cap == 1024 && squall_buffer_len(&b) == 4 &&
+         memcmp(squall_buffer_head(&b), "abc\n", 4) == 0,
+     "shrink keeps the bytes in 1 KiB");
+  ok(squall_buffer_find(&b, "\n", 1) == 3, "and the scan still finds them");
+  squall_buffer_consume(&b, 4);
+  squall_buffer_shrink(&b);
+  ok(b.data == NULL && b.cap == 0, "shrink of an empty buffer frees it");
+  free(big);
+}
+
 int main(void) {
+  test_shrink();
   test_append_consume();
   test_reserve_commit();
   test_find();

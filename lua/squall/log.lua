@@ -7,6 +7,16 @@ local M = {}
 local LEVELS = { debug = 10, info = 20, warn = 30, warning = 30, error = 40 }
 local LETTERS = { [10] = "D", [20] = "I", [30] = "W", [40] = "E" }
 local threshold = LEVELS.info
+-- `squall --log-level LEVEL` sets this; forked children inherit it.
+local env_level = os.getenv("SQUALL_LOG_LEVEL")
+if env_level and env_level ~= "" then
+  if LEVELS[env_level] then
+    threshold = LEVELS[env_level]
+  else
+    io.stderr:write(("squall.log: ignoring SQUALL_LOG_LEVEL=%q (debug, info, warn, error)\n")
+      :format(env_level))
+  end
+end
 
 local format, select, tostring = string.format, select, tostring
 local floor = math.floor
