@@ -7,7 +7,20 @@
 
 #define ON_ERROR_KEY "squall.coro.on_error"
 
-int squall_coro_park(lua_State *L, const char *what) {
+/* The coroutine squall_coro_resume is running now (innermost), or NULL.
+ * A coroutine may wait only when it is this one: its yield then comes back
+ * to squall_coro_resume. One started by coroutine.wrap or .resume would
+ * hand its yield to that caller instead, and Squall's later resume would
+ * run it from the wrong place (the result lost, the caller confused). */
+static lua_State *resumed_now;
+
+int squall_coro_can_wait(lua_State *L) {
+  return L == resumed_now;
+}
+
+int squall_coro_check(lua_State *L, const char *what) {
+  if (L == resumed_now)
+    return 0;
   if (lua_pushthread(L)) {
     lua_pop(L, 1);
     return luaL_error(L,
@@ -15,6 +28,17 @@ int squall_coro_park(lua_State *L, const char *what) {
                       "(or pass a callback)",
                       what);
   }
+  lua_pop(L, 1);
+  return luaL_error(L,
+                    "%s waits, but this coroutine was started with "
+                    "coroutine.wrap or coroutine.resume, which would get its "
+                    "yield: start it with gen.spawn (or pass a callback)",
+                    what);
+}
+
+int squall_coro_park(lua_State *L, const char *what) {
+  squall_coro_check(L, what);
+  lua_pushthread(L);
   return luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
@@ -25,7 +49,10 @@ lua_State *squall_coro_unpark(lua_State *L, int ref) {
 }
 
 int squall_coro_resume(lua_State *L, lua_State *co, int nargs) {
+  lua_State *outer = resumed_now;
+  resumed_now = co;
   int status = lua_resume(co, nargs);
+  resumed_now = outer;
   if (status == 0 || status == LUA_YIELD) {
     /* Yielded values go to whoever resumes it next: nobody here. */
     lua_settop(co, 0);
@@ -101,7 +128,16 @@ static int l_resume(lua_State *L) {
   return 1;
 }
 
+/* core.can_wait(): true when the running coroutine may wait (gen.lua asks
+ * before it yields; see resumed_now). */
+static int l_can_wait(lua_State *L) {
+  lua_pushboolean(L, squall_coro_can_wait(L));
+  return 1;
+}
+
 int squall_coro_open(lua_State *L) {
+  lua_pushcfunction(L, l_can_wait);
+  lua_setfield(L, -2, "can_wait");
   lua_newtable(L); /* coroutine -> error handler, weak keys */
   lua_createtable(L, 0, 1);
   lua_pushliteral(L, "k");

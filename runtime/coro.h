@@ -9,9 +9,17 @@
 
 #include <lua.h>
 
+/* True when L may wait: it is the coroutine squall_coro_resume is running
+ * (not the main thread, nor one started by coroutine.wrap/resume). */
+int squall_coro_can_wait(lua_State *L);
+
+/* Return 0 when L may wait; otherwise raise, saying why, that `what` must
+ * run in a coroutine Squall resumes. Call it before changing any state. */
+int squall_coro_check(lua_State *L, const char *what);
+
 /* Anchor the running coroutine L in the registry so it is not collected
- * while parked; returns the reference for squall_coro_resume_ref. Raises
- * when L is the main thread (a yielding call needs a coroutine). */
+ * while parked; returns the reference for squall_coro_unpark. Raises as
+ * squall_coro_check does. */
 int squall_coro_park(lua_State *L, const char *what);
 
 /* Resume the suspended coroutine `co` with the nargs values on top of its
@@ -26,7 +34,8 @@ int squall_coro_resume(lua_State *L, lua_State *co, int nargs);
  * caller pops it. */
 lua_State *squall_coro_unpark(lua_State *L, int ref);
 
-/* Add core.resume, core.running to the table at the top of the stack. */
+/* Add core.resume, core.on_error, core.can_wait to the table at the top of
+ * the stack. */
 int squall_coro_open(lua_State *L);
 
 #endif

@@ -199,7 +199,22 @@ static int new_error(lua_State *L) {
   return 1;
 }
 
+/* core.cwd(): the real working directory (getcwd), not $PWD, which a
+ * launcher that sets the directory (supervisord, Python's cwd=) leaves
+ * pointing elsewhere. */
+static int l_cwd(lua_State *L) {
+  char buf[4096];
+  size_t len = sizeof buf;
+  int err = uv_cwd(buf, &len);
+  if (err != 0)
+    return squall_push_uv_error(L, err);
+  lua_pushlstring(L, buf, len);
+  return 1;
+}
+
 int squall_host_open(lua_State *L) {
+  lua_pushcfunction(L, l_cwd);
+  lua_setfield(L, -2, "cwd");
   if (luaL_newmetatable(L, ERROR_MT)) {
     lua_pushcfunction(L, error_tostring);
     lua_setfield(L, -2, "__tostring");

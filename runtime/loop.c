@@ -342,7 +342,11 @@ static int l_watch_signal(lua_State *L) {
     if (strcmp(signals[i].name, name) == 0)
       break;
   if (i == sizeof signals / sizeof signals[0])
-    return luaL_error(L, "unknown signal name '%s'", name);
+    return luaL_error(L,
+                      "unknown signal name '%s' (SIGHUP, SIGINT, SIGQUIT, "
+                      "SIGTERM, SIGUSR1, SIGUSR2, SIGCHLD, SIGWINCH, SIGALRM, "
+                      "SIGPIPE, SIGCONT or SIGTSTP)",
+                      name);
   sig_watch *w = lua_newuserdata(L, sizeof *w);
   memset(w, 0, sizeof *w);
   w->h.close = signal_close;

@@ -110,6 +110,7 @@ struct squall_stream {
   unsigned tls_eof : 1;       /* the peer sent close_notify */
   unsigned shutdown_sent : 1; /* close_notify queued */
   unsigned idle : 1;          /* between requests (set_idle) */
+  unsigned close_called : 1;  /* close() ran: a second one aborts */
   int handles_open;           /* libuv handles not yet closed */
   void (*reset_done)(squall_stream *, void *);
   void *reset_arg;
@@ -658,15 +659,10 @@ static int try_inline_read(lua_State *L, squall_stream *s, const char *what) {
                "the read needs more than max_buffer_size bytes");
     return push_closed(L, s);
   }
-  if (lua_pushthread(L)) {
-    lua_pop(L, 1);
+  if (!squall_coro_can_wait(L)) {
     clear_read(s, L);
-    return luaL_error(L,
-                      "%s waits, so it must run inside a coroutine "
-                      "(or pass a callback)",
-                      what);
+    return squall_coro_check(L, what);
   }
-  lua_pop(L, 1);
   /* About to wait: what this coroutine wrote goes out first. */
   flush_writes(s);
   if (s->closed && !s->eof) {
@@ -825,7 +821,8 @@ static void wake_handshake(squall_stream *s, int ok) {
     return;
   int ref = s->hs_ref;
   s->hs_ref = LUA_NOREF;
-  if (s->timers != NULL && !s->closing)
+  /* After close() the read timer bounds the flush instead. */
+  if (s->timers != NULL && !s->closing && !s->flush_close)
     uv_timer_stop(&s->timers->r);
   resume_parked(s, ref, push_outcome(s, ok));
 }
@@ -846,6 +843,22 @@ static void tls_failed(squall_stream *s, const char *msg) {
   close_with(s, "tls", msg);
 }
 
+/* After a TLS failure, OpenSSL has written an alert that says why
+ * ("protocol version", "certificate required"): hand it to the kernel
+ * with one try_write before the stream closes, as openssl s_server does,
+ * so the peer learns the reason instead of seeing the connection drop. */
+static void send_alert(squall_stream *s) {
+  if (!s->connected || s->closing || s->in_flight ||
+      squall_tls_drain(s->tls, &s->wcipher) != 0 ||
+      squall_buffer_len(&s->wcipher) == 0)
+    return;
+  uv_buf_t b = uv_buf_init((char *)squall_buffer_head(&s->wcipher),
+                           (unsigned)squall_buffer_len(&s->wcipher));
+  int n = uv_try_write((uv_stream_t *)&s->tcp, &b, 1);
+  if (n > 0)
+    squall_buffer_consume(&s->wcipher, (size_t)n);
+}
+
 /* Decrypt what OpenSSL holds into the read buffer (never past
  * max_buffer_size), queue what it produced (handshake records, alerts) and
  * wake a handshake waiter. Returns SQUALL_TLS_OK, _EOF or _ERROR (the
@@ -858,6 +871,7 @@ static int tls_pump(squall_stream *s) {
   int was_done = squall_tls_handshake_done(s->tls);
   int r = squall_tls_read(s->tls, &s->rbuf, room);
   if (r == SQUALL_TLS_ERROR) {
+    send_alert(s);
     tls_failed(s, squall_tls_error(s->tls));
     wake_handshake(s, 0);
     return r;
@@ -934,8 +948,8 @@ static int l_handshake(lua_State *L) {
   }
   if (s->hs_ref != LUA_NOREF)
     return busy(L);
-  squall_stream_hold(L, s, 1);
   s->hs_ref = squall_coro_park(L, "the TLS handshake");
+  squall_stream_hold(L, s, 1);
   if (s->timeout > 0 && s->timers != NULL)
     uv_timer_start(&s->timers->r, on_handshake_timeout,
                    squall_timeout_ms(s->timeout), 0);
@@ -1172,6 +1186,7 @@ static void on_write_timeout(uv_timer_t *t) {
  * stream closes. */
 static int wait_writer(lua_State *L, squall_stream *s, int kind,
                        const char *what) {
+  squall_coro_check(L, what);
   struct write_waiter *w = malloc(sizeof *w);
   if (w == NULL)
     return luaL_error(L, "out of memory");
@@ -1187,12 +1202,6 @@ static int wait_writer(lua_State *L, squall_stream *s, int kind,
   squall_stream_hold(L, s, 1);
   arm_write_timer(s);
   return lua_yield(L, 0);
-}
-
-static int in_coroutine(lua_State *L) {
-  int main = lua_pushthread(L);
-  lua_pop(L, 1);
-  return !main;
 }
 
 /* stream:write(data [, callback]): data is a string or an array of
@@ -1258,7 +1267,7 @@ static int l_write(lua_State *L) {
       return push_closed(L, s);
     settle_unsent(s);
     if (unsent(s) > s->o.write_high_water && lua_isnoneornil(L, 3) &&
-        in_coroutine(L))
+        squall_coro_can_wait(L))
       return wait_writer(L, s, WAIT_HIGH_WATER, "write");
   }
   lua_pushboolean(L, 1);
@@ -1270,9 +1279,7 @@ static int l_flush(lua_State *L) {
   squall_stream *s = check_stream(L, 1);
   if (call_back(L, l_flush))
     return 0;
-  if (!in_coroutine(L))
-    return luaL_error(L, "flush waits, so it must run inside a coroutine "
-                         "(or pass a callback)");
+  squall_coro_check(L, "flush");
   if (s->closed && !s->flush_close)
     return push_closed(L, s);
   if (flush_writes(s) != 0)
@@ -1372,8 +1379,16 @@ static void close_for_loop(squall_handle *h) {
   close_with((squall_stream *)h, NULL, NULL);
 }
 
+static void on_close_timeout(uv_timer_t *t) {
+  close_with(t->data, "timeout",
+             "close() could not send what was queued within the stream's "
+             "timeout");
+}
+
 /* Close once what is queued has gone out (the peer may still read after
- * closing its side, and nothing written is dropped). */
+ * closing its side, and nothing written is dropped). The wait is bounded
+ * by the stream's timeout; without one it lasts as long as the peer
+ * reads, unless abort() (or a second close()) cuts it short. */
 static void close_flushing(squall_stream *s) {
   if (s->closing)
     return;
@@ -1383,19 +1398,46 @@ static void close_flushing(squall_stream *s) {
     stop_reading(s); /* else the handshake must finish before the flush */
   if (s->connected && (unsent(s) > 0 || s->tls != NULL) &&
       flush_writes(s) == 0 && unsent(s) > 0) {
-    s->flush_close = 1; /* on_write closes once the queue is out */
+    /* after_progress closes once the queue is out. The read timer is
+     * free: no read can wait on a closed stream. */
+    if (s->timeout > 0 && s->timers != NULL)
+      uv_timer_start(&s->timers->r, on_close_timeout,
+                     squall_timeout_ms(s->timeout), 0);
     return;
   }
   close_handles(s);
 }
 
-/* stream:close(): flush what is queued, then close. */
+/* stream:close(): flush what is queued, then close. A reader parked on
+ * the stream gets nil, closed now. Called again while the flush waits,
+ * it closes at once, as abort() does. */
 static int l_close(lua_State *L) {
   squall_stream *s = check_stream(L, 1);
-  if (s->closed)
+  if (s->closed) {
+    /* Only a flush this program asked for is cut short: one that began
+     * when the peer half-closed still delivers what was written. */
+    if (s->close_called && s->flush_close && !s->closing)
+      close_with(s, NULL, NULL);
+    s->close_called = 1;
     return 0;
+  }
+  s->close_called = 1;
+  s->closed = 1; /* what the woken reader does next sees it closed */
+  if (s->reader_ref != LUA_NOREF) {
+    lua_State *LL = loop_L(s);
+    if (LL != NULL)
+      resume_reader(s, push_closed(LL, s));
+  }
   squall_buffer_free(&s->rbuf);
   close_flushing(s);
+  return 0;
+}
+
+/* stream:abort(): close now, dropping whatever is still queued. */
+static int l_abort(lua_State *L) {
+  squall_stream *s = check_stream(L, 1);
+  if (!s->closing)
+    close_with(s, NULL, NULL);
   return 0;
 }
 
@@ -1443,7 +1485,8 @@ static int l_reading(lua_State *L) {
 }
 
 static int l_writing(lua_State *L) {
-  lua_pushboolean(L, unsent(check_stream(L, 1)) > 0);
+  squall_stream *s = check_stream(L, 1);
+  lua_pushboolean(L, unsent(s) > 0 && !s->closing); /* never, once closed */
   return 1;
 }
 
@@ -1634,6 +1677,7 @@ int squall_stream_open(lua_State *L) {
       {"write", l_write},
       {"flush", l_flush},
       {"close", l_close},
+      {"abort", l_abort},
       {"set_close_callback", l_set_close_callback},
       {"closed", l_closed},
       {"reading", l_reading},

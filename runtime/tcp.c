@@ -631,10 +631,7 @@ static int l_connect(lua_State *L) {
       uv_ip4_addr(src_ip, 0, (struct sockaddr_in *)&src) != 0 &&
       uv_ip6_addr(src_ip, 0, (struct sockaddr_in6 *)&src) != 0)
     return luaL_error(L, "source_ip %s is not an IP address", src_ip);
-  if (lua_pushthread(L))
-    return luaL_error(L, "connect waits, so it must run inside a coroutine "
-                         "(or pass a callback)");
-  lua_pop(L, 1);
+  squall_coro_check(L, "connect");
 
   connector *c = calloc(1, sizeof *c);
   if (c == NULL)

@@ -292,8 +292,21 @@ describe("squall.ioloop", function()
     loop:start()
     assert.equal("SIGUSR1", got)
     loop:remove_signal_handler("SIGUSR1")
-    assert.has_error(function() loop:add_signal_handler("SIGNOPE", print) end,
-      "unknown signal name 'SIGNOPE'")
+    local ok, err = pcall(loop.add_signal_handler, loop, "SIGNOPE", print)
+    assert.is_false(ok)
+    assert.matches("unknown signal name 'SIGNOPE' %(SIGHUP, SIGINT", err)
+  end))
+
+  it("takes signal names with or without SIG", with_loop(function(loop)
+    local got
+    loop:add_signal_handler("USR2", function(name) got = name; loop:stop() end)
+    loop:add_callback(function() os.execute("kill -USR2 $PPID") end)
+    loop:call_later(5, function() loop:stop() end)
+    loop:start()
+    assert.equal("SIGUSR2", got)
+    loop:remove_signal_handler("USR2")
+    assert.has_error(function() loop:add_signal_handler(15, print) end,
+      'signal name must be a string like "SIGTERM", got number')
   end))
 
   it("add_future calls back on the loop when the future resolves", with_loop(function(loop)

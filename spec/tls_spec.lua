@@ -160,19 +160,29 @@ describe("TLS", function()
       server:stop()
     end))
 
-    it("a client without one is refused", async(function()
-      local server, port = serve(Echo({ ssl_options = REQUIRED }))
-      -- With TLS 1.3 the client may finish first and learn on its read.
-      local c, err = connect(port)
-      if c then
-        c:write("hello\n")
-        local r
-        r, err = c:read_until("\n")
-        assert.is_nil(r)
-      end
-      assert.is_truthy(err.kind == "tls" or err.kind == "closed")
-      server:stop()
-    end))
+    it("a client without one is refused with kind tls and the reason on both sides",
+      async(function()
+        local server_err = gen.Future()
+        local server, port = serve(TCPServer({ ssl_options = REQUIRED,
+          handle_stream = function(stream)
+            server_err:set_result(select(2, stream:wait_for_handshake()))
+          end }))
+        -- With TLS 1.3 the client may finish first and learn on its read:
+        -- the server's alert tells it why.
+        local c, err = connect(port)
+        if c then
+          c:write("hello\n")
+          local r
+          r, err = c:read_until("\n")
+          assert.is_nil(r)
+        end
+        assert.equal("tls", err.kind)
+        assert.matches("certificate required", tostring(err))
+        local serr = server_err:result()
+        assert.equal("tls", serr.kind)
+        assert.matches("did not return a certificate", tostring(serr))
+        server:stop()
+      end))
   end)
 
   it("negotiates ALPN", async(function()
@@ -350,6 +360,16 @@ print(data.decode().strip(), "clean")
   end)
 
   describe("works with real clients and servers", function()
+    it("a refused handshake sends openssl s_client the alert", async(function()
+      local server, port = serve(Echo({ ssl_options = SERVER }))
+      local wait = helpers.spawn(("echo | timeout 10 openssl s_client -connect 127.0.0.1:%d " ..
+        "-tls1_1"):format(port))
+      local _, out, err = wait()
+      assert.matches("alert protocol version", out .. err)
+      assert.is_nil((out .. err):find("unexpected eof"))
+      server:stop()
+    end))
+
     it("openssl s_client against a squall server", async(function()
       local server, port = serve(Echo({ ssl_options = SERVER }))
       local wait = helpers.spawn(("(printf 'from s_client\\n'; sleep 1) | timeout 10 " ..

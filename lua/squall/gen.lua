@@ -19,10 +19,16 @@ local function pack(...)
   return { n = select("#", ...), ... }
 end
 
+local can_wait = core.can_wait
+
 local function need_coroutine(what, level)
   local co = running()
   if not co then
     error(what .. " waits, so it must run inside a coroutine", level + 1)
+  end
+  if not can_wait() then
+    error(what .. " waits, but this coroutine was started with coroutine.wrap or " ..
+      "coroutine.resume, which would get its yield: start it with gen.spawn", level + 1)
   end
   return co
 end

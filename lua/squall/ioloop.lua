@@ -261,16 +261,31 @@ function IOLoop:remove_handler(fd)
   end
 end
 
+-- "TERM" and "SIGTERM" name the same signal.
+local function signal_name(signame, level)
+  if type(signame) ~= "string" then
+    error(format("signal name must be a string like \"SIGTERM\", got %s", type(signame)),
+      level + 1)
+  end
+  if signame:sub(1, 3) ~= "SIG" then signame = "SIG" .. signame end
+  return signame
+end
+
 --- Call fn(signame) on the loop when the process receives the signal
--- (e.g. "SIGTERM"). Replaces an earlier handler for the same signal.
+-- ("SIGTERM" or "TERM"; fn gets the "SIG" form). Replaces an earlier
+-- handler for the same signal.
 function IOLoop:add_signal_handler(signame, fn)
+  signame = signal_name(signame, 2)
   check_callable(fn, 2)
   self:remove_signal_handler(signame)
-  self._signals[signame] = core.watch_signal(self._uv, signame, fn)
+  local ok, w = pcall(core.watch_signal, self._uv, signame, fn)
+  if not ok then error(w, 2) end
+  self._signals[signame] = w
 end
 
 --- Stop handling a signal (its default action applies again).
 function IOLoop:remove_signal_handler(signame)
+  signame = signal_name(signame, 2)
   local w = self._signals[signame]
   if w then
     self._signals[signame] = nil
@@ -368,14 +383,18 @@ function IOLoop:_run_sync(fn, timeout, trace)
     fut = gen._task(fn, false)
     fut:add_done_callback(function() self:stop() end)
   end)
-  local t
+  local t, timed_out
   if timeout then
-    t = self:call_later(timeout, function() self:stop() end)
+    t = self:call_later(timeout, function() timed_out = true; self:stop() end)
   end
   self:start()
   if t then self:remove_timeout(t) end
   if not (fut and fut:done()) then
-    error(core.error("timeout", format("operation timed out after %g seconds", timeout)), 3)
+    if timed_out then
+      error(core.error("timeout", format("operation timed out after %g seconds", timeout)), 3)
+    end
+    -- someone else called stop() (Tornado's words)
+    error("Event loop stopped before Future completed.", 3)
   end
   if fut._raised then
     local err = fut._error

@@ -167,6 +167,26 @@ function methods.start_tls(s, server_side, ssl_options, server_hostname)
   return s
 end
 
+--- Wait until the TLS handshake is done (a TLS server's handle_stream
+-- starts while it may still run; get_alpn_protocol and
+-- get_peer_certificate answer only after it). Waits inside a coroutine.
+-- @tparam[opt] function callback callback style
+-- @treturn boolean true
+-- @return nil, err (kind `tls` with OpenSSL's reason, `closed`, `timeout`)
+function methods.wait_for_handshake(s, callback)
+  if not s:uses_tls() then
+    error("wait_for_handshake: the stream does not use TLS", 2)
+  end
+  if callback ~= nil then
+    if type(callback) ~= "function" then
+      error("wait_for_handshake: callback must be a function", 2)
+    end
+    call_back(c_handshake, s, callback)
+    return
+  end
+  return c_handshake(s)
+end
+
 --- Connect to host:port. Waits inside a coroutine.
 -- @tparam string host a name (resolved without blocking the loop) or IP
 -- @tparam number port

@@ -170,8 +170,8 @@ local function track(name)
   local path = package.searchpath(name, package.path)
   if not path or is_system(path) then return end -- C, preload or a library
   if path:sub(1, 1) ~= "/" then
-    local pwd = os.getenv("PWD")
-    if pwd then path = pwd .. "/" .. path:gsub("^%./", "") end
+    local cwd = core.cwd()
+    if cwd then path = cwd .. "/" .. path:gsub("^%./", "") end
   end
   modules[name] = path
   by_path[dirname(path) .. "/" .. basename(path)] = name

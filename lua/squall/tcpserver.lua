@@ -40,7 +40,7 @@ function TCPServer.new(cls, opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("options must be a table", 3) end
   local self = setmetatable({ _acceptors = {}, _sockets = {}, _stream_opts = {},
-    _conns = {}, _nstreams = 0 }, cls)
+    _conns = {}, _nstreams = 0, _flushing = setmetatable({}, { __mode = "k" }) }, cls)
   for _, k in ipairs(STREAM_OPTS) do
     local v = opts[k]
     if v ~= nil and (type(v) ~= "number" or v < 1 or v % 1 ~= 0) then
@@ -76,6 +76,10 @@ end
 -- Running handlers: coroutine -> its stream (one table entry per
 -- connection; close_gracefully walks it).
 local function finished(server, co)
+  -- A stream its handler closed with writes still queued lingers until
+  -- they are out; close_gracefully's deadline aborts it.
+  local stream = server._conns[co]
+  if stream:closed() and stream:writing() then server._flushing[stream] = true end
   server._conns[co] = nil
   server._nstreams = server._nstreams - 1
   if server._drained and server._nstreams == 0 then server._drained() end
@@ -202,11 +206,24 @@ function TCPServer:close_gracefully(deadline)
   if self._nstreams > 0 then
     for _, stream in pairs(self._conns) do
       if not stream:closed() then closed = closed + 1 end
-      stream:close()
+      stream:abort() -- the time is up: what is still queued is dropped
     end
     -- handlers see `closed` on their next call and return
     gen.with_timeout(1, done)
   end
+  -- Streams whose handlers closed them but whose peers never read what
+  -- was queued: wait for them until the deadline too, then drop them.
+  while next(self._flushing) ~= nil and loop:time() < t_end do
+    for stream in pairs(self._flushing) do
+      if not stream:writing() then self._flushing[stream] = nil end
+    end
+    gen.sleep(math.min(0.05, math.max(0, t_end - loop:time())))
+  end
+  for stream in pairs(self._flushing) do
+    closed = closed + 1
+    stream:abort()
+  end
+  self._flushing = setmetatable({}, { __mode = "k" })
   self._drained = nil
   return closed == 0, closed
 end
