@@ -310,8 +310,9 @@ static int run_line(int port, uint64_t bytes) {
 
 int main(int argc, char **argv) {
   if (argc < 2) {
-    fprintf(stderr, "usage: loadgen echo|idle|pending|bulk|line -p PORT [-c conns] "
-                    "[-s size] [-d depth] [-t secs] [-n bytes]\n");
+    fprintf(stderr,
+            "usage: loadgen echo|idle|pending|bulk|line -p PORT [-c conns] "
+            "[-s size] [-d depth] [-t secs] [-n bytes]\n");
     return 2;
   }
   const char *mode = argv[1];

@@ -130,8 +130,9 @@ static int l_fork_processes(lua_State *L) {
       return luaL_error(L, "fork: %s", strerror(e));
     }
   }
-  log_line('I', "supervising %d processes; signal pid %d to stop (TERM) or "
-                "reload (HUP) them all",
+  log_line('I',
+           "supervising %d processes; signal pid %d to stop (TERM) or "
+           "reload (HUP) them all",
            n, (int)getpid());
 
   int alive = n, restarts = 0, stopping = 0, failed = 0;

@@ -670,8 +670,8 @@ static int l_connect(lua_State *L) {
   c->resolving = 1;
   c->co_ref = squall_coro_park(L, "connect");
   if (timeout > 0)
-    uv_timer_start(&c->timer, on_connect_timeout,
-                   squall_timeout_ms(timeout), 0);
+    uv_timer_start(&c->timer, on_connect_timeout, squall_timeout_ms(timeout),
+                   0);
   return lua_yield(L, 0);
 }
 

@@ -170,7 +170,7 @@ describe("squall.ioloop", function()
 
   it("raises at once on misuse", with_loop(function(loop)
     assert.has_error(function() loop:add_callback(42) end,
-      "callback must be a function, got number")
+      "callback must be a function, got number 42")
     assert.has_error(function() loop:call_later("soon", print) end)
     assert.has_error(function() loop:add_handler({}, print, ioloop.READ) end)
   end))

@@ -5,19 +5,18 @@
 -- the coroutine did not catch with its traceback.
 -- @module squall.gen
 local core = require "squall.core"
+local util = require "squall.util"
 local ioloop = require "squall.ioloop"
 local log = require "squall.log"
 
 local M = {}
 
+local pack, check_callable = util.pack, util.check_callable
+
 local resume = core.resume
 local running, yield, create = coroutine.running, coroutine.yield, coroutine.create
-local traceback, xpcall, select, unpack = debug.traceback, xpcall, select, unpack
+local traceback, xpcall, unpack = debug.traceback, xpcall, unpack
 local type, tostring, error, format = type, tostring, error, string.format
-
-local function pack(...)
-  return { n = select("#", ...), ... }
-end
 
 local can_wait = core.can_wait
 
@@ -33,13 +32,6 @@ local function need_coroutine(what, level)
   return co
 end
 
-local function check_callable(fn, level)
-  local t = type(fn)
-  if t == "function" then return end
-  local mt = getmetatable(fn)
-  if mt and mt.__call then return end
-  error(format("expected a function, got %s", t), level + 1)
-end
 
 --- A Future: a result that arrives later.
 -- @type Future

@@ -8,6 +8,7 @@
 -- that are due, then poll for I/O (without blocking when callbacks wait).
 -- @module squall.ioloop
 local core = require "squall.core"
+local util = require "squall.util"
 local log = require "squall.log"
 
 local M = {
@@ -25,6 +26,7 @@ local now = core.time
 local xpcall, traceback, unpack, select = xpcall, debug.traceback, unpack, select
 local type, tostring, error, format = type, tostring, error, string.format
 local max, floor = math.max, math.floor
+local pack, check_callable = util.pack, util.check_callable
 
 local current
 
@@ -50,17 +52,7 @@ local function run(fn, args)
   end
 end
 
-local function pack(...)
-  return { n = select("#", ...), ... }
-end
 
-local function check_callable(fn, level)
-  local t = type(fn)
-  if t == "function" then return end
-  local mt = getmetatable(fn)
-  if mt and mt.__call then return end
-  error(format("callback must be a function, got %s", t), level + 1)
-end
 
 local function check_seconds(x, name, level)
   if type(x) ~= "number" or x ~= x then

@@ -118,6 +118,9 @@ end
 -- TLS failures are routine noise (scanners, broken clients): debug level.
 core.stream_tls_log(function(msg) log.debug("TLS: %s", msg) end)
 
+local SSL_KEYS = { certfile = true, keyfile = true, ca_certs = true, cert_reqs = true,
+  ciphers = true, alpn_protocols = true, min_version = true }
+
 -- Contexts are built once per ssl_options table, not per connection.
 local contexts = setmetatable({}, { __mode = "k" })
 
@@ -132,6 +135,14 @@ function M.ssl_context(ssl_options, server_side)
   end
   local by_side = contexts[ssl_options]
   if not by_side then
+    -- A typo (keyfle) would otherwise be ignored and fail far away.
+    for k in pairs(ssl_options) do
+      if not SSL_KEYS[k] then
+        error(("ssl_options: unknown key %s (certfile, keyfile, ca_certs, cert_reqs, " ..
+          "ciphers, alpn_protocols, min_version)"):format(
+          type(k) == "string" and ("%q"):format(k) or tostring(k)), 2)
+      end
+    end
     by_side = {}
     contexts[ssl_options] = by_side
   end

@@ -4,6 +4,8 @@ local core = require "squall.core"
 local ioloop = require "squall.ioloop"
 local log = require "squall.log"
 
+local util = require "squall.util"
+
 local M = {}
 
 local FAMILIES = { inet = 4, inet6 = 6, [4] = 4, [6] = 6, unspec = nil }
@@ -19,9 +21,7 @@ local FAMILIES = { inet = 4, inet6 = 6, [4] = 4, [6] = 6, unspec = nil }
 -- @treturn table a list of sockets (`fileno`, `getsockname`, `close`)
 -- @return nil, err (kinds `resolve`, `address_in_use`, `io`)
 function M.bind_sockets(port, address, opts)
-  if type(port) ~= "number" or port < 0 or port > 65535 or port % 1 ~= 0 then
-    error("port must be an integer from 0 to 65535, got " .. tostring(port), 2)
-  end
+  util.check_port(port, 2)
   if address ~= nil and type(address) ~= "string" then
     error("address must be a string or nil, got " .. type(address), 2)
   end

@@ -200,11 +200,12 @@ function M.enable(opts)
   enabled = true
   for name in pairs(package.loaded) do track(name) end
   local require_ = require
-  -- Later requires are tracked as they happen.
+  -- Later requires are tracked as they happen. The real require is a
+  -- tail call, so its "module not found" names the caller's line, not
+  -- this file's.
   _G.require = function(name, ...)
-    local m = require_(name, ...)
     track(name)
-    return m
+    return require_(name, ...)
   end
   table.insert(ioloop._start_hooks, install)
   if ioloop._created > 0 then

@@ -9,6 +9,7 @@ local core = require "squall.core"
 local log = require "squall.log"
 local netutil = require "squall.netutil"
 local iostream = require "squall.iostream"
+local util = require "squall.util"
 
 local TCPServer = {}
 TCPServer.__index = TCPServer
@@ -38,26 +39,26 @@ end
 --   `write_high_water`, `max_write_buffer_size`
 function TCPServer.new(cls, opts)
   opts = opts or {}
-  if type(opts) ~= "table" then error("options must be a table", 3) end
+  if type(opts) ~= "table" then error("options must be a table, got " .. util.describe(opts), 2) end
   local self = setmetatable({ _acceptors = {}, _sockets = {}, _stream_opts = {},
     _conns = {}, _nstreams = 0, _flushing = setmetatable({}, { __mode = "k" }) }, cls)
   for _, k in ipairs(STREAM_OPTS) do
     local v = opts[k]
     if v ~= nil and (type(v) ~= "number" or v < 1 or v % 1 ~= 0) then
-      error(k .. " must be a positive integer, got " .. tostring(v), 3)
+      error(k .. " must be a positive integer, got " .. util.describe(v), 2)
     end
     self._stream_opts[k] = v
   end
   if opts.handle_stream ~= nil then
     if type(opts.handle_stream) ~= "function" then
-      error("handle_stream must be a function", 3)
+      error("handle_stream must be a function, got " .. util.describe(opts.handle_stream), 2)
     end
     self.handle_stream = function(_, ...) return opts.handle_stream(...) end
   end
   if opts.ssl_options ~= nil then
     -- Built (and its files checked) now, once for every connection.
     local ok, ctx = pcall(iostream.ssl_context, opts.ssl_options, true)
-    if not ok then error(ctx, 3) end
+    if not ok then error(ctx, 2) end
     self._ssl_ctx = ctx
   end
   return self
@@ -94,8 +95,27 @@ local function serve(server, stream, address)
   finished(server, running())
 end
 
+-- Misuse that would otherwise fail far from its cause: `Echo:listen()`
+-- on the class, and a server that has no handle_stream, which used to fail
+-- only when the first client came.
+local function check_server(self, what, level)
+  if type(self) ~= "table" or rawget(self, "_sockets") == nil then
+    error(("%s: call it on a server, as Server():%s(...), not Server:%s(...)")
+      :format(what, what, what), level + 1)
+  end
+  if self.handle_stream == TCPServer.handle_stream then
+    error(what .. ": the server has no handle_stream (pass one to TCPServer{ handle_stream = " ..
+      "function(stream, address) ... end } or define it in a subclass)", level + 1)
+  end
+end
+
 --- Start accepting on sockets from netutil.bind_sockets.
 function TCPServer:add_sockets(sockets)
+  check_server(self, "add_sockets", 2)
+  if type(sockets) ~= "table" then
+    error("add_sockets: sockets must be a list from netutil.bind_sockets, got " ..
+      util.describe(sockets), 2)
+  end
   local ctx = self._ssl_ctx
   local function on_error(co, tb)
     local stream = self._conns[co]
@@ -125,6 +145,8 @@ end
 -- accepting. May be called for several ports. Raises when it cannot bind.
 -- @return the list of sockets bound
 function TCPServer:listen(port, address, opts)
+  check_server(self, "listen", 2)
+  util.check_port(port, 2)
   local socks, err = netutil.bind_sockets(port, address, opts)
   if not socks then
     error(string.format("cannot listen on %s:%s: %s", tostring(address or "*"),
@@ -136,6 +158,8 @@ end
 
 --- Bind now, accept once `start` is called (for fork_processes).
 function TCPServer:bind(port, address, opts)
+  check_server(self, "bind", 2)
+  util.check_port(port, 2)
   local socks, err = netutil.bind_sockets(port, address, opts)
   if not socks then
     error(string.format("cannot bind %s:%s: %s", tostring(address or "*"),

@@ -1,0 +1,42 @@
+--- Helpers the squall modules share: argument checks that raise at the
+-- caller's line with what was given and what was expected.
+-- @module squall.util
+local M = {}
+
+local type, tostring, error, format, select = type, tostring, error, string.format, select
+
+--- A table of the arguments with their count in `n` (nils kept).
+function M.pack(...)
+  return { n = select("#", ...), ... }
+end
+
+--- How a value reads in an error message: `string "18999"`, `nil`,
+-- `number 3.5`, `table`.
+function M.describe(v)
+  local t = type(v)
+  if t == "string" then return format("string %q", v) end
+  if t == "number" or t == "boolean" then return t .. " " .. tostring(v) end
+  return t
+end
+
+--- Raise unless fn can be called (a function or a table with __call).
+-- @tparam number level the caller's level, as for error()
+function M.check_callable(fn, level, what)
+  local t = type(fn)
+  if t == "function" then return end
+  local mt = getmetatable(fn)
+  if mt and mt.__call then return end
+  error(format("%s must be a function, got %s", what or "callback", M.describe(fn)), level + 1)
+end
+
+--- Raise unless port is an integer from 0 to 65535.
+function M.check_port(port, level)
+  if type(port) ~= "number" or port < 0 or port > 65535 or port % 1 ~= 0 then
+    local hint = type(port) == "string" and tonumber(port)
+      and " (convert it with tonumber)" or ""
+    error(format("port must be an integer from 0 to 65535, got %s%s", M.describe(port), hint),
+      level + 1)
+  end
+end
+
+return M
