@@ -114,8 +114,8 @@ install: build/squall
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/squall/lua/squall
 	install -m 755 build/squall $(DESTDIR)$(PREFIX)/bin/squall
 	install -m 644 lua/squall/*.lua $(DESTDIR)$(PREFIX)/share/squall/lua/squall/
-	install -d $(DESTDIR)$(PREFIX)/share/squall/examples
-	install -m 644 examples/*.lua $(DESTDIR)$(PREFIX)/share/squall/examples/
+	cd examples && find . -type d -exec install -d $(DESTDIR)$(PREFIX)/share/squall/examples/{} \; \
+	  && find . -type f -name '*.lua' -exec install -m 644 {} $(DESTDIR)$(PREFIX)/share/squall/examples/{} \;
 
 clean:
 	rm -rf build $(ASAN_DIR)

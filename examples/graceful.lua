@@ -35,6 +35,12 @@ function Server:handle_stream(stream)
   stream:close()
 end
 
+-- The pid to signal: this process, or with several processes the parent
+-- that supervises them (read before forking).
+local stat = io.open("/proc/self/stat")
+local main_pid = stat:read("*l"):match("^(%d+)")
+stat:close()
+
 local server = Server()
 server:bind(port, "127.0.0.1")
 server:start(processes)
@@ -51,9 +57,9 @@ local function shutdown(signame)
 end
 loop:add_signal_handler("SIGTERM", shutdown)
 loop:add_signal_handler("SIGINT", shutdown)
-local stat = io.open("/proc/self/stat")
-log.info("graceful example on http://127.0.0.1:%d/ (pid %s)", port,
-  stat:read("*l"):match("^(%d+)"))
-stat:close()
+if (require("squall.process").task_id() or 0) == 0 then
+  log.info("graceful example on http://127.0.0.1:%d/ (stop it with: kill -TERM %s)", port,
+    main_pid)
+end
 loop:start()
 log.info("drained; exiting")

@@ -131,8 +131,8 @@ static int l_fork_processes(lua_State *L) {
     }
   }
   log_line('I',
-           "supervising %d processes; signal pid %d to stop (TERM) or "
-           "reload (HUP) them all",
+           "supervising %d processes; signal pid %d: TERM or INT stops "
+           "them all, HUP reaches each (a reload under --reload)",
            n, (int)getpid());
 
   int alive = n, restarts = 0, stopping = 0, failed = 0;
