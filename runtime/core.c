@@ -7,6 +7,7 @@
 #include "coro.h"
 #include "host.h"
 #include "loop.h"
+#include "msgpack.h"
 #include "process.h"
 #include "stream.h"
 #include "tcp.h"
@@ -21,6 +22,7 @@ int luaopen_squall_core(lua_State *L) {
   squall_stream_open(L);
   squall_tls_open(L);
   squall_process_open(L);
+  squall_msgpack_open(L);
   lua_pushstring(L, SQUALL_VERSION);
   lua_setfield(L, -2, "version");
   lua_pushstring(L, uv_version_string());

@@ -1,0 +1,113 @@
+--- MessagePack: encode, decode and a streaming unpacker.
+--
+--     local s = msgpack.encode({ cmd = "move", to = { 3, 4 } })
+--     local v, pos = msgpack.decode(s)
+--
+-- The codec is C (runtime/msgpack.c); this module supplies what only Lua
+-- can: the markers, and LuaJIT's 64-bit integers. See API.md
+-- (squall.msgpack) for the type mapping.
+-- @module squall.msgpack
+local core = require "squall.core"
+local ffi = require "ffi"
+
+local M = {}
+
+local setmetatable, getmetatable, type, error = setmetatable, getmetatable, type, error
+
+local int64_t, uint64_t = ffi.typeof("int64_t"), ffi.typeof("uint64_t")
+local istype, cast = ffi.istype, ffi.cast
+
+--- Stands for nil inside arrays and maps, and is what nil decodes to
+-- everywhere (the same value as cjson.null: a NULL light userdata).
+M.null = core.msgpack_null
+
+local array_mt = { __msgpack = "array" }
+local map_mt = { __msgpack = "map" }
+local bin_mt = { __msgpack = "bin" }
+local ext_mt = { __msgpack = "ext" }
+ext_mt.__index = ext_mt
+function ext_mt.__eq(a, b) return a.type == b.type and a.data == b.data end
+function ext_mt.__tostring(e) return ("msgpack.ext(%d, %q)"):format(e.type, e.data) end
+
+local hooks = {
+  ext_mt = ext_mt,
+  map_mt = map_mt, -- set on decoded empty maps, which then encode as maps
+  -- which 64-bit integer a cdata value is (the C API cannot tell)
+  classify = function(v)
+    if istype(int64_t, v) then return "i" end
+    if istype(uint64_t, v) then return "u" end
+  end,
+  -- an integer beyond 2^53 from its 32-bit halves
+  make_int = function(hi, lo, signed)
+    local u = cast(uint64_t, hi) * 4294967296ULL + lo
+    if signed then return cast(int64_t, u) end
+    return u
+  end,
+}
+
+local c_encode, c_decode, c_unpacker = core.msgpack_setup(hooks)
+
+--- Encode a value. Raises for a function, userdata, thread, other cdata,
+-- a cycle, or tables nested deeper than 200.
+-- @return string
+M.encode = c_encode
+
+--- Decode one value starting at byte `pos` (default 1).
+-- @treturn any the value (`msgpack.null` for nil)
+-- @treturn number the position after it
+-- @return nil, err (kind `msgpack`) when the bytes are invalid or truncated
+M.decode = c_decode
+
+--- Mark `t` to encode as an array of `n` items (default #t); holes encode
+-- as nil. Returns `t`.
+function M.array(t, n)
+  if type(t) ~= "table" then error("msgpack.array: expected a table, got " .. type(t), 2) end
+  if n == nil then return setmetatable(t, array_mt) end
+  if type(n) ~= "number" or n < 0 or n % 1 ~= 0 then
+    error("msgpack.array: n must be a non-negative integer", 2)
+  end
+  return setmetatable(t, { __msgpack = "array", n = n })
+end
+
+--- Mark `t` to encode as a map (an empty table is an array otherwise).
+function M.map(t)
+  if type(t) ~= "table" then error("msgpack.map: expected a table, got " .. type(t), 2) end
+  return setmetatable(t, map_mt)
+end
+
+--- A string that encodes as bin rather than str.
+function M.bin(s)
+  if type(s) ~= "string" then error("msgpack.bin: expected a string, got " .. type(s), 2) end
+  return setmetatable({ s }, bin_mt)
+end
+
+--- An extension value: `.type` (-128..127) and `.data`; decoded ext
+-- values are these too, and encode back unchanged.
+function M.ext(ext_type, data)
+  if type(ext_type) ~= "number" or ext_type % 1 ~= 0 or ext_type < -128 or ext_type > 127 then
+    error("msgpack.ext: type must be an integer from -128 to 127", 2)
+  end
+  if type(data) ~= "string" then error("msgpack.ext: data must be a string", 2) end
+  return setmetatable({ type = ext_type, data = data }, ext_mt)
+end
+
+--- True when `v` is an ext value.
+function M.is_ext(v)
+  return getmetatable(v) == ext_mt
+end
+
+--- A streaming unpacker: `u:feed(chunk)`, then `u:next()` returns each
+-- value as it completes, nil while one is partial, or nil, err (kind
+-- `msgpack`) on invalid bytes or a value larger than `max_size` (default
+-- 16 MiB); after an error every call returns it. Bytes are scanned once,
+-- however the values are split. `u:buffered()` counts bytes held.
+-- @tparam[opt] table opts `max_size`
+function M.unpacker(opts)
+  local max_size = opts and opts.max_size
+  if max_size ~= nil and (type(max_size) ~= "number" or max_size < 1) then
+    error("msgpack.unpacker: max_size must be a positive number", 2)
+  end
+  return c_unpacker(max_size)
+end
+
+return M

@@ -1,0 +1,27 @@
+/* msgpack.h: the MessagePack codec behind squall.msgpack.
+ *
+ * Encoding walks a Lua value into a byte buffer; decoding builds Lua
+ * values from bytes. Both are pure functions of their input (no socket,
+ * no loop), so they can be fuzzed alone (tests/fuzz/msgpack_fuzz.c). The
+ * unpacker is a userdata holding the bytes fed to it and how far a
+ * resumable scan has measured the next value: each byte is measured once
+ * and decoded once, however the value is split into chunks.
+ *
+ * What the Lua side decides (msgpack.lua) reaches C through
+ * core.msgpack_setup: the metatables that mark arrays, maps, bin and ext
+ * values, and two functions for LuaJIT's 64-bit cdata integers, which the
+ * C API cannot make or inspect by type.
+ */
+#ifndef SQUALL_MSGPACK_H
+#define SQUALL_MSGPACK_H
+
+#include <lua.h>
+
+/* Nesting deeper than this raises (encode) or fails (decode). */
+#define SQUALL_MSGPACK_MAX_DEPTH 200
+
+/* Add core.msgpack_setup, core.msgpack_encode, core.msgpack_decode and
+ * core.msgpack_unpacker to the table at the top of the stack. */
+int squall_msgpack_open(lua_State *L);
+
+#endif
