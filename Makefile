@@ -21,7 +21,7 @@ LUA_SRCS := $(shell find lua -name '*.lua')
 ASAN_DIR := build-asan
 ASAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
 
-.PHONY: all run run-tls bench bench-quick bench-deps test check check-asan check-valgrind lint format install deps clean
+.PHONY: all run run-tls bench bench-quick bench-deps test check check-asan check-valgrind check-fuzz lint format install deps clean
 
 C_TESTS := $(patsubst tests/%.c,%,$(wildcard tests/*_test.c))
 
@@ -90,7 +90,34 @@ bench-deps:
 test: deps all $(CERTS)
 	@scripts/run-tests build/squall
 
-check: deps lint check-asan check-valgrind
+check: deps lint check-asan check-valgrind check-fuzz
+
+# Fuzz targets (libFuzzer, clang) for every wire parser: each runs for
+# FUZZ_SECONDS from the seeds in tests/fuzz/corpus/NAME; what it finds new
+# goes to a scratch folder, not into the repository.
+FUZZ_TARGETS := $(patsubst tests/fuzz/%_fuzz.c,%,$(wildcard tests/fuzz/*_fuzz.c))
+FUZZ_SECONDS ?= 20
+FUZZ_SRCS := $(filter-out runtime/main.c,$(SRCS))
+
+# In build/, so the host finds lua/ as ../lua from the binary.
+build/%_fuzz: tests/fuzz/%_fuzz.c $(FUZZ_SRCS) $(HDRS)
+	@mkdir -p build
+	clang -D_GNU_SOURCE -std=gnu11 -Wall -Wextra -Werror -g -O1 \
+	  -fsanitize=fuzzer,address,undefined $(PKG_CFLAGS) $< $(FUZZ_SRCS) -o $@ -Wl,-E $(LDLIBS)
+
+check-fuzz: $(FUZZ_TARGETS:%=build/%_fuzz)
+	@for t in $(FUZZ_TARGETS); do \
+	  scratch=$$(mktemp -d); \
+	  echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
+	  ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp \
+	    build/$${t}_fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 -artifact_prefix=build/ \
+	    $$scratch tests/fuzz/corpus/$$t >$$scratch.log 2>&1; \
+	  status=$$?; \
+	  grep -E "^stat::number_of_executed_units|ERROR|SUMMARY|_fuzz:" $$scratch.log; \
+	  [ "$$status" = 0 ] || tail -40 $$scratch.log; \
+	  rm -rf $$scratch $$scratch.log; \
+	  [ "$$status" = 0 ] || { echo "fuzz: $$t failed"; exit 1; }; \
+	done
 
 check-asan: $(ASAN_DIR)/squall $(C_TESTS:%=$(ASAN_DIR)/tests/%) $(CERTS)
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
@@ -105,10 +132,10 @@ check-valgrind: all $(CERTS)
 
 lint:
 	luacheck -q lua spec examples bench
-	clang-format --dry-run --Werror $(SRCS) $(HDRS) tests/*.c bench/*.c bench/baseline/*.c
+	clang-format --dry-run --Werror $(SRCS) $(HDRS) tests/*.c tests/fuzz/*.c bench/*.c bench/baseline/*.c
 
 format:
-	clang-format -i $(SRCS) $(HDRS) tests/*.c bench/*.c bench/baseline/*.c
+	clang-format -i $(SRCS) $(HDRS) tests/*.c tests/fuzz/*.c bench/*.c bench/baseline/*.c
 
 install: build/squall
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/squall/lua/squall

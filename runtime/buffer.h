@@ -33,9 +33,10 @@ static inline size_t squall_buffer_len(const squall_buffer *b) {
   return b->end - b->start;
 }
 
-/* Pointer to the first byte held. */
+/* Pointer to the first byte held (never NULL, even before the first
+ * allocation: a zero offset from NULL is undefined behaviour in C). */
 static inline const char *squall_buffer_head(const squall_buffer *b) {
-  return b->data + b->start;
+  return b->data != NULL ? b->data + b->start : "";
 }
 
 /* Make room for at least `n` more bytes at the tail, moving held bytes to
