@@ -18,8 +18,9 @@ local function candidate(pkg)
   if v and v ~= "(none)" then return v end
 end
 
--- A dpkg admin dir whose status is this machine's, without any LuaJIT
--- package, plus `pkgs` (name -> architecture) as installed.
+-- A dpkg admin dir whose status is this machine's without any LuaJIT
+-- package or anything that depends on one (wrk, nginx's Lua module...),
+-- plus `pkgs` (name -> architecture) as installed.
 local function fake_admindir(pkgs)
   local dir = os.tmpname()
   os.remove(dir)
@@ -27,7 +28,10 @@ local function fake_admindir(pkgs)
   local kept = {}
   for stanza in (slurp("/var/lib/dpkg/status") .. "\n\n"):gmatch("(.-)\n\n+") do
     local name = stanza:match("^Package: (%S+)")
-    if name and not name:match("luajit") then kept[#kept + 1] = stanza end
+    local deps = stanza:match("\nDepends: ([^\n]*)") or ""
+    if name and not name:match("luajit") and not deps:match("luajit") then
+      kept[#kept + 1] = stanza
+    end
   end
   for name, arch in pairs(pkgs) do
     kept[#kept + 1] = table.concat({ "Package: " .. name, "Status: install ok installed",
