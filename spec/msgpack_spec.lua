@@ -77,7 +77,8 @@ describe("squall.msgpack", function()
       { "abc", "a3616263" }, { ("x"):rep(32), "d920" .. ("78"):rep(32) }, { {}, "90" },
       { { 1, 2 }, "920102" }, { { a = 1 }, "81a16101" }, { msgpack.map({}), "80" },
       { msgpack.bin("ab"), "c4026162" }, { msgpack.ext(5, "abcd"), "d60561626364" },
-      { msgpack.ext(5, "abc"), "c70305616263" }, { msgpack.ext(-3, "ab"), "d5fd6162" }, { 18446744073709551615ULL, "cfffffffffffffffff" },
+      { msgpack.ext(5, "abc"), "c70305616263" }, { msgpack.ext(-3, "ab"), "d5fd6162" },
+      { 18446744073709551615ULL, "cfffffffffffffffff" },
       { ffi.new("int64_t", -5), "fb" }, { ffi.new("uint64_t", 300), "cd012c" },
     }
     for _, c in ipairs(cases) do

@@ -36,9 +36,19 @@ local pending, flush_scheduled = {}, false
 local versions = {}  -- name -> the module's tables so far (weak)
 local installed = setmetatable({}, { __mode = "k" }) -- loops set up
 local DEBOUNCE = 0.05 -- editors write a file in several steps
+local folders = {}   -- absolute dir -> fn(path): watch_folder's trees
+local pending_files = {} -- path -> fn, for files under those trees
 
 local function dirname(path)
   return path:match("^(.*)/[^/]*$") or "."
+end
+
+-- The real working directory (getcwd), not $PWD, which a launcher that
+-- sets the directory may leave pointing elsewhere.
+local function absolute(path)
+  if path:sub(1, 1) == "/" then return path end
+  local cwd = core.cwd()
+  return cwd and (cwd .. "/" .. path:gsub("^%./", "")) or path
 end
 
 local function basename(path)
@@ -120,13 +130,32 @@ local function flush()
   pending = {}
   table.sort(names)
   for _, name in ipairs(names) do M.reload(name) end
+  local files = pending_files
+  pending_files = {}
+  for path, fn in pairs(files) do
+    local ok, err = xpcall(fn, traceback, path)
+    if not ok then log.error("reload of %s failed: %s", path, err) end
+  end
+end
+
+-- The watch_folder tree that holds `dir`, if any.
+local function folder_of(dir)
+  for root, fn in pairs(folders) do
+    if dir == root or dir:sub(1, #root + 1) == root .. "/" then return fn end
+  end
 end
 
 local function changed(dir, filename)
   if not filename then return end
-  local name = by_path[dir .. "/" .. filename]
-  if not name then return end
-  pending[name] = true
+  local path = dir .. "/" .. filename
+  local name = by_path[path]
+  if name then
+    pending[name] = true
+  elseif filename:match("%.lua$") and folder_of(dir) then
+    pending_files[path] = folder_of(dir)
+  else
+    return
+  end
   if not flush_scheduled then
     flush_scheduled = true
     ioloop.current():call_later(DEBOUNCE, flush)
@@ -169,10 +198,7 @@ local function track(name)
   if modules[name] or type(name) ~= "string" or name:match("^squall%.") then return end
   local path = package.searchpath(name, package.path)
   if not path or is_system(path) then return end -- C, preload or a library
-  if path:sub(1, 1) ~= "/" then
-    local cwd = core.cwd()
-    if cwd then path = cwd .. "/" .. path:gsub("^%./", "") end
-  end
+  path = absolute(path)
   modules[name] = path
   by_path[dirname(path) .. "/" .. basename(path)] = name
   for loop in pairs(installed) do
@@ -180,12 +206,59 @@ local function track(name)
   end
 end
 
--- Set up a loop: watchers for every tracked module, and SIGHUP.
+-- Every directory under root (root included), found now.
+local function subdirs(root)
+  local found = {}
+  local p = io.popen("find " .. ("'%s'"):format(root:gsub("'", "'\\''")) ..
+    " -type d 2>/dev/null")
+  for line in p:lines() do found[#found + 1] = line end
+  p:close()
+  return found
+end
+
+local function watch_folder_on(loop, root)
+  for _, dir in ipairs(subdirs(root)) do watch_dir(loop, dir) end
+end
+
+-- Set up a loop: watchers for every tracked module and folder, and SIGHUP.
 local function install(loop)
   if installed[loop] then return end
   installed[loop] = true
   for _, path in pairs(modules) do watch_dir(loop, dirname(path)) end
-  loop:add_signal_handler("SIGHUP", function() M.reload_all() end)
+  for root in pairs(folders) do watch_folder_on(loop, root) end
+  loop:add_signal_handler("SIGHUP", function()
+    M.reload_all()
+    for root, fn in pairs(folders) do
+      -- new subfolders are watched from now on; fn(nil): look at them all
+      watch_folder_on(loop, root)
+      local ok, err = xpcall(fn, traceback, nil)
+      if not ok then log.error("reload of %s failed: %s", root, err) end
+    end
+  end)
+end
+
+--- True once reloading is on (enable, or `squall --reload`).
+function M.enabled()
+  return enabled
+end
+
+--- Watch a folder of Lua files that are not modules (RPC handler folders)
+-- while reloading is on: `fn(path)` runs, debounced, when a `.lua` file
+-- under it is written, created or removed, and `fn(nil)` on SIGHUP (look
+-- at everything: subfolders made since are watched from then on).
+-- @tparam string dir relative to the current directory, or absolute
+-- @tparam function fn
+-- @treturn boolean false when reloading is off (nothing is watched)
+function M.watch_folder(dir, fn)
+  if type(dir) ~= "string" then error("watch_folder: dir must be a string", 2) end
+  if type(fn) ~= "function" then error("watch_folder: fn must be a function", 2) end
+  if not enabled then return false end
+  local root = absolute(dir):gsub("/+$", "")
+  folders[root] = fn
+  for loop in pairs(installed) do
+    if not loop._closed then watch_folder_on(loop, root) end
+  end
+  return true
 end
 
 --- Turn reloading on: modules loaded so far and from now on are watched,

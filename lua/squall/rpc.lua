@@ -1,0 +1,503 @@
+--- MessagePack-RPC over TCP: servers, clients, and handler folders that
+-- reload while the server runs.
+--
+--     local server = rpc.Server({ handlers = "handlers" })
+--     server:route("sum", function(conn, a, b) return a + b end)
+--     server:listen(5700)
+--
+--     local conn = assert(rpc.connect("127.0.0.1", 5700))
+--     local three, err = conn:call("sum", 1, 2)
+--
+-- The wire format is the MessagePack-RPC specification: request
+-- `[0, msgid, method, params]`, response `[1, msgid, error, result]`,
+-- notification `[2, method, params]`, back to back on the stream. Both
+-- ends of a connection may call each other; each request runs in a
+-- coroutine of its own and responses go out as they finish. See API.md
+-- (squall.rpc).
+-- @module squall.rpc
+local core = require "squall.core"
+local gen = require "squall.gen"
+local iostream = require "squall.iostream"
+local log = require "squall.log"
+local msgpack = require "squall.msgpack"
+local reload = require "squall.reload"
+local TCPServer = require "squall.tcpserver"
+local util = require "squall.util"
+
+local M = {}
+
+local null, encode, array = msgpack.null, msgpack.encode, msgpack.array
+local type, tostring, error, pairs, select, unpack = type, tostring, error, pairs, select, unpack
+local traceback, xpcall, format = debug.traceback, xpcall, string.format
+
+local REQUEST, RESPONSE, NOTIFY = 0, 1, 2
+local DEFAULTS = { call_timeout = 30, max_message_size = 16777216, max_pending = 256 }
+
+local function rpc_error(kind, message, remote)
+  local e = core.error(kind, message)
+  e.remote = remote
+  return e
+end
+
+-- ---- routes ---------------------------------------------------------------
+
+-- Methods by name, and the methods each handler file added (so a reload
+-- of the file replaces exactly those).
+local Router = {}
+Router.__index = Router
+
+local function new_router()
+  return setmetatable({ methods = {}, by_file = {} }, Router)
+end
+
+function Router:route(name, target, level)
+  if type(name) ~= "string" or name == "" then
+    error("route: the name must be a non-empty string, got " .. util.describe(name), level + 1)
+  end
+  if type(target) == "table" then
+    local n = 0
+    for k, v in pairs(target) do
+      if type(k) == "string" and type(v) == "function" then
+        self.methods[name .. "." .. k] = v
+        n = n + 1
+      end
+    end
+    if n == 0 then error("route: the table " .. name .. " has no functions", level + 1) end
+    return
+  end
+  util.check_callable(target, level + 1, "route: the handler")
+  self.methods[name] = target
+end
+
+local function shell_quote(s)
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+-- Load one handler file: `dir/a/b.lua` returning {f = fn} answers "a.b.f".
+-- A file that fails to load keeps the methods it had (logged with its
+-- file and line).
+function Router:load_file(dir, path)
+  local rel = path:sub(#dir + 2):gsub("%.lua$", "")
+  local prefix = rel:gsub("/", ".")
+  local f = io.open(path)
+  if not f then
+    -- removed: its methods go with it
+    for name in pairs(self.by_file[path] or {}) do self.methods[name] = nil end
+    self.by_file[path] = nil
+    return true
+  end
+  f:close()
+  local chunk, err = loadfile(path)
+  local ok, mod = false, err
+  if chunk then ok, mod = xpcall(chunk, traceback) end
+  if ok and type(mod) ~= "table" then
+    ok, mod = false, path .. " returned " .. type(mod) .. ", not a table of functions"
+  end
+  if not ok then
+    log.error("rpc: cannot load handler file %s, keeping its old methods: %s", path,
+      tostring(mod))
+    return false
+  end
+  local names = {}
+  for k, v in pairs(mod) do
+    if type(k) == "string" and type(v) == "function" then names[prefix .. "." .. k] = v end
+  end
+  for name in pairs(self.by_file[path] or {}) do
+    if not names[name] then self.methods[name] = nil end
+  end
+  for name, fn in pairs(names) do self.methods[name] = fn end
+  self.by_file[path] = names
+  return true
+end
+
+-- Collect every handler file under `dir`; files and folders whose names
+-- start with "_" are left out.
+function Router:load_folder(dir)
+  local p = io.popen("find " .. shell_quote(dir) .. " -name '*.lua' -type f 2>/dev/null")
+  local files = {}
+  for path in p:lines() do
+    if not path:sub(#dir + 2):match("^_") and not path:sub(#dir + 2):match("/_") then
+      files[#files + 1] = path
+    end
+  end
+  p:close()
+  table.sort(files)
+  for _, path in ipairs(files) do self:load_file(dir, path) end
+end
+
+-- Handlers from a folder, reloaded on change while reloading is on.
+function Router:add_folder(dir, level)
+  if type(dir) ~= "string" then
+    error("handlers must be a folder path, got " .. util.describe(dir), level + 1)
+  end
+  local probe = io.open(dir .. "/.")
+  if not probe then
+    error("handlers: the folder " .. dir .. " does not exist", level + 1)
+  end
+  probe:close()
+  dir = dir:gsub("/+$", "")
+  self:load_folder(dir)
+  local cwd = core.cwd()
+  local abs = dir:sub(1, 1) == "/" and dir or (cwd .. "/" .. dir:gsub("^%./", ""))
+  reload.watch_folder(abs, function(path)
+    if path == nil then
+      self:load_folder(dir)
+    elseif not path:sub(#abs + 2):match("^_") and not path:sub(#abs + 2):match("/_") then
+      -- keep paths as the folder was named, so by_file stays consistent
+      local rel = dir .. path:sub(#abs + 1)
+      if self:load_file(dir, rel) then log.info("rpc: reloaded %s", rel) end
+    end
+  end)
+end
+
+-- ---- connections ----------------------------------------------------------
+
+--- One MessagePack-RPC connection, either side: `conn:call`, `conn:notify`,
+-- `conn:close`; `conn.id`, `conn.address`, `conn.data` (the application's),
+-- and on a server's side `conn.server`.
+-- @type Connection
+local Connection = {}
+Connection.__index = Connection
+
+local next_conn_id = 0
+
+local function new_connection(stream, address, opts, router)
+  next_conn_id = next_conn_id + 1
+  return setmetatable({
+    id = next_conn_id,
+    address = address,
+    data = {},
+    stream = stream,
+    _router = router,
+    _pending = {},     -- msgid -> Future of this side's calls
+    _late = {},        -- msgids whose calls timed out: a late answer is dropped
+    _next_msgid = 0,
+    _inflight = 0,     -- the peer's requests running here
+    _slot = nil,       -- a Future the reader waits on past max_pending
+    _call_timeout = opts.call_timeout or DEFAULTS.call_timeout,
+    _max_pending = opts.max_pending or DEFAULTS.max_pending,
+    _max_message_size = opts.max_message_size or DEFAULTS.max_message_size,
+  }, Connection)
+end
+
+-- Send one message; a closed stream is the caller's to report.
+local function send(conn, msg)
+  local ok, bytes = pcall(encode, msg)
+  if not ok then return nil, rpc_error("msgpack", bytes) end
+  return conn.stream:write(bytes)
+end
+
+local function pack_params(...)
+  return array({ ... }, select("#", ...))
+end
+
+--- Call `method` on the peer and wait for its answer (inside a coroutine).
+-- @return the result (nil for a nil result)
+-- @return nil, err: kind `remote` (`err.remote` is the peer's error
+--   value), `timeout` (after `call_timeout`; the connection stays
+--   usable), `closed`, `protocol`
+function Connection:call(method, ...)
+  if type(method) ~= "string" then
+    error("call: method must be a string, got " .. util.describe(method), 2)
+  end
+  if self.stream:closed() then
+    return nil, self._close_error or rpc_error("closed", "the connection is closed")
+  end
+  local msgid = self._next_msgid
+  self._next_msgid = (msgid + 1) % 4294967296
+  local fut = gen.Future()
+  self._pending[msgid] = fut
+  local ok, err = send(self, array({ REQUEST, msgid, method, pack_params(...) }, 4))
+  if not ok then
+    self._pending[msgid] = nil
+    return nil, err
+  end
+  local done, result, remote = gen.with_timeout(self._call_timeout, fut)
+  if done == nil then
+    -- result is with_timeout's error (kind timeout)
+    if self._pending[msgid] == fut then
+      self._pending[msgid] = nil
+      self._late[msgid] = true
+    end
+    return nil, result
+  end
+  if done == true then
+    if result == null then return nil end
+    return result
+  end
+  return nil, remote
+end
+
+--- Send a notification: no answer is expected.
+-- @treturn boolean true, or nil, err (`closed`)
+function Connection:notify(method, ...)
+  if type(method) ~= "string" then
+    error("notify: method must be a string, got " .. util.describe(method), 2)
+  end
+  return send(self, array({ NOTIFY, method, pack_params(...) }, 3))
+end
+
+--- Close the connection; calls waiting on it get `closed`.
+function Connection:close()
+  self.stream:close()
+end
+
+--- True once the connection closed.
+function Connection:closed()
+  return self.stream:closed()
+end
+
+-- Arguments as the handler gets them: MessagePack nil is Lua nil.
+local function args_of(params)
+  local n = #params
+  for i = 1, n do
+    if params[i] == null then params[i] = nil end
+  end
+  return params, n
+end
+
+local function finish_request(conn)
+  conn._inflight = conn._inflight - 1
+  if conn._inflight == 0 then conn.stream:set_idle(true) end
+  local slot = conn._slot
+  if slot and conn._inflight < conn._max_pending then
+    conn._slot = nil
+    slot:set_result()
+  end
+end
+
+-- Run a handler for the peer's request (msgid) or notification (nil).
+local function serve(conn, msgid, method, params)
+  local fn = conn._router and conn._router.methods[method]
+  local result, err
+  if not fn then
+    err = "no such method: " .. tostring(method)
+    if msgid == nil then log.warn("rpc: notification for no such method: %s", tostring(method)) end
+  else
+    local args, n = args_of(params)
+    local ok, r, e = xpcall(fn, traceback, conn, unpack(args, 1, n))
+    if not ok then
+      log.error("rpc: %s raised: %s", method, tostring(r))
+      err = "internal error"
+    elseif r == nil and e ~= nil then
+      err = e
+    else
+      result = r
+    end
+  end
+  if msgid ~= nil and not conn.stream:closed() then
+    local ok, werr = send(conn, array({ RESPONSE, msgid, err == nil and null or err,
+      result == nil and null or result }, 4))
+    if not ok and werr.kind == "msgpack" then
+      log.error("rpc: the answer of %s cannot be encoded: %s", method, tostring(werr))
+      send(conn, array({ RESPONSE, msgid, "internal error", null }, 4))
+    end
+  end
+  if msgid ~= nil then finish_request(conn) end
+end
+
+-- A message broke the protocol: log it once and close.
+local function protocol_error(conn, why)
+  if not conn._close_error then
+    conn._close_error = rpc_error("protocol", why)
+    log.warn("rpc: closing connection %d (%s:%s): %s", conn.id,
+      tostring(conn.address and conn.address.host), tostring(conn.address and conn.address.port),
+      why)
+  end
+  conn.stream:abort()
+end
+
+local function dispatch(conn, msg)
+  if type(msg) ~= "table" then
+    return protocol_error(conn, "a message is not an array: " .. util.describe(msg))
+  end
+  local kind = msg[1]
+  if kind == REQUEST and #msg == 4 then
+    local msgid, method, params = msg[2], msg[3], msg[4]
+    if type(msgid) ~= "number" or type(method) ~= "string" or type(params) ~= "table" then
+      return protocol_error(conn, "a request is not [0, msgid, method, params]")
+    end
+    conn._inflight = conn._inflight + 1
+    conn.stream:set_idle(false)
+    gen.spawn(serve, conn, msgid, method, params)
+  elseif kind == NOTIFY and #msg == 3 then
+    if type(msg[2]) ~= "string" or type(msg[3]) ~= "table" then
+      return protocol_error(conn, "a notification is not [2, method, params]")
+    end
+    gen.spawn(serve, conn, nil, msg[2], msg[3])
+  elseif kind == RESPONSE and #msg == 4 then
+    local msgid = msg[2]
+    local fut = conn._pending[msgid]
+    if fut == nil then
+      if conn._late[msgid] then
+        conn._late[msgid] = nil -- the call timed out: dropped, as promised
+      else
+        log.warn("rpc: connection %d: dropping a response to unknown msgid %s", conn.id,
+          tostring(msgid))
+      end
+      return
+    end
+    conn._pending[msgid] = nil
+    local err, result = msg[3], msg[4]
+    if err == null then
+      fut:set_result(true, result)
+    else
+      fut:set_result(false, nil, rpc_error("remote", "the peer answered an error: " ..
+        (type(err) == "string" and err or util.describe(err)), err))
+    end
+  else
+    return protocol_error(conn, "a message is not a MessagePack-RPC request, response " ..
+      "or notification")
+  end
+end
+
+-- Read messages until the stream closes; then fail the calls still waiting.
+local function read_loop(conn)
+  local stream = conn.stream
+  local unpacker = msgpack.unpacker({ max_size = conn._max_message_size })
+  stream:set_idle(true)
+  while true do
+    local chunk = stream:read_bytes(65536, true)
+    if not chunk then break end
+    unpacker:feed(chunk)
+    while not stream:closed() do
+      local msg, err = unpacker:next()
+      if msg == nil then
+        if err then protocol_error(conn, tostring(err)) end
+        break
+      end
+      dispatch(conn, msg)
+      -- Backpressure: past max_pending running requests, read no more.
+      while conn._inflight >= conn._max_pending and not stream:closed() do
+        conn._slot = conn._slot or gen.Future()
+        conn._slot:result()
+      end
+    end
+    if stream:closed() then break end
+  end
+  stream:close()
+  local err = conn._close_error or stream.error or rpc_error("closed", "the connection closed")
+  if err.kind ~= "protocol" and err.kind ~= "closed" then
+    err = rpc_error("closed", "the connection closed: " .. tostring(err))
+  end
+  local pending = conn._pending
+  conn._pending = {}
+  for _, fut in pairs(pending) do fut:set_result(false, nil, err) end
+  if conn._slot then conn._slot:set_result() end
+end
+
+-- ---- server ---------------------------------------------------------------
+
+--- A MessagePack-RPC server: a TCPServer (listen, bind, start,
+-- add_sockets, stop, close_gracefully) whose connections speak RPC.
+-- @type Server
+local Server = TCPServer:extend()
+M.Server_class = Server
+
+--- Create a server.
+-- @tparam[opt] table opts `handlers` (a folder), `call_timeout` (30),
+--   `max_message_size` (16 MiB), `max_pending` (256), and every TCPServer
+--   option (`ssl_options`, `max_buffer_size`...)
+function M.Server(opts)
+  opts = opts or {}
+  if type(opts) ~= "table" then error("rpc.Server: opts must be a table", 2) end
+  for k, v in pairs(DEFAULTS) do
+    local given = opts[k]
+    if given ~= nil and (type(given) ~= "number" or given <= 0) then
+      error(format("rpc.Server: %s must be a positive number, got %s", k, util.describe(given)), 2)
+    end
+    if given == nil then opts[k] = v end
+  end
+  local ok, self = pcall(TCPServer.new, Server, opts)
+  if not ok then error(self, 2) end
+  self._opts = opts
+  self._router = new_router()
+  self._rpc_conns = {}
+  if opts.handlers ~= nil then self._router:add_folder(opts.handlers, 2) end
+  return self
+end
+
+--- Answer `name` with fn(conn, ...), or every function of a table as
+-- "name.f".
+function Server:route(name, target)
+  self._router:route(name, target, 2)
+  return self
+end
+
+--- The methods this server answers, sorted.
+function Server:methods()
+  local names = {}
+  for name in pairs(self._router.methods) do names[#names + 1] = name end
+  table.sort(names)
+  return names
+end
+
+--- Iterate over the open connections: `for conn in server:connections()`.
+function Server:connections()
+  local list = {}
+  for conn in pairs(self._rpc_conns) do list[#list + 1] = conn end
+  table.sort(list, function(a, b) return a.id < b.id end)
+  local i = 0
+  return function()
+    i = i + 1
+    return list[i]
+  end
+end
+
+--- The connection whose `conn.data[key] == value` (a player's uid...).
+function Server:find(key, value)
+  for conn in pairs(self._rpc_conns) do
+    if conn.data[key] == value then return conn end
+  end
+end
+
+local function call_hook(self, name, conn)
+  local hook = self[name]
+  if hook then
+    local ok, err = xpcall(hook, traceback, conn)
+    if not ok then log.error("rpc: %s raised: %s", name, tostring(err)) end
+  end
+end
+
+function Server:handle_stream(stream, address)
+  local conn = new_connection(stream, address, self._opts, self._router)
+  conn.server = self
+  self._rpc_conns[conn] = true
+  call_hook(self, "on_connect", conn)
+  read_loop(conn)
+  self._rpc_conns[conn] = nil
+  call_hook(self, "on_close", conn)
+end
+
+-- ---- client ---------------------------------------------------------------
+
+--- Connect to an RPC server. The connection answers the server's calls
+-- with `opts.routes` (name -> function or table) and `opts.handlers` (a
+-- folder), as a server does.
+-- @tparam string host
+-- @tparam number port
+-- @tparam[opt] table opts `timeout` (connect), `call_timeout` (30),
+--   `ssl_options`, `server_hostname`, `handlers`, `routes`,
+--   `max_message_size`, `max_pending`
+-- @treturn Connection
+-- @return nil, err (as iostream.connect)
+function M.connect(host, port, opts)
+  opts = opts or {}
+  if type(opts) ~= "table" then error("rpc.connect: opts must be a table", 2) end
+  util.check_port(port, 2)
+  local router = new_router()
+  for name, target in pairs(opts.routes or {}) do router:route(name, target, 2) end
+  if opts.handlers ~= nil then router:add_folder(opts.handlers, 2) end
+  local stream, err = iostream.connect(host, port, {
+    timeout = opts.timeout, ssl_options = opts.ssl_options,
+    server_hostname = opts.server_hostname,
+  })
+  if not stream then return nil, err end
+  local conn = new_connection(stream, { host = host, port = port }, opts, router)
+  gen.spawn(read_loop, conn)
+  return conn
+end
+
+M.Connection = Connection
+
+return M

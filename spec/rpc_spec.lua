@@ -1,0 +1,362 @@
+-- squall.rpc over real sockets, against itself and Python's msgpack.
+local gen = require "squall.gen"
+local iostream = require "squall.iostream"
+local msgpack = require "squall.msgpack"
+local rpc = require "squall.rpc"
+local testing = require "squall.testing"
+local helpers = require "helpers"
+
+local async, eventually, q = testing.async, helpers.eventually, helpers.q
+local PY = "/usr/bin/python3"
+
+local function serve(opts, routes)
+  local server = rpc.Server(opts)
+  for name, fn in pairs(routes or {}) do server:route(name, fn) end
+  local sock, port = testing.bind_unused_port()
+  server:add_sockets({ sock })
+  return server, port
+end
+
+local function tmpdir()
+  local d = os.tmpname()
+  os.remove(d)
+  assert(os.execute("mkdir -p " .. q(d)) == 0)
+  return d
+end
+
+local function put(path, text)
+  os.execute("mkdir -p " .. q(path:match("^(.*)/")))
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+end
+
+describe("squall.rpc", function()
+  it("calls, with nil arguments in place and errors as values", async(function()
+    local server, port = serve(nil, {
+      sum = function(_, a, b) return a + b end,
+      args = function(_, ...)
+        return msgpack.array({ select("#", ...), ... }, select("#", ...) + 1)
+      end,
+      nothing = function() end,
+      fail = function() return nil, { code = 7, why = "no" } end,
+      boom = function() error("kaboom") end,
+    })
+    local c = assert(rpc.connect("127.0.0.1", port))
+    assert.equal(3, c:call("sum", 1, 2))
+    local got = c:call("args", 1, nil, "x", nil)
+    assert.equal(4, got[1])
+    assert.equal(1, got[2]); assert.equal(msgpack.null, got[3]); assert.equal("x", got[4])
+    assert.equal(msgpack.null, got[5])
+    local r, err = c:call("nothing")
+    assert.is_nil(r); assert.is_nil(err)
+    r, err = c:call("fail")
+    assert.is_nil(r)
+    assert.equal("remote", err.kind)
+    assert.same({ code = 7, why = "no" }, err.remote)
+    local log = helpers.capture_log(function()
+      err = select(2, c:call("boom"))
+    end)
+    assert.equal("internal error", err.remote)
+    assert.matches("boom raised: .*kaboom", log)
+    assert.matches("stack traceback", log)
+    err = select(2, c:call("nope"))
+    assert.equal("no such method: nope", err.remote)
+    assert.equal(3, c:call("sum", 1, 2)) -- still usable
+    c:close()
+    server:stop()
+  end))
+
+  it("runs many calls at once on one connection; answers come as they finish",
+    async(function()
+      local order = {}
+      local server, port = serve(nil, {
+        wait = function(_, secs, tag)
+          gen.sleep(secs)
+          order[#order + 1] = tag
+          return tag
+        end,
+      })
+      local c = assert(rpc.connect("127.0.0.1", port))
+      local calls = {}
+      for i = 1, 20 do
+        calls[i] = function() return c:call("wait", (20 - i) * 0.01, i) end
+      end
+      local results = gen.multi(calls)
+      for i = 1, 20 do assert.equal(i, results[i]) end
+      assert.equal(20, order[1]) -- the shortest wait answered first
+      assert.equal(1, order[20])
+      c:close()
+      server:stop()
+    end))
+
+  it("lets the server call the client while serving its request", async(function()
+    local server, port = serve(nil, {
+      quad = function(conn, x) return 2 * assert(conn:call("twice", x)) end,
+    })
+    local c = assert(rpc.connect("127.0.0.1", port, {
+      routes = { twice = function(_, x) return 2 * x end } }))
+    assert.equal(20, c:call("quad", 5))
+    local notified = gen.Future()
+    server:route("poke", function(conn)
+      conn:notify("poked", conn.id)
+      return true
+    end)
+    local c2 = assert(rpc.connect("127.0.0.1", port, {
+      routes = { poked = function(_, id) notified:set_result(id) end } }))
+    assert.is_true(c2:call("poke"))
+    assert.is_number(notified:result())
+    c:close(); c2:close()
+    server:stop()
+  end))
+
+  it("times a call out, drops the late answer and stays usable", async(function()
+    local server, port = serve(nil, {
+      slow = function() gen.sleep(0.3); return "late" end,
+      fast = function() return "fast" end,
+    })
+    local c = assert(rpc.connect("127.0.0.1", port, { call_timeout = 0.1 }))
+    local r, err = c:call("slow")
+    assert.is_nil(r)
+    assert.equal("timeout", err.kind)
+    local log = helpers.capture_log(function() gen.sleep(0.4) end)
+    assert.equal("", log) -- the late answer is dropped quietly
+    assert.equal("fast", c:call("fast"))
+    c:close()
+    server:stop()
+  end))
+
+  it("collects methods from a handler folder", async(function()
+    local dir = tmpdir()
+    put(dir .. "/player.lua",
+      "return { login = function(conn, uid) conn.data.uid = uid; return 'hi ' .. uid end }")
+    put(dir .. "/game/board.lua",
+      "return { size = function() return 8 end, note = 'not a function' }")
+    put(dir .. "/_private.lua", "return { secret = function() return 1 end }")
+    put(dir .. "/_lib/x.lua", "return { y = function() return 1 end }")
+    local server, port = serve({ handlers = dir })
+    assert.same({ "game.board.size", "player.login" }, server:methods())
+    local c = assert(rpc.connect("127.0.0.1", port))
+    assert.equal("hi ann", c:call("player.login", "ann"))
+    assert.equal(8, c:call("game.board.size"))
+    assert.equal("ann", server:find("uid", "ann").data.uid)
+    c:close()
+    server:stop()
+    os.execute("rm -rf " .. q(dir))
+    assert.has_error(function() rpc.Server({ handlers = dir .. "/missing" }) end)
+  end))
+
+  it("reloads handler files: new code, new files, broken files keep the old, no drop",
+    async(function()
+      local dir = tmpdir()
+      put(dir .. "/handlers/calc.lua", "return { f = function() return 1 end, " ..
+        "slow = function() require('squall.gen').sleep(0.5); return 'old' end }")
+      put(dir .. "/server.lua", [[
+        local rpc = require "squall.rpc"
+        local server = rpc.Server({ handlers = "handlers" })
+        local sock = require("squall.netutil").bind_sockets(0, "127.0.0.1")
+        server:add_sockets(sock)
+        local f = io.open("port.tmp", "w"); f:write(select(2, sock[1]:getsockname())); f:close()
+        os.rename("port.tmp", "port")
+        local loop = require("squall.ioloop").current()
+        loop:add_signal_handler("TERM", function() loop:stop() end)
+        loop:start()
+      ]])
+      local wait, signal = helpers.start(("cd %s && exec %s --reload server.lua"):format(q(dir),
+        q(helpers.squall_real)), 60)
+      local port = eventually(function()
+        local f = io.open(dir .. "/port")
+        local p = f and f:read("*n")
+        if f then f:close() end
+        return p
+      end, "the server's port")
+      local c = assert(rpc.connect("127.0.0.1", port))
+      assert.equal(1, c:call("calc.f"))
+      local inflight = gen.spawn(function() return c:call("calc.slow") end)
+      gen.sleep(0.05) -- the slow call is running on the server now
+      put(dir .. "/handlers/calc.lua", "return { f = function() return 2 end, " ..
+        "slow = function() return 'new' end }")
+      eventually(function() return c:call("calc.f") == 2 end, "the edited code", 10)
+      assert.equal("old", inflight:result()) -- finished with the code it started with
+      put(dir .. "/handlers/more.lua", "return { g = function() return 'g' end }")
+      eventually(function() return c:call("more.g") == "g" end, "the new file", 10)
+      put(dir .. "/handlers/calc.lua", "return { f = function() return 3 end\n  oops }")
+      gen.sleep(0.3)
+      assert.equal(2, c:call("calc.f")) -- the broken file kept the old methods
+      assert.is_false(c:closed())
+      c:close()
+      signal("TERM")
+      local status, _, err = wait()
+      os.execute("rm -rf " .. q(dir))
+      assert.equal(0, status, err)
+      assert.matches("cannot load handler file handlers/calc.lua, keeping its old methods: " ..
+        "handlers/calc.lua:2:", err)
+    end, { timeout = 60 }))
+
+  describe("bad input", function()
+    local function raw(port, bytes)
+      local s = assert(iostream.connect("127.0.0.1", port))
+      s:write(bytes)
+      return s
+    end
+
+    it("closes a connection that breaks the format; the server goes on", async(function()
+      local server, port = serve({ max_message_size = 1000 },
+        { sum = function(_, a, b) return a + b end })
+      local cases = {
+        "\193",                                        -- not MessagePack
+        msgpack.encode({ 9, 1, 2 }),                   -- not an RPC message
+        msgpack.encode({ 0, "id", "sum", { 1, 2 } }),   -- a request with a bad msgid
+        msgpack.encode("just a string"),
+        msgpack.encode({ 0, 1, "sum", { ("x"):rep(2000) } }), -- past max_message_size
+      }
+      local log = helpers.capture_log(function()
+        for _, bytes in ipairs(cases) do
+          local s = raw(port, bytes)
+          local rest, err = s:read_until_close()
+          assert.equal("", rest or "", err and tostring(err))
+        end
+      end)
+      assert.matches("closing connection", log)
+      assert.matches("larger than max_size", log)
+      local c = assert(rpc.connect("127.0.0.1", port))
+      assert.equal(5, c:call("sum", 2, 3))
+      c:close()
+      server:stop()
+    end))
+
+    it("logs a response to an unknown msgid and keeps the connection", async(function()
+      local server, port = serve(nil, { sum = function(_, a, b) return a + b end })
+      local s
+      local log = helpers.capture_log(function()
+        s = raw(port, msgpack.encode({ 1, 4242, msgpack.null, "?" }) ..
+          msgpack.encode({ 0, 1, "sum", { 1, 1 } }))
+        local u = msgpack.unpacker()
+        while true do
+          u:feed(assert(s:read_bytes(100, true)))
+          local msg = u:next()
+          if msg then
+            assert.same({ 1, 1, msgpack.null, 2 }, msg)
+            break
+          end
+        end
+      end)
+      assert.matches("unknown msgid 4242", log)
+      s:close()
+      server:stop()
+    end))
+
+    it("survives a client that vanishes mid-call", async(function()
+      local finished = gen.Future()
+      local server, port = serve(nil, {
+        slow = function() gen.sleep(0.2); finished:set_result(true); return "done" end,
+        ok = function() return "ok" end,
+      })
+      local s = raw(port, msgpack.encode({ 0, 1, "slow", {} }))
+      s:close()
+      assert.is_true(finished:result())
+      local c = assert(rpc.connect("127.0.0.1", port))
+      assert.equal("ok", c:call("ok"))
+      c:close()
+      server:stop()
+    end))
+
+    it("fails pending calls with closed when the server goes away", async(function()
+      local server, port = serve(nil, { hang = function() gen.sleep(10) end })
+      local c = assert(rpc.connect("127.0.0.1", port))
+      local f = gen.spawn(function() return c:call("hang") end)
+      eventually(function() return server:active_streams() == 1 end, "the connection")
+      for conn in server:connections() do conn.stream:abort() end
+      local r, err = f:result()
+      assert.is_nil(r)
+      assert.equal("closed", err.kind)
+      server:stop()
+    end))
+  end)
+
+  it("stops reading past max_pending requests running (backpressure)", async(function()
+    local running, peak = 0, 0
+    local server, port = serve({ max_pending = 3 }, {
+      work = function()
+        running = running + 1
+        peak = math.max(peak, running)
+        gen.sleep(0.05)
+        running = running - 1
+        return true
+      end,
+    })
+    local c = assert(rpc.connect("127.0.0.1", port))
+    local calls = {}
+    for i = 1, 12 do calls[i] = function() return c:call("work") end end
+    local results = gen.multi(calls)
+    for i = 1, 12 do assert.is_true(results[i]) end
+    assert.equal(3, peak)
+    c:close()
+    server:stop()
+  end))
+
+  it("speaks TLS with ssl_options", async(function()
+    local C = helpers.certs
+    local server, port = serve({ ssl_options = { certfile = C .. "/server.pem",
+      keyfile = C .. "/server.key" } }, { sum = function(_, a, b) return a + b end })
+    local c = assert(rpc.connect("127.0.0.1", port, { ssl_options = { ca_certs = C .. "/ca.pem" },
+      server_hostname = "localhost" }))
+    assert.is_true(c.stream:uses_tls())
+    assert.equal(7, c:call("sum", 3, 4))
+    c:close()
+    server:stop()
+  end))
+
+  it("close_gracefully closes idle connections at once and waits for calls in flight",
+    async(function()
+      local server, port = serve(nil, { slow = function() gen.sleep(0.3); return "done" end })
+      local idle = assert(rpc.connect("127.0.0.1", port))
+      local busy = assert(rpc.connect("127.0.0.1", port))
+      local f = gen.spawn(function() return busy:call("slow") end)
+      eventually(function() return server:active_streams() == 2 end, "both connections")
+      gen.sleep(0.05)
+      local clean, n = server:close_gracefully(5)
+      assert.is_true(clean, tostring(n))
+      assert.equal("done", f:result())
+      assert.is_true(idle:closed() or select(2, idle:call("slow")).kind == "closed")
+    end))
+
+  describe("with Python's msgpack", function()
+    it("serves a Python client (examples/rpc/client.py), calling it back by uid",
+      async(function()
+        local server, port = serve({ handlers = "examples/rpc/handlers" })
+        local me = assert(rpc.connect("127.0.0.1", port, { routes = {
+          on_whisper = function(_, from, text) return "lua got " .. from .. ": " .. text end,
+        } }))
+        assert.equal("welcome, lua", me:call("player.login", "lua"))
+        local wait = helpers.spawn(("cd examples/rpc && timeout 20 %s client.py %d py lua")
+          :format(PY, port))
+        local status, out, err = wait()
+        assert.equal(0, status, err)
+        assert.equal("welcome, py\n[1, 2]\nlua got py: hi from Python\nonline: lua, py\n", out)
+        me:close()
+        server:stop()
+      end, { timeout = 30 }))
+
+    it("calls a Python server, which calls back", async(function()
+      local out = os.tmpname()
+      local wait = helpers.spawn(("timeout 20 %s spec/fixtures/rpc_peer.py >%s"):format(PY, q(out)))
+      local port = eventually(function()
+        local f = io.open(out)
+        local p = f and f:read("*n")
+        if f then f:close() end
+        return p
+      end, "the Python server's port")
+      local c = assert(rpc.connect("127.0.0.1", port, {
+        routes = { twice = function(_, x) return 2 * x end } }))
+      assert.equal(5, c:call("sum", 2, 3))
+      assert.equal(21, c:call("ask", 10))
+      local r, err = c:call("fail")
+      assert.is_nil(r)
+      assert.equal("nope", err.remote)
+      c:notify("bye")
+      assert.equal(0, (wait()))
+      os.remove(out)
+    end, { timeout = 30 }))
+  end)
+end)
