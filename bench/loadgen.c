@@ -4,6 +4,10 @@
  *       line echo: each connection keeps `depth` lines of `msg_size` bytes
  *       (newline last) in flight; prints msgs/s, MB/s, latency p50/p99/p999
  *       (microseconds) and errors. A fifth of the time warms up first.
+ *   loadgen rpc -p PORT [-c conns] [-d depth] [-t secs]
+ *       MessagePack-RPC: like echo, each connection keeps `depth` calls of
+ *       sum(1, 2) in flight ([0, 0, "sum", [1, 2]]) and counts the answers
+ *       ([1, 0, nil, 3]); prints calls/s as msgs_per_s and the latencies.
  *   loadgen idle -p PORT -c conns -t secs
  *       opens `conns` connections and holds them; prints how many are open
  *       (a line "ready" once all are connected, for the RSS measurement).
@@ -103,6 +107,9 @@ typedef struct {
 
 static int depth, msg_size, errors;
 static char *line;
+/* What each answer must be: the line itself for echo. */
+static const char *expect;
+static size_t expect_size;
 static uint64_t received, bytes_in;
 static int counting;
 
@@ -133,9 +140,13 @@ static int flush_out(econn *c) {
 }
 
 static int run_echo(int port, int conns, double secs) {
-  line = malloc((size_t)msg_size);
-  memset(line, 'x', (size_t)msg_size);
-  line[msg_size - 1] = '\n';
+  if (line == NULL) {
+    line = malloc((size_t)msg_size);
+    memset(line, 'x', (size_t)msg_size);
+    line[msg_size - 1] = '\n';
+    expect = line;
+    expect_size = (size_t)msg_size;
+  }
   int ep = epoll_create1(0);
   econn *cs = calloc((size_t)conns, sizeof *cs);
   for (int i = 0; i < conns; i++) {
@@ -185,9 +196,9 @@ static int run_echo(int port, int conns, double secs) {
         int lines = 0;
         uint64_t when = now_ns();
         for (ssize_t k = 0; k < r; k++) {
-          if (buf[k] != line[c->partial])
+          if (buf[k] != expect[c->partial])
             errors++;
-          if (++c->partial == (size_t)msg_size) {
+          if (++c->partial == expect_size) {
             c->partial = 0;
             lines++;
             record(when - c->sent[c->head]);
@@ -311,7 +322,7 @@ static int run_line(int port, uint64_t bytes) {
 int main(int argc, char **argv) {
   if (argc < 2) {
     fprintf(stderr,
-            "usage: loadgen echo|idle|pending|bulk|line -p PORT [-c conns] "
+            "usage: loadgen echo|rpc|idle|pending|bulk|line -p PORT [-c conns] "
             "[-s size] [-d depth] [-t secs] [-n bytes]\n");
     return 2;
   }
@@ -343,6 +354,15 @@ int main(int argc, char **argv) {
   signal(SIGPIPE, SIG_IGN);
   if (!strcmp(mode, "echo"))
     return run_echo(port, conns, secs);
+  if (!strcmp(mode, "rpc")) {
+    static char request[] = "\x94\x00\x00\xa3sum\x92\x01\x02";
+    static const char answer[] = "\x94\x01\x00\xc0\x03";
+    line = request;
+    msg_size = (int)sizeof request - 1;
+    expect = answer;
+    expect_size = sizeof answer - 1;
+    return run_echo(port, conns, secs);
+  }
   if (!strcmp(mode, "idle"))
     return run_idle(port, conns, secs, 0);
   if (!strcmp(mode, "pending"))

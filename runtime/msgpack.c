@@ -348,6 +348,25 @@ static int l_encode(lua_State *L) {
   return 1;
 }
 
+/* core.msgpack_encode_array(...) -> the encoding of an array of its
+ * arguments, nil ones included: what an RPC message is, without building
+ * a table for it. */
+static int l_encode_array(lua_State *L) {
+  int n = lua_gettop(L);
+  enc e = {L, NULL, 0, 0, NULL, NULL};
+  int r = put_len(&e, (size_t)n, 0x90, 15, 0, 0xdc, 0xdd);
+  for (int i = 1; i <= n && r == 0; i++)
+    r = enc_value(&e, i, 2);
+  if (r != 0) {
+    free(e.p);
+    return luaL_error(L, "msgpack.encode_array: %s%s%s", e.err,
+                      e.bad_type ? " " : "", e.bad_type ? e.bad_type : "");
+  }
+  lua_pushlstring(L, e.p, e.len);
+  free(e.p);
+  return 1;
+}
+
 /* ---- decoding ---------------------------------------------------------- */
 
 typedef struct {
@@ -483,10 +502,6 @@ static int dec_ext(dec *d, uint64_t n) {
 
 static int dec_value(dec *d, int depth) {
   lua_State *L = d->L;
-  if (depth > SQUALL_MSGPACK_MAX_DEPTH)
-    return fail(d, "values nest deeper than 200 levels", d->pos);
-  if (!lua_checkstack(L, 4))
-    return fail(d, "out of Lua stack", d->pos);
   if (need(d, 1) != 0)
     return -1;
   unsigned char t = d->p[d->pos++];
@@ -501,6 +516,11 @@ static int dec_value(dec *d, int depth) {
   }
   if ((t & 0xe0) == 0xa0)
     return push_bytes(d, t & 0x1f);
+  /* Below, containers: each level holds a table, a key and a value. */
+  if (depth > SQUALL_MSGPACK_MAX_DEPTH)
+    return fail(d, "values nest deeper than 200 levels", d->pos - 1);
+  if (!lua_checkstack(L, 4))
+    return fail(d, "out of Lua stack", d->pos - 1);
   if ((t & 0xf0) == 0x90)
     return dec_array(d, t & 0x0f, depth);
   if ((t & 0xf0) == 0x80)
@@ -757,6 +777,19 @@ static int measure(unpacker *u) {
     if (u->scan >= len)
       return 0;
     unsigned char t = p[u->scan];
+    if (t <= 0x7f || t >= 0xe0 || (t & 0xe0) == 0xa0) {
+      /* the common one-byte headers: a small integer, a short string */
+      size_t size = 1 + ((t & 0xe0) == 0xa0 ? (size_t)(t & 0x1f) : 0);
+      if (u->scan + size > u->max_size) {
+        u->failed = strdup("a value is larger than max_size");
+        return -1;
+      }
+      if (len - u->scan < size)
+        return 0;
+      u->scan += size;
+      u->left[u->depth - 1]--;
+      continue;
+    }
     if (t == 0xc1) {
       u->failed = strdup("invalid type byte 0xc1");
       return -1;
@@ -832,6 +865,46 @@ static int l_unpacker_next(lua_State *L) {
   return 1;
 }
 
+/* u:next_items() -> n, item1..itemn when the next value is an array of
+ * at most 8 items, -1, value for any other value; nil while incomplete;
+ * nil, err. An RPC message is such an array: taking its items as values
+ * saves the table each message would cost. */
+static int l_unpacker_next_items(lua_State *L) {
+  unpacker *u = check_unpacker(L);
+  if (u->failed != NULL)
+    return push_failed(L, u);
+  int r = measure(u);
+  if (r == 0) {
+    lua_pushnil(L);
+    return 1;
+  }
+  if (r < 0)
+    return push_failed(L, u);
+  const unsigned char *p = (const unsigned char *)squall_buffer_head(&u->buf);
+  int top = lua_gettop(L);
+  int n = -1;
+  if ((p[0] & 0xf0) == 0x90 && (p[0] & 0x0f) <= 8)
+    n = p[0] & 0x0f;
+  dec d = {L, p, u->scan, n >= 0 ? 1 : 0, NULL, 0};
+  lua_pushnumber(L, n);
+  int ok = 0;
+  if (n < 0)
+    ok = dec_value(&d, 1);
+  for (int i = 0; i < n && ok == 0; i++)
+    ok = dec_value(&d, 2);
+  if (ok != 0) {
+    lua_settop(L, top);
+    u->failed = strdup(d.err);
+    return push_failed(L, u);
+  }
+  squall_buffer_consume(&u->buf, u->scan);
+  u->scan = 0;
+  u->depth = 0;
+  if (squall_buffer_len(&u->buf) == 0)
+    squall_buffer_free(&u->buf);
+  return lua_gettop(L) - top;
+}
+
 /* u:buffered() -> bytes fed and not yet returned */
 static int l_unpacker_buffered(lua_State *L) {
   lua_pushnumber(L, (lua_Number)squall_buffer_len(&check_unpacker(L)->buf));
@@ -858,7 +931,8 @@ static int l_unpacker(lua_State *L) {
   return 1;
 }
 
-/* core.msgpack_setup(hooks) -> encode, decode, new_unpacker: closures
+/* core.msgpack_setup(hooks) -> encode, decode, new_unpacker, encode_array:
+ * closures
  * over `hooks` ({classify =, make_int =, ext_mt =, map_mt =}). */
 static int l_setup(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -866,6 +940,9 @@ static int l_setup(lua_State *L) {
   lua_pushvalue(L, 1);
   lua_pushcclosure(L, l_unpacker_next, 1);
   lua_setfield(L, -2, "next");
+  lua_pushvalue(L, 1);
+  lua_pushcclosure(L, l_unpacker_next_items, 1);
+  lua_setfield(L, -2, "next_items");
   lua_pop(L, 1);
   lua_pushvalue(L, 1);
   lua_pushcclosure(L, l_encode, 1);
@@ -873,7 +950,9 @@ static int l_setup(lua_State *L) {
   lua_pushcclosure(L, l_decode, 1);
   lua_pushvalue(L, 1);
   lua_pushcclosure(L, l_unpacker, 1);
-  return 3;
+  lua_pushvalue(L, 1);
+  lua_pushcclosure(L, l_encode_array, 1);
+  return 4;
 }
 
 int squall_msgpack_open(lua_State *L) {

@@ -5,12 +5,13 @@ local helpers = require "helpers"
 
 local async, q = testing.async, helpers.q
 
--- Start an example on a free port; returns its port and stop().
-local function start(example)
+-- Start an example on a free port (in `dir`, when given); returns its
+-- port and stop().
+local function start(example, dir)
   local sock, port = testing.bind_unused_port()
   sock:close()
-  local wait, signal = helpers.start(("exec %s %s %d"):format(q(helpers.squall_real),
-    example, port), 30)
+  local wait, signal = helpers.start(("cd %s && exec %s %s %d"):format(q(dir or "."),
+    q(helpers.squall_real), example, port), 30)
   local up = false
   for _ = 1, 200 do
     local c = iostream.connect("127.0.0.1", port)
@@ -72,4 +73,17 @@ describe("examples", function()
       local status, _, err = stop()
       assert.equal(0, status, err)
     end, { timeout = 15 }))
+
+  it("rpc/: the game server answers the Squall player", async(function()
+    local port, stop = start("server.lua", "examples/rpc")
+    local wait = helpers.spawn(("cd examples/rpc && timeout 20 %s client.lua %d")
+      :format(q(helpers.squall_real), port))
+    local status, out, err = wait()
+    assert.equal(0, status, err)
+    assert.equal("welcome, lua-player\nat 3,4\nlua-player heard lua-player: hello me\n" ..
+      "online: lua-player\nremote: the peer answered an error: no such method: no.such\n", out)
+    status, _, err = stop()
+    assert.equal(0, status, err)
+    assert.matches("methods: chat.shout, chat.whisper, ping, player.login", err)
+  end, { timeout = 30 }))
 end)

@@ -45,12 +45,17 @@ local hooks = {
   end,
 }
 
-local c_encode, c_decode, c_unpacker = core.msgpack_setup(hooks)
+local c_encode, c_decode, c_unpacker, c_encode_array = core.msgpack_setup(hooks)
 
 --- Encode a value. Raises for a function, userdata, thread, other cdata,
 -- a cycle, or tables nested deeper than 200.
 -- @return string
 M.encode = c_encode
+
+--- Encode an array of the arguments, nils included in their places,
+-- without building a table: `encode_array(1, msgid, nil, result)`.
+-- @return string
+M.encode_array = c_encode_array
 
 --- Decode one value starting at byte `pos` (default 1).
 -- @treturn any the value (`msgpack.null` for nil)

@@ -26,9 +26,17 @@ local util = require "squall.util"
 
 local M = {}
 
-local null, encode, array = msgpack.null, msgpack.encode, msgpack.array
+local null, encode_array = msgpack.null, msgpack.encode_array
+local resume, create, yield, running = core.resume, coroutine.create, coroutine.yield,
+  coroutine.running
 local type, tostring, error, pairs, select, unpack = type, tostring, error, pairs, select, unpack
 local traceback, xpcall, format = debug.traceback, xpcall, string.format
+
+-- Stream methods, looked up once: a method call through the stream's
+-- __index costs a Lua call of its own, per message.
+local sm = iostream.methods
+local s_write, s_closed, s_read_bytes, s_set_idle = sm.write, sm.closed, sm.read_bytes,
+  sm.set_idle
 
 local REQUEST, RESPONSE, NOTIFY = 0, 1, 2
 local DEFAULTS = { call_timeout = 30, max_message_size = 16777216, max_pending = 256 }
@@ -180,15 +188,19 @@ local function new_connection(stream, address, opts, router)
   }, Connection)
 end
 
--- Send one message; a closed stream is the caller's to report.
-local function send(conn, msg)
-  local ok, bytes = pcall(encode, msg)
+-- Send one message, the array of the arguments after conn; a closed
+-- stream is the caller's to report.
+local function send(conn, ...)
+  local ok, bytes = pcall(encode_array, ...)
   if not ok then return nil, rpc_error("msgpack", bytes) end
-  return conn.stream:write(bytes)
+  return s_write(conn.stream, bytes)
 end
 
-local function pack_params(...)
-  return array({ ... }, select("#", ...))
+local function params_of(...)
+  local n = select("#", ...)
+  local t = { ... }
+  if #t == n then return t end
+  return msgpack.array(t, n) -- nils in place
 end
 
 --- Call `method` on the peer and wait for its answer (inside a coroutine).
@@ -207,7 +219,7 @@ function Connection:call(method, ...)
   self._next_msgid = (msgid + 1) % 4294967296
   local fut = gen.Future()
   self._pending[msgid] = fut
-  local ok, err = send(self, array({ REQUEST, msgid, method, pack_params(...) }, 4))
+  local ok, err = send(self, REQUEST, msgid, method, params_of(...))
   if not ok then
     self._pending[msgid] = nil
     return nil, err
@@ -234,7 +246,7 @@ function Connection:notify(method, ...)
   if type(method) ~= "string" then
     error("notify: method must be a string, got " .. util.describe(method), 2)
   end
-  return send(self, array({ NOTIFY, method, pack_params(...) }, 3))
+  return send(self, NOTIFY, method, params_of(...))
 end
 
 --- Close the connection; calls waiting on it get `closed`.
@@ -247,18 +259,19 @@ function Connection:closed()
   return self.stream:closed()
 end
 
--- Arguments as the handler gets them: MessagePack nil is Lua nil.
+-- Arguments as the handler gets them, in place: MessagePack nil is Lua
+-- nil. Returns how many.
 local function args_of(params)
   local n = #params
   for i = 1, n do
     if params[i] == null then params[i] = nil end
   end
-  return params, n
+  return n
 end
 
 local function finish_request(conn)
   conn._inflight = conn._inflight - 1
-  if conn._inflight == 0 then conn.stream:set_idle(true) end
+  if conn._inflight == 0 then s_set_idle(conn.stream, true) end
   local slot = conn._slot
   if slot and conn._inflight < conn._max_pending then
     conn._slot = nil
@@ -268,14 +281,14 @@ end
 
 -- Run a handler for the peer's request (msgid) or notification (nil).
 local function serve(conn, msgid, method, params)
-  local fn = conn._router and conn._router.methods[method]
+  local fn = conn._router.methods[method]
   local result, err
   if not fn then
     err = "no such method: " .. tostring(method)
     if msgid == nil then log.warn("rpc: notification for no such method: %s", tostring(method)) end
   else
-    local args, n = args_of(params)
-    local ok, r, e = xpcall(fn, traceback, conn, unpack(args, 1, n))
+    local n = args_of(params)
+    local ok, r, e = xpcall(fn, traceback, conn, unpack(params, 1, n))
     if not ok then
       log.error("rpc: %s raised: %s", method, tostring(r))
       err = "internal error"
@@ -285,19 +298,49 @@ local function serve(conn, msgid, method, params)
       result = r
     end
   end
-  if msgid ~= nil and not conn.stream:closed() then
-    local ok, werr = send(conn, array({ RESPONSE, msgid, err == nil and null or err,
-      result == nil and null or result }, 4))
+  if msgid ~= nil and not s_closed(conn.stream) then
+    local ok, werr = send(conn, RESPONSE, msgid, err, result)
     if not ok and werr.kind == "msgpack" then
       log.error("rpc: the answer of %s cannot be encoded: %s", method, tostring(werr))
-      send(conn, array({ RESPONSE, msgid, "internal error", null }, 4))
+      send(conn, RESPONSE, msgid, "internal error", nil)
     end
   end
   if msgid ~= nil then finish_request(conn) end
 end
 
+-- Requests run in coroutines kept for reuse: creating one per request
+-- (with a Future) cost more than the request. A worker runs a request
+-- and goes back to the pool; one whose request waited is resumed by
+-- whatever it waited on, and rejoins the pool when it finishes.
+local idle_workers, n_idle = {}, 0
+local MAX_IDLE = 64
+
+local function worker(conn, msgid, method, params)
+  local self = running()
+  while true do
+    serve(conn, msgid, method, params)
+    if n_idle >= MAX_IDLE then return end
+    n_idle = n_idle + 1
+    idle_workers[n_idle] = self
+    conn, msgid, method, params = yield()
+  end
+end
+
+local function run_request(conn, msgid, method, params)
+  local co
+  if n_idle > 0 then
+    co = idle_workers[n_idle]
+    idle_workers[n_idle] = nil
+    n_idle = n_idle - 1
+  else
+    co = create(worker)
+  end
+  resume(co, conn, msgid, method, params)
+end
+
 -- A message broke the protocol: log it once and close.
 local function protocol_error(conn, why)
+  conn._broken = true
   if not conn._close_error then
     conn._close_error = rpc_error("protocol", why)
     log.warn("rpc: closing connection %d (%s:%s): %s", conn.id,
@@ -307,44 +350,41 @@ local function protocol_error(conn, why)
   conn.stream:abort()
 end
 
-local function dispatch(conn, msg)
-  if type(msg) ~= "table" then
-    return protocol_error(conn, "a message is not an array: " .. util.describe(msg))
-  end
-  local kind = msg[1]
-  if kind == REQUEST and #msg == 4 then
-    local msgid, method, params = msg[2], msg[3], msg[4]
-    if type(msgid) ~= "number" or type(method) ~= "string" or type(params) ~= "table" then
+-- One message, as the unpacker's next_items gives it: n items a..d (n is
+-- -1 for a value that is not a short array, in a).
+local function dispatch(conn, n, kind, b, c, d)
+  if n == 4 and kind == REQUEST then
+    if type(b) ~= "number" or type(c) ~= "string" or type(d) ~= "table" then
       return protocol_error(conn, "a request is not [0, msgid, method, params]")
     end
     conn._inflight = conn._inflight + 1
-    conn.stream:set_idle(false)
-    gen.spawn(serve, conn, msgid, method, params)
-  elseif kind == NOTIFY and #msg == 3 then
-    if type(msg[2]) ~= "string" or type(msg[3]) ~= "table" then
-      return protocol_error(conn, "a notification is not [2, method, params]")
-    end
-    gen.spawn(serve, conn, nil, msg[2], msg[3])
-  elseif kind == RESPONSE and #msg == 4 then
-    local msgid = msg[2]
-    local fut = conn._pending[msgid]
+    if conn._inflight == 1 then s_set_idle(conn.stream, false) end
+    run_request(conn, b, c, d)
+  elseif n == 4 and kind == RESPONSE then
+    local fut = conn._pending[b]
     if fut == nil then
-      if conn._late[msgid] then
-        conn._late[msgid] = nil -- the call timed out: dropped, as promised
+      if conn._late[b] then
+        conn._late[b] = nil -- the call timed out: dropped, as promised
       else
         log.warn("rpc: connection %d: dropping a response to unknown msgid %s", conn.id,
-          tostring(msgid))
+          tostring(b))
       end
       return
     end
-    conn._pending[msgid] = nil
-    local err, result = msg[3], msg[4]
-    if err == null then
-      fut:set_result(true, result)
+    conn._pending[b] = nil
+    if c == null then
+      fut:set_result(true, d)
     else
       fut:set_result(false, nil, rpc_error("remote", "the peer answered an error: " ..
-        (type(err) == "string" and err or util.describe(err)), err))
+        (type(c) == "string" and c or util.describe(c)), c))
     end
+  elseif n == 3 and kind == NOTIFY then
+    if type(b) ~= "string" or type(c) ~= "table" then
+      return protocol_error(conn, "a notification is not [2, method, params]")
+    end
+    run_request(conn, nil, b, c)
+  elseif n < 0 and type(kind) ~= "table" then
+    return protocol_error(conn, "a message is not an array: " .. util.describe(kind))
   else
     return protocol_error(conn, "a message is not a MessagePack-RPC request, response " ..
       "or notification")
@@ -355,25 +395,26 @@ end
 local function read_loop(conn)
   local stream = conn.stream
   local unpacker = msgpack.unpacker({ max_size = conn._max_message_size })
-  stream:set_idle(true)
+  local feed, next_items = unpacker.feed, unpacker.next_items
+  s_set_idle(stream, true)
   while true do
-    local chunk = stream:read_bytes(65536, true)
+    local chunk = s_read_bytes(stream, 65536, true)
     if not chunk then break end
-    unpacker:feed(chunk)
-    while not stream:closed() do
-      local msg, err = unpacker:next()
-      if msg == nil then
-        if err then protocol_error(conn, tostring(err)) end
+    feed(unpacker, chunk)
+    while not conn._broken do
+      local n, a, b, c, d = next_items(unpacker)
+      if n == nil then
+        if a then protocol_error(conn, tostring(a)) end
         break
       end
-      dispatch(conn, msg)
+      dispatch(conn, n, a, b, c, d)
       -- Backpressure: past max_pending running requests, read no more.
-      while conn._inflight >= conn._max_pending and not stream:closed() do
+      while conn._inflight >= conn._max_pending and not s_closed(stream) do
         conn._slot = conn._slot or gen.Future()
         conn._slot:result()
       end
     end
-    if stream:closed() then break end
+    if conn._broken or s_closed(stream) then break end
   end
   stream:close()
   local err = conn._close_error or stream.error or rpc_error("closed", "the connection closed")
