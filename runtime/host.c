@@ -107,9 +107,30 @@ int squall_push_uv_error(lua_State *L, int uv_err) {
   return 2;
 }
 
+void squall_register_udata(lua_State *L, const char *name) {
+  lua_pushlightuserdata(L, (void *)name);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+void *squall_checkudata(lua_State *L, int idx, const char *name) {
+  void *p = lua_touserdata(L, idx);
+  if (p != NULL && lua_getmetatable(L, idx)) {
+    lua_pushlightuserdata(L, (void *)name);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    int same = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+    if (same)
+      return p;
+  }
+  luaL_typerror(L, idx, name);
+  return NULL;
+}
+
 void squall_new_metatable(lua_State *L, const char *name,
                           const luaL_Reg *methods) {
   luaL_newmetatable(L, name);
+  squall_register_udata(L, name);
   lua_pushvalue(L, -1);
   lua_setfield(L, -2, "__index");
   luaL_register(L, NULL, methods);

@@ -50,6 +50,16 @@ int squall_push_uv_error(lua_State *L, int uv_err);
 /* The error kind (API.md) for a libuv error code. */
 const char *squall_uv_error_kind(int uv_err);
 
+/* Remember the metatable at the top of the stack as the one of type
+ * `name` (a static string: its address is the key), for
+ * squall_checkudata. */
+void squall_register_udata(lua_State *L, const char *name);
+
+/* luaL_checkudata without interning the type's name on every call (which
+ * hashed it each time, on every stream call): the metatable is found by
+ * the address of `name`, as squall_register_udata stored it. */
+void *squall_checkudata(lua_State *L, int idx, const char *name);
+
 /* Register metatable `name` whose __index is itself, holding `methods`:
  * the one way a C module defines a userdata type's methods. */
 void squall_new_metatable(lua_State *L, const char *name,

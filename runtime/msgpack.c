@@ -13,7 +13,7 @@
 #include "buffer.h"
 #include "host.h"
 
-#define UNPACKER_MT "squall.msgpack.unpacker"
+static const char UNPACKER_MT[] = "squall.msgpack.unpacker";
 
 /* The hooks table from core.msgpack_setup is upvalue 1 of every closure. */
 #define HOOKS lua_upvalueindex(1)
@@ -820,7 +820,7 @@ static int measure(unpacker *u) {
 }
 
 static unpacker *check_unpacker(lua_State *L) {
-  return luaL_checkudata(L, 1, UNPACKER_MT);
+  return squall_checkudata(L, 1, UNPACKER_MT);
 }
 
 static int push_failed(lua_State *L, unpacker *u) {

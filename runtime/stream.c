@@ -28,7 +28,7 @@
 #include "tcp.h"
 #include "tls.h"
 
-#define STREAM_MT "squall.stream"
+static const char STREAM_MT[] = "squall.stream";
 
 enum read_kind { READ_NONE, READ_UNTIL, READ_PATTERN, READ_BYTES, READ_CLOSE };
 enum write_wait { WAIT_HIGH_WATER, WAIT_FLUSH };
@@ -623,7 +623,7 @@ static void on_read_timeout(uv_timer_t *t) {
 }
 
 static squall_stream *check_stream(lua_State *L, int idx) {
-  squall_stream **p = luaL_checkudata(L, idx, STREAM_MT);
+  squall_stream **p = squall_checkudata(L, idx, STREAM_MT);
   return *p;
 }
 
@@ -1699,6 +1699,7 @@ int squall_stream_open(lua_State *L) {
       {NULL, NULL},
   };
   luaL_newmetatable(L, STREAM_MT);
+  squall_register_udata(L, STREAM_MT);
   lua_newtable(L);
   luaL_register(L, NULL, methods);
   lua_pushvalue(L, -1);

@@ -298,7 +298,8 @@ local function serve(conn, msgid, method, params)
       result = r
     end
   end
-  if msgid ~= nil and not s_closed(conn.stream) then
+  if msgid ~= nil then
+    -- a closed stream refuses the write: the caller is gone, nothing to do
     local ok, werr = send(conn, RESPONSE, msgid, err, result)
     if not ok and werr.kind == "msgpack" then
       log.error("rpc: the answer of %s cannot be encoded: %s", method, tostring(werr))
