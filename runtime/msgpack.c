@@ -839,37 +839,12 @@ static int l_unpacker_feed(lua_State *L) {
   return 0;
 }
 
-/* u:next() -> value | nil (incomplete) | nil, err */
-static int l_unpacker_next(lua_State *L) {
-  unpacker *u = check_unpacker(L);
-  if (u->failed != NULL)
-    return push_failed(L, u);
-  int r = measure(u);
-  if (r == 0) {
-    lua_pushnil(L);
-    return 1;
-  }
-  if (r < 0)
-    return push_failed(L, u);
-  size_t used;
-  if (decode_onto(L, (const unsigned char *)squall_buffer_head(&u->buf),
-                  u->scan, &used) != 0) {
-    u->failed = strdup(lua_tostring(L, -1) ? lua_tostring(L, -1) : "invalid");
-    return 2;
-  }
-  squall_buffer_consume(&u->buf, u->scan);
-  u->scan = 0;
-  u->depth = 0;
-  if (squall_buffer_len(&u->buf) == 0)
-    squall_buffer_free(&u->buf);
-  return 1;
-}
-
-/* u:next_items() -> n, item1..itemn when the next value is an array of
- * at most 8 items, -1, value for any other value; nil while incomplete;
- * nil, err. An RPC message is such an array: taking its items as values
- * saves the table each message would cost. */
-static int l_unpacker_next_items(lua_State *L) {
+/* Decode the next value the scan found complete onto L: as one value, or
+ * (items) as the items of an array of at most 8 as values after their
+ * count (-1 and the value for anything else). Returns how many values it
+ * pushed: none while the value is incomplete (it pushes nil), nil and an
+ * error once the input broke. */
+static int take_value(lua_State *L, int items) {
   unpacker *u = check_unpacker(L);
   if (u->failed != NULL)
     return push_failed(L, u);
@@ -883,16 +858,15 @@ static int l_unpacker_next_items(lua_State *L) {
   const unsigned char *p = (const unsigned char *)squall_buffer_head(&u->buf);
   int top = lua_gettop(L);
   int n = -1;
-  if ((p[0] & 0xf0) == 0x90 && (p[0] & 0x0f) <= 8)
+  if (items && (p[0] & 0xf0) == 0x90 && (p[0] & 0x0f) <= 8)
     n = p[0] & 0x0f;
   dec d = {L, p, u->scan, n >= 0 ? 1 : 0, NULL, 0};
-  lua_pushnumber(L, n);
-  int ok = 0;
-  if (n < 0)
-    ok = dec_value(&d, 1);
-  for (int i = 0; i < n && ok == 0; i++)
-    ok = dec_value(&d, 2);
-  if (ok != 0) {
+  if (items)
+    lua_pushnumber(L, n);
+  int bad = n < 0 ? dec_value(&d, 1) : 0;
+  for (int i = 0; i < n && !bad; i++)
+    bad = dec_value(&d, 2);
+  if (bad) {
     lua_settop(L, top);
     u->failed = strdup(d.err);
     return push_failed(L, u);
@@ -903,6 +877,19 @@ static int l_unpacker_next_items(lua_State *L) {
   if (squall_buffer_len(&u->buf) == 0)
     squall_buffer_free(&u->buf);
   return lua_gettop(L) - top;
+}
+
+/* u:next() -> value | nil (incomplete) | nil, err */
+static int l_unpacker_next(lua_State *L) {
+  return take_value(L, 0);
+}
+
+/* u:next_items() -> n, item1..itemn when the next value is an array of
+ * at most 8 items, -1, value for any other value; nil while incomplete;
+ * nil, err. An RPC message is such an array: taking its items as values
+ * saves the table each message would cost. */
+static int l_unpacker_next_items(lua_State *L) {
+  return take_value(L, 1);
 }
 
 /* u:buffered() -> bytes fed and not yet returned */

@@ -7,6 +7,7 @@ local gen = require "squall.gen"
 local TCPServer = require "squall.tcpserver"
 local testing = require "squall.testing"
 local helpers = require "helpers"
+local tmpscript = helpers.tmpscript
 
 local async, pair, eventually = testing.async, helpers.stream_pair, helpers.eventually
 local q, run = helpers.q, helpers.run
@@ -36,13 +37,6 @@ local function free_port()
   return port
 end
 
-local function tmpscript(code)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(code)
-  f:close()
-  return path
-end
 
 describe("faults", function()
   it("a connection holding a few pending bytes costs at most 8 KB", async(function()

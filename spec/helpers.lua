@@ -28,11 +28,37 @@ M.squall = absolute(os.getenv("SQUALL_BIN") or "build/squall")
 M.squall_real = absolute(os.getenv("SQUALL_REAL_BIN") or os.getenv("SQUALL_BIN") or
   "build/squall")
 
+--- A file's bytes.
 local function slurp(path)
   local f = assert(io.open(path, "rb"))
   local s = f:read("*a")
   f:close()
   return s
+end
+M.slurp = slurp
+
+--- Write `s` to the file at `path` (its folder is made first).
+function M.spit(path, s)
+  local dir = path:match("^(.*)/")
+  if dir then os.execute("mkdir -p '" .. dir:gsub("'", "'\\''") .. "'") end
+  local f = assert(io.open(path, "wb"))
+  f:write(s)
+  f:close()
+end
+
+--- A new empty folder under /tmp.
+function M.tmpdir()
+  local d = os.tmpname()
+  os.remove(d)
+  assert(os.execute("mkdir -p '" .. d .. "'") == 0)
+  return d
+end
+
+--- A temporary .lua file holding `code`; returns its path.
+function M.tmpscript(code)
+  local path = os.tmpname() .. ".lua"
+  M.spit(path, code)
+  return path
 end
 
 --- Run a shell command; returns exit status, stdout, stderr.

@@ -1,13 +1,7 @@
 local helpers = require "helpers"
 local run, q, squall = helpers.run, helpers.q, helpers.squall
+local tmpscript = helpers.tmpscript
 
-local function tmpscript(code)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(code)
-  f:close()
-  return path
-end
 
 describe("the squall host", function()
   it("-v prints the versions of squall, LuaJIT, libuv and OpenSSL", function()

@@ -2,6 +2,7 @@
 local msgpack = require "squall.msgpack"
 local helpers = require "helpers"
 local ffi = require "ffi"
+local slurp, spit = helpers.slurp, helpers.spit
 
 local q, run = helpers.q, helpers.run
 local null = msgpack.null
@@ -11,18 +12,7 @@ local function hex(s)
   return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
 end
 
-local function slurp(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
 
-local function spit(path, s)
-  local f = assert(io.open(path, "wb"))
-  f:write(s)
-  f:close()
-end
 
 -- Every value in s, in order.
 local function decode_all(s)

@@ -3,16 +3,11 @@ local iostream = require "squall.iostream"
 local process = require "squall.process"
 local testing = require "squall.testing"
 local helpers = require "helpers"
+local tmpdir = helpers.tmpdir
 
 local async, q, run = testing.async, helpers.q, helpers.run
 local squall = helpers.squall_real
 
-local function tmpdir()
-  local d = os.tmpname()
-  os.remove(d)
-  assert(os.execute("mkdir -p " .. q(d)) == 0)
-  return d
-end
 
 local function script(dir, code)
   local path = dir .. "/script.lua"

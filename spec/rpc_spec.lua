@@ -5,6 +5,7 @@ local msgpack = require "squall.msgpack"
 local rpc = require "squall.rpc"
 local testing = require "squall.testing"
 local helpers = require "helpers"
+local tmpdir, put = helpers.tmpdir, helpers.spit
 
 local async, eventually, q = testing.async, helpers.eventually, helpers.q
 local PY = "/usr/bin/python3"
@@ -17,19 +18,7 @@ local function serve(opts, routes)
   return server, port
 end
 
-local function tmpdir()
-  local d = os.tmpname()
-  os.remove(d)
-  assert(os.execute("mkdir -p " .. q(d)) == 0)
-  return d
-end
 
-local function put(path, text)
-  os.execute("mkdir -p " .. q(path:match("^(.*)/")))
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-end
 
 describe("squall.rpc", function()
   it("calls, with nil arguments in place and errors as values", async(function()

@@ -6,18 +6,12 @@ local gen = require "squall.gen"
 local TCPServer = require "squall.tcpserver"
 local testing = require "squall.testing"
 local helpers = require "helpers"
+local tmpscript = helpers.tmpscript
 
 local q, run, async = helpers.q, helpers.run, testing.async
 local squall = helpers.squall
 local C = helpers.certs
 
-local function tmpscript(code)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(code)
-  f:close()
-  return path
-end
 
 -- The error `fn` raises; it must name this file (the caller's line).
 local function raised(fn)
