@@ -47,12 +47,7 @@ describe("faults", function()
     local pidfile = os.tmpname()
     local wait, signal = helpers.start(("echo $$ >%s; exec %s examples/echo.lua %d"):format(
       q(pidfile), q(helpers.squall_real), port), 60)
-    local pid = eventually(function()
-      local f = io.open(pidfile)
-      local n = f and f:read("*n")
-      if f then f:close() end
-      return n
-    end, "the server's pid")
+    local pid = helpers.eventually_number(pidfile, "the server's pid")
     local N = 1000
     local clients = {}
     for i = 1, N do

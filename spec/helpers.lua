@@ -46,6 +46,21 @@ function M.spit(path, s)
   f:close()
 end
 
+--- The number a file starts with, or nil while it has none (a pid or a
+-- port a process wrote).
+function M.number_in(path)
+  local f = io.open(path)
+  local n = f and f:read("*n")
+  if f then f:close() end
+  return n
+end
+
+--- Inside a coroutine: wait until the file at `path` starts with a number
+-- and return it (see eventually).
+function M.eventually_number(path, what)
+  return M.eventually(function() return M.number_in(path) end, what)
+end
+
 --- A new empty folder under /tmp.
 function M.tmpdir()
   local d = os.tmpname()
@@ -109,9 +124,7 @@ function M.start(cmd, secs)
   local wait = M.spawn(("timeout %d sh -c %s"):format(secs or 20,
     M.q(("echo $$ >%s; %s"):format(M.q(pidfile), cmd))))
   local function signal(name)
-    local f = io.open(pidfile)
-    local pid = f and f:read("*n")
-    if f then f:close() end
+    local pid = M.number_in(pidfile)
     if not pid then return false end
     return os.execute(("kill -%s %d"):format(name, pid)) == 0
   end

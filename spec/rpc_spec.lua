@@ -153,12 +153,7 @@ describe("squall.rpc", function()
       ]])
       local wait, signal = helpers.start(("cd %s && exec %s --reload server.lua"):format(q(dir),
         q(helpers.squall_real)), 60)
-      local port = eventually(function()
-        local f = io.open(dir .. "/port")
-        local p = f and f:read("*n")
-        if f then f:close() end
-        return p
-      end, "the server's port")
+      local port = helpers.eventually_number(dir .. "/port", "the server's port")
       local c = assert(rpc.connect("127.0.0.1", port))
       assert.equal(1, c:call("calc.f"))
       local inflight = gen.spawn(function() return c:call("calc.slow") end)
@@ -330,12 +325,7 @@ describe("squall.rpc", function()
     it("calls a Python server, which calls back", async(function()
       local out = os.tmpname()
       local wait = helpers.spawn(("timeout 20 %s spec/fixtures/rpc_peer.py >%s"):format(PY, q(out)))
-      local port = eventually(function()
-        local f = io.open(out)
-        local p = f and f:read("*n")
-        if f then f:close() end
-        return p
-      end, "the Python server's port")
+      local port = helpers.eventually_number(out, "the Python server's port")
       local c = assert(rpc.connect("127.0.0.1", port, {
         routes = { twice = function(_, x) return 2 * x end } }))
       assert.equal(5, c:call("sum", 2, 3))
