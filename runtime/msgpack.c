@@ -12,6 +12,7 @@
 
 #include "buffer.h"
 #include "host.h"
+#include "stream.h"
 
 static const char UNPACKER_MT[] = "squall.msgpack.unpacker";
 
@@ -28,7 +29,42 @@ typedef struct {
   size_t len, cap;
   const char *err;
   const char *bad_type; /* the type that cannot encode, for the message */
+  int shared;           /* p is the shared scratch buffer */
 } enc;
+
+/* The encoding buffer, kept between calls (a malloc and free per message
+ * showed in the RPC profile). An encode that starts while another is
+ * running (a Lua hook encoding) gets a buffer of its own. */
+static _Thread_local char *scratch;
+static _Thread_local size_t scratch_cap;
+static _Thread_local int scratch_busy;
+enum { SCRATCH_KEEP = 65536 }; /* larger buffers are given back */
+
+static void enc_begin(enc *e, lua_State *L) {
+  memset(e, 0, sizeof *e);
+  e->L = L;
+  if (!scratch_busy) {
+    scratch_busy = 1;
+    e->p = scratch;
+    e->cap = scratch_cap;
+    e->shared = 1;
+  }
+}
+
+static void enc_end(enc *e) {
+  if (!e->shared) {
+    free(e->p);
+    return;
+  }
+  if (e->cap > SCRATCH_KEEP) {
+    free(e->p);
+    e->p = NULL;
+    e->cap = 0;
+  }
+  scratch = e->p;
+  scratch_cap = e->cap;
+  scratch_busy = 0;
+}
 
 static int grow(enc *e, size_t n) {
   if (e->cap - e->len >= n)
@@ -334,37 +370,61 @@ static int enc_value(enc *e, int idx, int depth) {
 }
 
 /* core.msgpack_encode(value) -> string; raises for what cannot encode. */
+/* Raise for a failed encoding, once its buffer is released. */
+static int enc_fail(lua_State *L, enc *e, const char *who) {
+  const char *err = e->err, *bad = e->bad_type;
+  enc_end(e);
+  return luaL_error(L, "%s: %s%s%s", who, err, bad ? " " : "", bad ? bad : "");
+}
+
 static int l_encode(lua_State *L) {
   luaL_checkany(L, 1);
   lua_settop(L, 1);
-  enc e = {L, NULL, 0, 0, NULL, NULL};
-  if (enc_value(&e, 1, 1) != 0) {
-    free(e.p);
-    return luaL_error(L, "msgpack.encode: %s%s%s", e.err, e.bad_type ? " " : "",
-                      e.bad_type ? e.bad_type : "");
-  }
+  enc e;
+  enc_begin(&e, L);
+  if (enc_value(&e, 1, 1) != 0)
+    return enc_fail(L, &e, "msgpack.encode");
   lua_pushlstring(L, e.p, e.len);
-  free(e.p);
+  enc_end(&e);
   return 1;
 }
 
 /* core.msgpack_encode_array(...) -> the encoding of an array of its
  * arguments, nil ones included: what an RPC message is, without building
  * a table for it. */
+static int encode_args(enc *e, int first, int last) {
+  int r = put_len(e, (size_t)(last - first + 1), 0x90, 15, 0, 0xdc, 0xdd);
+  for (int i = first; i <= last && r == 0; i++)
+    r = enc_value(e, i, 2);
+  return r;
+}
+
 static int l_encode_array(lua_State *L) {
-  int n = lua_gettop(L);
-  enc e = {L, NULL, 0, 0, NULL, NULL};
-  int r = put_len(&e, (size_t)n, 0x90, 15, 0, 0xdc, 0xdd);
-  for (int i = 1; i <= n && r == 0; i++)
-    r = enc_value(&e, i, 2);
-  if (r != 0) {
-    free(e.p);
-    return luaL_error(L, "msgpack.encode_array: %s%s%s", e.err,
-                      e.bad_type ? " " : "", e.bad_type ? e.bad_type : "");
-  }
+  enc e;
+  enc_begin(&e, L);
+  if (encode_args(&e, 1, lua_gettop(L)) != 0)
+    return enc_fail(L, &e, "msgpack.encode_array");
   lua_pushlstring(L, e.p, e.len);
-  free(e.p);
+  enc_end(&e);
   return 1;
+}
+
+/* core.msgpack_write_array(stream, ...): stream:write(encode_array(...))
+ * with no Lua string in between: the bytes go from the encoding buffer
+ * into the stream's write queue. Returns what write() returns, waiting
+ * as it does past write_high_water (after the copy, so the buffer is
+ * free again by then). */
+static int l_write_array(lua_State *L) {
+  squall_stream *s = squall_stream_check(L, 1); /* raises before we begin */
+  enc e;
+  enc_begin(&e, L);
+  if (encode_args(&e, 2, lua_gettop(L)) != 0)
+    return enc_fail(L, &e, "msgpack.write_array");
+  /* write() copies the bytes in before it may wait (a wait yields only
+   * once this function returns), so the buffer is released after it */
+  int r = squall_stream_write_bytes(L, s, e.p, e.len);
+  enc_end(&e);
+  return r;
 }
 
 /* ---- decoding ---------------------------------------------------------- */
@@ -777,6 +837,20 @@ static int measure(unpacker *u) {
     if (u->scan >= len)
       return 0;
     unsigned char t = p[u->scan];
+    if ((t & 0xe0) == 0x80) {
+      /* a short array or map: its items follow, at one level deeper */
+      uint64_t items = (t & 0x10) ? (uint64_t)(t & 0x0f) : 2u * (t & 0x0f);
+      u->scan++;
+      u->left[u->depth - 1]--;
+      if (items > 0) {
+        if (u->depth > SQUALL_MSGPACK_MAX_DEPTH) {
+          u->failed = strdup("values nest deeper than 200 levels");
+          return -1;
+        }
+        u->left[u->depth++] = items;
+      }
+      continue;
+    }
     if (t <= 0x7f || t >= 0xe0 || (t & 0xe0) == 0xa0) {
       /* the common one-byte headers: a small integer, a short string */
       size_t size = 1 + ((t & 0xe0) == 0xa0 ? (size_t)(t & 0x1f) : 0);
@@ -839,12 +913,52 @@ static int l_unpacker_feed(lua_State *L) {
   return 0;
 }
 
-/* Decode the next value the scan found complete onto L: as one value, or
- * (items) as the items of an array of at most 8 as values after their
- * count (-1 and the value for anything else). Returns how many values it
- * pushed: none while the value is incomplete (it pushes nil), nil and an
- * error once the input broke. */
-static int take_value(lua_State *L, int items) {
+enum take_mode { TAKE_VALUE, TAKE_ITEMS, TAKE_RPC };
+
+/* Push the items of the short array at d->pos (its header already read
+ * as `n` items) as values, MessagePack nil as nil, after their count;
+ * an array too long to spread goes as -1 and its table. */
+static int spread_params(dec *d, int depth) {
+  const unsigned char *p = d->p + d->pos;
+  uint64_t m = 0;
+  int hlen = 0;
+  if (d->pos < d->len && (p[0] & 0xf0) == 0x90) {
+    m = p[0] & 0x0f;
+  } else if (d->len - d->pos >= 3 && p[0] == 0xdc) {
+    m = be(p + 1, 2);
+    hlen = 2;
+  } else {
+    lua_pushnumber(d->L, -1);
+    return dec_value(d, depth);
+  }
+  if (m > 64 || !lua_checkstack(d->L, (int)m + 2)) {
+    lua_pushnumber(d->L, -1);
+    return dec_value(d, depth);
+  }
+  d->pos += 1 + (size_t)hlen;
+  lua_pushnumber(d->L, (lua_Number)m);
+  for (uint64_t i = 0; i < m; i++) {
+    if (d->pos < d->len && d->p[d->pos] == 0xc0) {
+      d->pos++;
+      lua_pushnil(d->L);
+    } else if (dec_value(d, depth + 1) != 0) {
+      return -1;
+    }
+  }
+  return 0;
+}
+
+/* Decode the next value the scan found complete onto L, as `mode` says:
+ * - TAKE_VALUE: the value;
+ * - TAKE_ITEMS: the items of an array of at most 8 as values after their
+ *   count (-1 and the value for anything else);
+ * - TAKE_RPC: as TAKE_ITEMS, but a MessagePack-RPC request [0, msgid,
+ *   method, params] or notification [2, method, params] comes as 4,
+ *   kind, msgid (nil for a notification), method, then its params spread
+ *   by spread_params: no table for the message or its parameters.
+ * Returns how many values it pushed: nil while the value is incomplete,
+ * nil and an error once the input broke. */
+static int take_value(lua_State *L, int mode) {
   unpacker *u = check_unpacker(L);
   if (u->failed != NULL)
     return push_failed(L, u);
@@ -858,14 +972,29 @@ static int take_value(lua_State *L, int items) {
   const unsigned char *p = (const unsigned char *)squall_buffer_head(&u->buf);
   int top = lua_gettop(L);
   int n = -1;
-  if (items && (p[0] & 0xf0) == 0x90 && (p[0] & 0x0f) <= 8)
+  if (mode != TAKE_VALUE && (p[0] & 0xf0) == 0x90 && (p[0] & 0x0f) <= 8)
     n = p[0] & 0x0f;
   dec d = {L, p, u->scan, n >= 0 ? 1 : 0, NULL, 0};
-  if (items)
-    lua_pushnumber(L, n);
-  int bad = n < 0 ? dec_value(&d, 1) : 0;
-  for (int i = 0; i < n && !bad; i++)
-    bad = dec_value(&d, 2);
+  int bad;
+  if (mode == TAKE_RPC && u->scan > 1 &&
+      ((n == 4 && p[1] == 0x00) || (n == 3 && p[1] == 0x02))) {
+    lua_pushnumber(L, 4);
+    lua_pushnumber(L, p[1]);
+    d.pos = 2;
+    if (n == 3)
+      lua_pushnil(L);       /* a notification has no msgid */
+    bad = dec_value(&d, 2); /* msgid, or the method */
+    if (!bad && n == 4)
+      bad = dec_value(&d, 2); /* the method */
+    if (!bad)
+      bad = spread_params(&d, 2);
+  } else {
+    if (mode != TAKE_VALUE)
+      lua_pushnumber(L, n);
+    bad = n < 0 ? dec_value(&d, 1) : 0;
+    for (int i = 0; i < n && !bad; i++)
+      bad = dec_value(&d, 2);
+  }
   if (bad) {
     lua_settop(L, top);
     u->failed = strdup(d.err);
@@ -881,7 +1010,7 @@ static int take_value(lua_State *L, int items) {
 
 /* u:next() -> value | nil (incomplete) | nil, err */
 static int l_unpacker_next(lua_State *L) {
-  return take_value(L, 0);
+  return take_value(L, TAKE_VALUE);
 }
 
 /* u:next_items() -> n, item1..itemn when the next value is an array of
@@ -889,7 +1018,16 @@ static int l_unpacker_next(lua_State *L) {
  * nil, err. An RPC message is such an array: taking its items as values
  * saves the table each message would cost. */
 static int l_unpacker_next_items(lua_State *L) {
-  return take_value(L, 1);
+  return take_value(L, TAKE_ITEMS);
+}
+
+/* u:next_rpc() -> as next_items, but a MessagePack-RPC request or
+ * notification comes as 4, kind, msgid (nil for a notification), method,
+ * nparams, params... (MessagePack nil as nil; nparams -1 and the value
+ * when the params are not an array of at most 64): what squall.rpc
+ * dispatches, with no table built per message. */
+static int l_unpacker_next_rpc(lua_State *L) {
+  return take_value(L, TAKE_RPC);
 }
 
 /* u:buffered() -> bytes fed and not yet returned */
@@ -930,6 +1068,9 @@ static int l_setup(lua_State *L) {
   lua_pushvalue(L, 1);
   lua_pushcclosure(L, l_unpacker_next_items, 1);
   lua_setfield(L, -2, "next_items");
+  lua_pushvalue(L, 1);
+  lua_pushcclosure(L, l_unpacker_next_rpc, 1);
+  lua_setfield(L, -2, "next_rpc");
   lua_pop(L, 1);
   lua_pushvalue(L, 1);
   lua_pushcclosure(L, l_encode, 1);
@@ -939,7 +1080,9 @@ static int l_setup(lua_State *L) {
   lua_pushcclosure(L, l_unpacker, 1);
   lua_pushvalue(L, 1);
   lua_pushcclosure(L, l_encode_array, 1);
-  return 4;
+  lua_pushvalue(L, 1);
+  lua_pushcclosure(L, l_write_array, 1);
+  return 5;
 }
 
 int squall_msgpack_open(lua_State *L) {

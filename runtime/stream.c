@@ -1204,6 +1204,50 @@ static int wait_writer(lua_State *L, squall_stream *s, int kind,
   return lua_yield(L, 0);
 }
 
+/* Before queueing `total` bytes: 0 when they may be queued, else the
+ * results pushed (nil and closed, or buffer_full past
+ * max_write_buffer_size). */
+static int write_refused(lua_State *L, squall_stream *s, size_t total) {
+  if (s->closed)
+    return push_closed(L, s);
+  if (s->o.max_write_buffer_size > 0 &&
+      unsent(s) + total > s->o.max_write_buffer_size) {
+    lua_pushnil(L);
+    squall_push_error(L, "buffer_full",
+                      "the write would pass max_write_buffer_size");
+    return 2;
+  }
+  return 0;
+}
+
+/* After `total` bytes were appended to wq: count them, hold the stream
+ * for them, and send at once when past write_high_water, waiting there
+ * (when `may_wait` and the caller can) until the kernel took enough.
+ * The stream is argument 1. Returns the results of write(). */
+static int write_queued(lua_State *L, squall_stream *s, size_t total,
+                        int may_wait) {
+  s->queued_total += total;
+  if (total == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (!s->held_unsent) {
+    s->held_unsent = 1;
+    squall_stream_hold(L, s, 1);
+  }
+  mark_dirty(s);
+  if (unsent(s) > s->o.write_high_water) {
+    if (flush_writes(s) != 0)
+      return push_closed(L, s);
+    settle_unsent(s);
+    if (unsent(s) > s->o.write_high_water && may_wait &&
+        squall_coro_can_wait(L))
+      return wait_writer(L, s, WAIT_HIGH_WATER, "write");
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 /* stream:write(data [, callback]): data is a string or an array of
  * strings. With a callback (iostream.lua waits for it with flush in a
  * coroutine of its own) the caller never waits here. */
@@ -1227,17 +1271,11 @@ static int l_write(lua_State *L) {
   } else if (t != LUA_TSTRING) {
     return luaL_argerror(L, 2, "string or array of strings expected");
   }
-  if (s->closed)
-    return push_closed(L, s);
   if (t == LUA_TSTRING)
     total = lua_objlen(L, 2);
-  if (s->o.max_write_buffer_size > 0 &&
-      unsent(s) + total > s->o.max_write_buffer_size) {
-    lua_pushnil(L);
-    squall_push_error(L, "buffer_full",
-                      "the write would pass max_write_buffer_size");
-    return 2;
-  }
+  int refused = write_refused(L, s, total);
+  if (refused)
+    return refused;
   int err = 0;
   if (t == LUA_TSTRING) {
     err = squall_buffer_append(&s->wq, lua_tostring(L, 2), total);
@@ -1252,26 +1290,21 @@ static int l_write(lua_State *L) {
   }
   if (err != 0)
     return luaL_error(L, "out of memory queueing a write");
-  s->queued_total += total;
-  if (total == 0) {
-    lua_pushboolean(L, 1);
-    return 1;
-  }
-  if (!s->held_unsent) {
-    s->held_unsent = 1;
-    squall_stream_hold(L, s, 1);
-  }
-  mark_dirty(s);
-  if (unsent(s) > s->o.write_high_water) {
-    if (flush_writes(s) != 0)
-      return push_closed(L, s);
-    settle_unsent(s);
-    if (unsent(s) > s->o.write_high_water && lua_isnoneornil(L, 3) &&
-        squall_coro_can_wait(L))
-      return wait_writer(L, s, WAIT_HIGH_WATER, "write");
-  }
-  lua_pushboolean(L, 1);
-  return 1;
+  return write_queued(L, s, total, lua_isnoneornil(L, 3));
+}
+
+squall_stream *squall_stream_check(lua_State *L, int idx) {
+  return check_stream(L, idx);
+}
+
+int squall_stream_write_bytes(lua_State *L, squall_stream *s, const char *p,
+                              size_t n) {
+  int refused = write_refused(L, s, n);
+  if (refused)
+    return refused;
+  if (squall_buffer_append(&s->wq, p, n) != 0)
+    return luaL_error(L, "out of memory queueing a write");
+  return write_queued(L, s, n, 1);
 }
 
 /* stream:flush(): wait until everything queued reached the kernel. */

@@ -72,6 +72,16 @@ void squall_stream_release(lua_State *L, squall_stream *s);
 /* Push the userdata of `s` (anchored) onto L. */
 void squall_stream_push(lua_State *L, squall_stream *s);
 
+/* The stream at argument `idx`; raises when it is not one. */
+squall_stream *squall_stream_check(lua_State *L, int idx);
+
+/* write() for bytes a C function made (msgpack.write_array): queue
+ * p[0, n) on `s`, which must be argument 1 of the running C function;
+ * that function returns what this returns (a wait past write_high_water
+ * yields once it has returned, as write() does). */
+int squall_stream_write_bytes(lua_State *L, squall_stream *s, const char *p,
+                              size_t n);
+
 /* Register the "squall.stream" metatable; adds core.stream_methods. */
 int squall_stream_open(lua_State *L);
 

@@ -169,6 +169,12 @@ describe("squall.msgpack", function()
     assert.is_string(msgpack.decode(("\145"):rep(199) .. "\161x", 1) and "ok")
   end)
 
+  it("encode_array keeps nils in their places", function()
+    assert.equal("940102c0a178", hex(msgpack.encode_array(1, 2, nil, "x")))
+    assert.equal("90", hex(msgpack.encode_array()))
+    assert.has_error(function() msgpack.encode_array(1, print) end)
+  end)
+
   it("decodes from a position and returns the next one", function()
     local s = msgpack.encode("a") .. msgpack.encode({ 1 }) .. msgpack.encode(7)
     local a, p = msgpack.decode(s)
@@ -224,6 +230,43 @@ describe("squall.msgpack", function()
       w:feed("\1\193")
       assert.equal(1, w:next())
       assert.equal("msgpack", select(2, w:next()).kind)
+    end)
+
+    it("next_items gives a short array's items as values", function()
+      local u = msgpack.unpacker()
+      u:feed(msgpack.encode({ 1, "two", { 3 } }) .. msgpack.encode({ a = 1 }) ..
+        msgpack.encode(msgpack.array({}, 9)))
+      local n, a, b, c = u:next_items()
+      assert.equal(3, n); assert.equal(1, a); assert.equal("two", b); assert.same({ 3 }, c)
+      n, a = u:next_items()
+      assert.equal(-1, n); assert.same({ a = 1 }, a)
+      n, a = u:next_items() -- 9 items: too many to spread
+      assert.equal(-1, n); assert.equal(9, #a)
+      assert.is_nil((u:next_items()))
+    end)
+
+    it("next_rpc spreads a request's and a notification's parameters, nil in place", function()
+      local u = msgpack.unpacker()
+      u:feed(msgpack.encode_array(0, 7, "sum", msgpack.array({ 1, nil, 3 }, 3)) ..
+        msgpack.encode_array(2, "tick", {}) ..
+        msgpack.encode_array(1, 7, nil, { 9 }))
+      local r = { u:next_rpc() }
+      assert.equal(4, r[1]); assert.equal(0, r[2]); assert.equal(7, r[3])
+      assert.equal("sum", r[4]); assert.equal(3, r[5])
+      assert.equal(1, r[6]); assert.is_nil(r[7]); assert.equal(3, r[8])
+      local n, kind, msgid, method, count = u:next_rpc()
+      assert.equal(4, n); assert.equal(2, kind); assert.is_nil(msgid)
+      assert.equal("tick", method); assert.equal(0, count)
+      -- a response is not spread
+      local rn, rkind, rid, rerr, rres = u:next_rpc()
+      assert.equal(4, rn); assert.equal(1, rkind); assert.equal(7, rid)
+      assert.equal(msgpack.null, rerr); assert.same({ 9 }, rres)
+      -- more than 64 parameters come as their table
+      local many = {}
+      for i = 1, 70 do many[i] = i end
+      u:feed(msgpack.encode_array(0, 1, "f", many))
+      local _, _, _, _, c2, t = u:next_rpc()
+      assert.equal(-1, c2); assert.equal(70, #t)
     end)
 
     it("refuses a container whose items pass max_size before they all arrive", function()

@@ -52,6 +52,13 @@ describe("squall.rpc", function()
     err = select(2, c:call("nope"))
     assert.equal("no such method: nope", err.remote)
     assert.equal(3, c:call("sum", 1, 2)) -- still usable
+    -- many parameters (past what is spread without a table), nils kept
+    local many = {}
+    for i = 1, 100 do many[i] = i end
+    many[50] = nil
+    got = c:call("args", unpack(many, 1, 100))
+    assert.equal(100, got[1]); assert.equal(49, got[50]); assert.equal(msgpack.null, got[51])
+    assert.equal(100, got[101])
     c:close()
     server:stop()
   end))

@@ -45,7 +45,8 @@ local hooks = {
   end,
 }
 
-local c_encode, c_decode, c_unpacker, c_encode_array = core.msgpack_setup(hooks)
+local c_encode, c_decode, c_unpacker, c_encode_array, c_write_array =
+  core.msgpack_setup(hooks)
 
 --- Encode a value. Raises for a function, userdata, thread, other cdata,
 -- a cycle, or tables nested deeper than 200.
@@ -56,6 +57,11 @@ M.encode = c_encode
 -- without building a table: `encode_array(1, msgid, nil, result)`.
 -- @return string
 M.encode_array = c_encode_array
+
+--- `stream:write(msgpack.encode_array(...))` without the string in
+-- between: the bytes go straight into the stream's write queue. Returns
+-- what write() returns (and waits as it does).
+M.write_array = c_write_array
 
 --- Decode one value starting at byte `pos` (default 1).
 -- @treturn any the value (`msgpack.null` for nil)

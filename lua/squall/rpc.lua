@@ -26,7 +26,7 @@ local util = require "squall.util"
 
 local M = {}
 
-local null, encode_array = msgpack.null, msgpack.encode_array
+local null, write_array = msgpack.null, msgpack.write_array
 local resume, create, yield, running = core.resume, coroutine.create, coroutine.yield,
   coroutine.running
 local type, tostring, error, pairs, select, unpack = type, tostring, error, pairs, select, unpack
@@ -35,8 +35,7 @@ local traceback, xpcall, format = debug.traceback, xpcall, string.format
 -- Stream methods, looked up once: a method call through the stream's
 -- __index costs a Lua call of its own, per message.
 local sm = iostream.methods
-local s_write, s_closed, s_read_bytes, s_set_idle = sm.write, sm.closed, sm.read_bytes,
-  sm.set_idle
+local s_closed, s_read_bytes, s_set_idle = sm.closed, sm.read_bytes, sm.set_idle
 
 local REQUEST, RESPONSE, NOTIFY = 0, 1, 2
 local DEFAULTS = { call_timeout = 30, max_message_size = 16777216, max_pending = 256 }
@@ -191,9 +190,9 @@ end
 -- Send one message, the array of the arguments after conn; a closed
 -- stream is the caller's to report.
 local function send(conn, ...)
-  local ok, bytes = pcall(encode_array, ...)
-  if not ok then return nil, rpc_error("msgpack", bytes) end
-  return s_write(conn.stream, bytes)
+  local ok, sent, err = pcall(write_array, conn.stream, ...)
+  if not ok then return nil, rpc_error("msgpack", sent) end
+  return sent, err
 end
 
 local function params_of(...)
@@ -259,19 +258,12 @@ function Connection:closed()
   return self.stream:closed()
 end
 
--- Arguments as the handler gets them, in place: MessagePack nil is Lua
--- nil. Returns how many.
-local function args_of(params)
-  local n = #params
-  for i = 1, n do
-    if params[i] == null then params[i] = nil end
-  end
-  return n
-end
-
 local function finish_request(conn)
   conn._inflight = conn._inflight - 1
-  if conn._inflight == 0 then s_set_idle(conn.stream, true) end
+  if conn._inflight == 0 and conn._marked_busy then
+    conn._marked_busy = false
+    s_set_idle(conn.stream, true)
+  end
   local slot = conn._slot
   if slot and conn._inflight < conn._max_pending then
     conn._slot = nil
@@ -279,16 +271,16 @@ local function finish_request(conn)
   end
 end
 
--- Run a handler for the peer's request (msgid) or notification (nil).
-local function serve(conn, msgid, method, params)
+-- Run a handler for the peer's request (msgid) or notification (nil
+-- msgid), with its parameters as values (nils in place).
+local function serve(conn, msgid, method, ...)
   local fn = conn._router.methods[method]
   local result, err
   if not fn then
     err = "no such method: " .. tostring(method)
     if msgid == nil then log.warn("rpc: notification for no such method: %s", tostring(method)) end
   else
-    local n = args_of(params)
-    local ok, r, e = xpcall(fn, traceback, conn, unpack(params, 1, n))
+    local ok, r, e = xpcall(fn, traceback, conn, ...)
     if not ok then
       log.error("rpc: %s raised: %s", method, tostring(r))
       err = "internal error"
@@ -298,36 +290,38 @@ local function serve(conn, msgid, method, params)
       result = r
     end
   end
-  if msgid ~= nil then
-    -- a closed stream refuses the write: the caller is gone, nothing to do
-    local ok, werr = send(conn, RESPONSE, msgid, err, result)
-    if not ok and werr.kind == "msgpack" then
-      log.error("rpc: the answer of %s cannot be encoded: %s", method, tostring(werr))
-      send(conn, RESPONSE, msgid, "internal error", nil)
-    end
+  if msgid == nil then return end
+  -- (send, written out: this is the path every answer takes.) A closed
+  -- stream refuses the write: the caller is gone, nothing to do.
+  local encoded, werr = pcall(write_array, conn.stream, RESPONSE, msgid, err, result)
+  if not encoded then
+    log.error("rpc: the answer of %s cannot be encoded: %s", method, tostring(werr))
+    send(conn, RESPONSE, msgid, "internal error", nil)
   end
-  if msgid ~= nil then finish_request(conn) end
+  finish_request(conn)
 end
 
 -- Requests run in coroutines kept for reuse: creating one per request
 -- (with a Future) cost more than the request. A worker runs a request
 -- and goes back to the pool; one whose request waited is resumed by
--- whatever it waited on, and rejoins the pool when it finishes.
+-- whatever it waited on, and rejoins the pool when it finishes. The
+-- loop is a tail call, so the parameters stay values, never a table.
 local idle_workers, n_idle = {}, 0
 local MAX_IDLE = 64
 
-local function worker(conn, msgid, method, params)
-  local self = running()
-  while true do
-    serve(conn, msgid, method, params)
-    if n_idle >= MAX_IDLE then return end
-    n_idle = n_idle + 1
-    idle_workers[n_idle] = self
-    conn, msgid, method, params = yield()
-  end
+local function worker_loop(self, conn, msgid, method, ...)
+  serve(conn, msgid, method, ...)
+  if n_idle >= MAX_IDLE then return end
+  n_idle = n_idle + 1
+  idle_workers[n_idle] = self
+  return worker_loop(self, yield())
 end
 
-local function run_request(conn, msgid, method, params)
+local function worker(...)
+  return worker_loop(running(), ...)
+end
+
+local function run_request(conn, msgid, method, ...)
   local co
   if n_idle > 0 then
     co = idle_workers[n_idle]
@@ -336,7 +330,7 @@ local function run_request(conn, msgid, method, params)
   else
     co = create(worker)
   end
-  resume(co, conn, msgid, method, params)
+  resume(co, conn, msgid, method, ...)
 end
 
 -- A message broke the protocol: log it once and close.
@@ -349,18 +343,50 @@ local function protocol_error(conn, why)
       why)
   end
   conn.stream:abort()
+  return false
 end
 
--- One message, as the unpacker's next_items gives it: n items a..d (n is
--- -1 for a value that is not a short array, in a).
-local function dispatch(conn, n, kind, b, c, d)
-  if n == 4 and kind == REQUEST then
-    if type(b) ~= "number" or type(c) ~= "string" or type(d) ~= "table" then
-      return protocol_error(conn, "a request is not [0, msgid, method, params]")
+-- Parameters that came as a table (more than 64, or not spread): as
+-- values, MessagePack nil as nil.
+local function spread(params)
+  local n = #params
+  for i = 1, n do
+    if params[i] == null then params[i] = nil end
+  end
+  return unpack(params, 1, n)
+end
+
+-- One message, as the unpacker's next_rpc gives it; true to read on,
+-- false when it is incomplete or broke the protocol.
+local function dispatch(conn, n, kind, b, c, d, ...)
+  if n == nil then
+    if kind ~= nil then return protocol_error(conn, tostring(kind)) end
+    return false
+  end
+  if n == 4 and (kind == REQUEST or kind == NOTIFY) then
+    -- spread by next_rpc: msgid (nil for a notification), method, count, params...
+    if (kind == REQUEST and type(b) ~= "number") or type(c) ~= "string" then
+      return protocol_error(conn, "a request is not [0, msgid, method, params]" ..
+        " nor a notification [2, method, params]")
     end
-    conn._inflight = conn._inflight + 1
-    if conn._inflight == 1 then s_set_idle(conn.stream, false) end
-    run_request(conn, b, c, d)
+    if d == -1 then
+      local params = ...
+      if type(params) ~= "table" then
+        return protocol_error(conn, "the params of " .. c .. " are not an array")
+      end
+      if kind == REQUEST then conn._inflight = conn._inflight + 1 end
+      run_request(conn, b, c, spread(params))
+    else
+      if kind == REQUEST then conn._inflight = conn._inflight + 1 end
+      run_request(conn, b, c, ...)
+    end
+    -- A request still running once run_request returns is waiting: the
+    -- connection is busy for close_gracefully until it finishes. (One that
+    -- finished at once was never seen in flight, and costs no call.)
+    if conn._inflight > 0 and not conn._marked_busy then
+      conn._marked_busy = true
+      s_set_idle(conn.stream, false)
+    end
   elseif n == 4 and kind == RESPONSE then
     local fut = conn._pending[b]
     if fut == nil then
@@ -370,7 +396,7 @@ local function dispatch(conn, n, kind, b, c, d)
         log.warn("rpc: connection %d: dropping a response to unknown msgid %s", conn.id,
           tostring(b))
       end
-      return
+      return true
     end
     conn._pending[b] = nil
     if c == null then
@@ -379,36 +405,27 @@ local function dispatch(conn, n, kind, b, c, d)
       fut:set_result(false, nil, rpc_error("remote", "the peer answered an error: " ..
         (type(c) == "string" and c or util.describe(c)), c))
     end
-  elseif n == 3 and kind == NOTIFY then
-    if type(b) ~= "string" or type(c) ~= "table" then
-      return protocol_error(conn, "a notification is not [2, method, params]")
-    end
-    run_request(conn, nil, b, c)
   elseif n < 0 and type(kind) ~= "table" then
     return protocol_error(conn, "a message is not an array: " .. util.describe(kind))
   else
     return protocol_error(conn, "a message is not a MessagePack-RPC request, response " ..
       "or notification")
   end
+  return true
 end
 
 -- Read messages until the stream closes; then fail the calls still waiting.
 local function read_loop(conn)
   local stream = conn.stream
   local unpacker = msgpack.unpacker({ max_size = conn._max_message_size })
-  local feed, next_items = unpacker.feed, unpacker.next_items
+  local feed, next_rpc = unpacker.feed, unpacker.next_rpc
   s_set_idle(stream, true)
   while true do
     local chunk = s_read_bytes(stream, 65536, true)
     if not chunk then break end
     feed(unpacker, chunk)
     while not conn._broken do
-      local n, a, b, c, d = next_items(unpacker)
-      if n == nil then
-        if a then protocol_error(conn, tostring(a)) end
-        break
-      end
-      dispatch(conn, n, a, b, c, d)
+      if not dispatch(conn, next_rpc(unpacker)) then break end
       -- Backpressure: past max_pending running requests, read no more.
       while conn._inflight >= conn._max_pending and not s_closed(stream) do
         conn._slot = conn._slot or gen.Future()
