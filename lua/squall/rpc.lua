@@ -198,8 +198,11 @@ end
 local function params_of(...)
   local n = select("#", ...)
   local t = { ... }
-  if #t == n then return t end
-  return msgpack.array(t, n) -- nils in place
+  for i = 1, n do
+    -- a hole would make the table a map: mark it as the array it is
+    if t[i] == nil then return msgpack.array(t, n) end
+  end
+  return t
 end
 
 --- Call `method` on the peer and wait for its answer (inside a coroutine).
