@@ -147,8 +147,11 @@ describe("squall.rpc", function()
   it("reloads handler files: new code, new files, broken files keep the old, no drop",
     async(function()
       local dir = tmpdir()
+      -- slow marks that it started (a file), then waits to be released
       put(dir .. "/handlers/calc.lua", "return { f = function() return 1 end, " ..
-        "slow = function() require('squall.gen').sleep(0.5); return 'old' end }")
+        "slow = function() io.open('started', 'w'):close(); " ..
+        "while not os.rename('release', 'release') do require('squall.gen').sleep(0.01) end; " ..
+        "return 'old' end }")
       put(dir .. "/server.lua", [[
         local rpc = require "squall.rpc"
         local server = rpc.Server({ handlers = "handlers" })
@@ -166,15 +169,19 @@ describe("squall.rpc", function()
       local c = assert(rpc.connect("127.0.0.1", port))
       assert.equal(1, c:call("calc.f"))
       local inflight = gen.spawn(function() return c:call("calc.slow") end)
-      gen.sleep(0.05) -- the slow call is running on the server now
+      eventually(function() return os.rename(dir .. "/started", dir .. "/started") end,
+        "the slow call to start")
       put(dir .. "/handlers/calc.lua", "return { f = function() return 2 end, " ..
         "slow = function() return 'new' end }")
       eventually(function() return c:call("calc.f") == 2 end, "the edited code", 10)
+      put(dir .. "/release", "")
       assert.equal("old", inflight:result()) -- finished with the code it started with
       put(dir .. "/handlers/more.lua", "return { g = function() return 'g' end }")
       eventually(function() return c:call("more.g") == "g" end, "the new file", 10)
       put(dir .. "/handlers/calc.lua", "return { f = function() return 3 end\n  oops }")
-      gen.sleep(0.3)
+      -- reloads run in order: once a file written after it is seen, so was it
+      put(dir .. "/handlers/probe.lua", "return { p = function() return 'p' end }")
+      eventually(function() return c:call("probe.p") == "p" end, "the probe file", 10)
       assert.equal(2, c:call("calc.f")) -- the broken file kept the old methods
       assert.is_false(c:closed())
       c:close()
@@ -302,12 +309,17 @@ describe("squall.rpc", function()
 
   it("close_gracefully closes idle connections at once and waits for calls in flight",
     async(function()
-      local server, port = serve(nil, { slow = function() gen.sleep(0.3); return "done" end })
+      local started = gen.Future()
+      local server, port = serve(nil, { slow = function()
+        started:set_result()
+        gen.sleep(0.3)
+        return "done"
+      end })
       local idle = assert(rpc.connect("127.0.0.1", port))
       local busy = assert(rpc.connect("127.0.0.1", port))
       local f = gen.spawn(function() return busy:call("slow") end)
       eventually(function() return server:active_streams() == 2 end, "both connections")
-      gen.sleep(0.05)
+      started:result()
       local clean, n = server:close_gracefully(5)
       assert.is_true(clean, tostring(n))
       assert.equal("done", f:result())
