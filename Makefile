@@ -92,9 +92,11 @@ test: deps all $(CERTS)
 
 check: deps lint check-asan check-valgrind check-fuzz
 
-# Fuzz targets (libFuzzer, clang) for every wire parser: each runs for
-# FUZZ_SECONDS from the seeds in tests/fuzz/corpus/NAME; what it finds new
-# goes to a scratch folder, not into the repository.
+# Fuzz targets for every wire parser: libFuzzer (clang) for the C ones
+# (tests/fuzz/NAME_fuzz.c), a seeded mutation driver for the Lua ones
+# (tests/fuzz/NAME_fuzz.lua). Each runs for FUZZ_SECONDS from the seeds in
+# tests/fuzz/corpus/NAME; what libFuzzer finds new goes to a scratch
+# folder, not into the repository.
 FUZZ_TARGETS := $(patsubst tests/fuzz/%_fuzz.c,%,$(wildcard tests/fuzz/*_fuzz.c))
 FUZZ_SECONDS ?= 20
 FUZZ_SRCS := $(filter-out runtime/main.c,$(SRCS))
@@ -105,7 +107,7 @@ build/%_fuzz: tests/fuzz/%_fuzz.c $(FUZZ_SRCS) $(HDRS)
 	clang -D_GNU_SOURCE -std=gnu11 -Wall -Wextra -Werror -g -O1 \
 	  -fsanitize=fuzzer,address,undefined $(PKG_CFLAGS) $< $(FUZZ_SRCS) -o $@ -Wl,-E $(LDLIBS)
 
-check-fuzz: $(FUZZ_TARGETS:%=build/%_fuzz)
+check-fuzz: $(FUZZ_TARGETS:%=build/%_fuzz) build/squall
 	@for t in $(FUZZ_TARGETS); do \
 	  scratch=$$(mktemp -d); \
 	  echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
@@ -117,6 +119,12 @@ check-fuzz: $(FUZZ_TARGETS:%=build/%_fuzz)
 	  [ "$$status" = 0 ] || tail -40 $$scratch.log; \
 	  rm -rf $$scratch $$scratch.log; \
 	  [ "$$status" = 0 ] || { echo "fuzz: $$t failed"; exit 1; }; \
+	done
+	@# Parsers written in Lua have seeded mutation drivers of their own.
+	@for f in tests/fuzz/*_fuzz.lua; do \
+	  t=$$(basename $$f _fuzz.lua); \
+	  echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
+	  build/squall $$f $(FUZZ_SECONDS) tests/fuzz/corpus/$$t || { echo "fuzz: $$t failed"; exit 1; }; \
 	done
 
 check-asan: $(ASAN_DIR)/squall $(C_TESTS:%=$(ASAN_DIR)/tests/%) $(CERTS)
@@ -131,7 +139,7 @@ check-valgrind: all $(CERTS)
 	  scripts/run-tests build/squall
 
 lint:
-	luacheck -q lua spec examples bench
+	luacheck -q lua spec examples bench tests
 	clang-format --dry-run --Werror $(SRCS) $(HDRS) tests/*.c tests/fuzz/*.c bench/*.c bench/baseline/*.c
 
 format:

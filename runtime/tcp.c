@@ -3,6 +3,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <lauxlib.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -176,6 +177,37 @@ static int l_bind_sockets(lua_State *L) {
     }
     return push_errno_error(L, err);
   }
+  return 1;
+}
+
+/* core.adopt_socket(fd) -> a listening socket for an fd another process
+ * opened and handed over (systemd socket activation). Raises unless it is
+ * a listening stream socket; it becomes close-on-exec and non-blocking,
+ * as bind_sockets' are. */
+static int l_adopt_socket(lua_State *L) {
+  int fd = (int)luaL_checkinteger(L, 1);
+  int type = 0, listening = 0;
+  socklen_t len = sizeof type;
+  struct sockaddr_storage ss;
+  socklen_t slen = sizeof ss;
+  if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 ||
+      type != SOCK_STREAM)
+    return luaL_error(L, "fd %d is not a stream socket", fd);
+  len = sizeof listening;
+  if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 ||
+      !listening)
+    return luaL_error(L, "fd %d is not listening", fd);
+  if (getsockname(fd, (struct sockaddr *)&ss, &slen) != 0)
+    return push_errno_error(L, errno);
+  fcntl(fd, F_SETFD, FD_CLOEXEC);
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+  listen_socket *s = lua_newuserdata(L, sizeof *s);
+  s->fd = fd;
+  s->family = ss.ss_family;
+  s->backlog = 128;
+  s->acc = NULL;
+  luaL_getmetatable(L, SOCKET_MT);
+  lua_setmetatable(L, -2);
   return 1;
 }
 
@@ -686,6 +718,8 @@ int squall_tcp_open(lua_State *L) {
   squall_new_metatable(L, SOCKET_MT, socket_m);
   lua_pushcfunction(L, l_bind_sockets);
   lua_setfield(L, -2, "bind_sockets");
+  lua_pushcfunction(L, l_adopt_socket);
+  lua_setfield(L, -2, "adopt_socket");
 
   static const luaL_Reg acceptor_m[] = {
       {"close", l_acceptor_close}, {"__gc", l_acceptor_gc}, {NULL, NULL}};

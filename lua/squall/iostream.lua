@@ -106,6 +106,26 @@ function methods.write(s, data, callback)
   call_back(methods.flush, s, callback)
 end
 
+-- Addresses a PROXY protocol header gave (weak: they go with the stream).
+local peer_addresses = setmetatable({}, { __mode = "k" })
+local c_getpeername = methods.getpeername
+
+--- Make getpeername() answer `host`, `port` from now on: the client a
+-- load balancer's PROXY header named (TCPServer does this with
+-- `proxy_protocol = true`).
+function methods.set_peer_address(s, host, port)
+  if type(host) ~= "string" then error("set_peer_address: host must be a string", 2) end
+  if type(port) ~= "number" then error("set_peer_address: port must be a number", 2) end
+  peer_addresses[s] = { host, port }
+end
+
+--- The peer's host and port (the PROXY header's client, if one was set).
+function methods.getpeername(s)
+  local p = peer_addresses[s]
+  if p then return p[1], p[2] end
+  return c_getpeername(s)
+end
+
 local c_set_close_callback = methods.set_close_callback
 --- Call `fn()` once when the stream closes, whoever closed it (on the next
 -- loop iteration when it is closed already). nil removes it.

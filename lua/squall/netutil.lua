@@ -59,4 +59,23 @@ function M.add_accept_handler(sock, callback, opts)
   return function() acceptor:close() end
 end
 
+local ffi = require "ffi"
+pcall(ffi.cdef, "int getpid(void); int unsetenv(const char *name);")
+
+--- The listening sockets systemd passed by socket activation
+-- (`LISTEN_PID`, `LISTEN_FDS`; fds 3, 4, ...), for `server:add_sockets`.
+-- Empty when this process was not socket-activated. As sd_listen_fds(1),
+-- it unsets the variables, so a forked child does not take them again.
+-- @treturn table a list of sockets (as bind_sockets gives)
+function M.systemd_sockets()
+  local pid, n = tonumber(os.getenv("LISTEN_PID")), tonumber(os.getenv("LISTEN_FDS"))
+  if not pid or not n or n < 1 or pid ~= ffi.C.getpid() then return {} end
+  ffi.C.unsetenv("LISTEN_PID")
+  ffi.C.unsetenv("LISTEN_FDS")
+  ffi.C.unsetenv("LISTEN_FDNAMES")
+  local socks = {}
+  for fd = 3, 3 + n - 1 do socks[#socks + 1] = core.adopt_socket(fd) end
+  return socks
+end
+
 return M

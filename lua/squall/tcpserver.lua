@@ -18,6 +18,7 @@ local type, tostring, error = type, tostring, error
 local create, running = coroutine.create, coroutine.running
 local resume, on_error_of = core.resume, core.on_error
 local start_tls = iostream.methods._start_tls
+local proxy -- squall.proxy, loaded by a server that speaks it
 
 local STREAM_OPTS = { "max_buffer_size", "read_chunk_size", "write_high_water",
   "max_write_buffer_size" }
@@ -55,6 +56,17 @@ function TCPServer.new(cls, opts)
     end
     self.handle_stream = function(_, ...) return opts.handle_stream(...) end
   end
+  if opts.proxy_protocol ~= nil and type(opts.proxy_protocol) ~= "boolean" then
+    error("proxy_protocol must be a boolean, got " .. util.describe(opts.proxy_protocol), 2)
+  end
+  if opts.proxy_timeout ~= nil and (type(opts.proxy_timeout) ~= "number" or
+      opts.proxy_timeout <= 0) then
+    error("proxy_timeout must be a positive number, got " .. util.describe(opts.proxy_timeout), 2)
+  end
+  if opts.proxy_protocol then
+    proxy = proxy or require "squall.proxy"
+    self._proxy_timeout = opts.proxy_timeout or 5
+  end
   if opts.ssl_options ~= nil then
     -- Built (and its files checked) now, once for every connection.
     local ok, ctx = pcall(iostream.ssl_context, opts.ssl_options, true)
@@ -90,7 +102,34 @@ end
 -- directly: an error is caught where the coroutine dies (core.on_error),
 -- so no xpcall frame sits on each connection's stack (memory per idle
 -- connection is a figure we track).
+-- Behind a load balancer: take the PROXY header off the stream first
+-- (before TLS), and use the client's address it gives. A connection
+-- without a valid header is closed. Returns the address, or nil.
+local function accept_proxied(server, stream, address)
+  stream:set_timeout(server._proxy_timeout)
+  local info, err = proxy.read_header(stream)
+  stream:set_timeout(nil)
+  if not info then
+    -- a bare TCP health check connects and closes: not worth a warning
+    local say = (err.kind == "closed") and log.debug or log.warn
+    say("PROXY header from %s:%s: %s; closing", tostring(address.host),
+      tostring(address.port), tostring(err))
+    stream:abort()
+    return nil
+  end
+  if info.command == "PROXY" and info.src_addr then
+    address = { host = info.src_addr, port = info.src_port }
+    stream:set_peer_address(info.src_addr, info.src_port)
+  end
+  if server._ssl_ctx then start_tls(stream, server._ssl_ctx) end
+  return address
+end
+
 local function serve(server, stream, address)
+  if server._proxy_timeout then
+    address = accept_proxied(server, stream, address)
+    if not address then return finished(server, running()) end
+  end
   server.handle_stream(server, stream, address)
   finished(server, running())
 end
@@ -131,7 +170,7 @@ function TCPServer:add_sockets(sockets)
       function(stream, address)
         -- The handshake runs as data arrives; the handler's first read
         -- waits for it.
-        if ctx then start_tls(stream, ctx) end
+        if ctx and not self._proxy_timeout then start_tls(stream, ctx) end
         local co = create(serve)
         self._conns[co] = stream
         self._nstreams = self._nstreams + 1
