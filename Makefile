@@ -21,7 +21,7 @@ LUA_SRCS := $(shell find lua -name '*.lua')
 ASAN_DIR := build-asan
 ASAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
 
-.PHONY: all run run-tls bench bench-quick bench-deps test check check-asan check-valgrind check-fuzz lint format install deps clean
+.PHONY: all run run-tls bench bench-quick bench-deps test check check-asan check-valgrind check-fuzz lint format install deb deps clean
 
 C_TESTS := $(patsubst tests/%.c,%,$(wildcard tests/*_test.c))
 
@@ -151,6 +151,27 @@ install: build/squall
 	install -m 644 lua/squall/*.lua $(DESTDIR)$(PREFIX)/share/squall/lua/squall/
 	cd examples && find . -type d -exec install -d $(DESTDIR)$(PREFIX)/share/squall/examples/{} \; \
 	  && find . -type f -name '*.lua' -exec install -m 644 {} $(DESTDIR)$(PREFIX)/share/squall/examples/{} \;
+
+# A Debian package of squall, its Lua modules and the examples, built with
+# dpkg-deb from what `make install PREFIX=/usr` lays out.
+VERSION := $(shell sed -n 's/^\#define SQUALL_VERSION "\(.*\)"/\1/p' runtime/host.h)
+DEB_ARCH := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
+DEB := build/squall_$(VERSION)_$(DEB_ARCH).deb
+
+deb: build/squall $(LUA_SRCS)
+	rm -rf build/deb
+	$(MAKE) --no-print-directory install DESTDIR=$(CURDIR)/build/deb PREFIX=/usr
+	mkdir -p build/deb/DEBIAN
+	printf '%s\n' 'Package: squall' 'Version: $(VERSION)' 'Architecture: $(DEB_ARCH)' \
+	  'Maintainer: Squall developers <squall@localhost>' 'Section: interpreters' \
+	  'Priority: optional' \
+	  'Depends: libluajit2-5.1-2 | libluajit-5.1-2, libuv1 (>= 1.44), libssl3' \
+	  'Description: Tornado-style network servers in Lua on LuaJIT, libuv and OpenSSL' \
+	  ' The squall host runs Lua scripts with an IOLoop, IOStreams, TCPServer,' \
+	  ' TLS, multi-process servers, hot reload, MessagePack and MessagePack-RPC.' \
+	  > build/deb/DEBIAN/control
+	dpkg-deb --root-owner-group --build build/deb $(DEB) >/dev/null
+	@echo "built $(DEB)"
 
 clean:
 	rm -rf build $(ASAN_DIR)
