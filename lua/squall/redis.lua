@@ -1,0 +1,544 @@
+--- A Redis client on squall.iostream: RESP2, every command as a method,
+-- pipelines, MULTI/EXEC, pub/sub and a connection pool, all waiting inside
+-- coroutines as lua-resty-redis does on OpenResty's cosockets.
+--
+--     local r = assert(redis.connect({ host = "127.0.0.1", port = 6379 }))
+--     r:set("k", "v")                  --> "OK"
+--     r:get("k")                       --> "v" (redis.null when missing)
+--
+-- Replies: status -> string, integer -> number (int64 cdata beyond 2^53),
+-- bulk -> string or redis.null, array -> table. An error reply is
+-- `nil, err` (kind `redis`), and inside a pipeline or EXEC it stands in
+-- place as an error value (`redis.is_error(v)`). See API.md (squall.redis).
+-- @module squall.redis
+local core = require "squall.core"
+local ffi = require "ffi"
+local gen = require "squall.gen"
+local iostream = require "squall.iostream"
+local ioloop = require "squall.ioloop"
+local util = require "squall.util"
+
+local M = {}
+
+local type, tostring, tonumber, error, select = type, tostring, tonumber, error, select
+local sub, byte, find, format = string.sub, string.byte, string.find, string.format
+local setmetatable, getmetatable = setmetatable, getmetatable
+
+--- What a nil bulk or array reply is: the same NULL light userdata as
+-- msgpack.null and cjson.null.
+M.null = core.msgpack_null
+
+local MAX_DEPTH = 100 -- arrays nested deeper are refused, as a protocol error
+
+-- ---- replies --------------------------------------------------------------
+
+-- An error reply inside a pipeline or EXEC result.
+local error_mt = {}
+error_mt.__index = error_mt
+error_mt.__tostring = function(e) return "redis: " .. e.message end
+
+local function error_value(message)
+  return setmetatable({ kind = "redis", message = message }, error_mt)
+end
+
+--- True when `v` is an error reply standing in a pipeline's or EXEC's
+-- results (`v.message` is the server's text).
+function M.is_error(v)
+  return getmetatable(v) == error_mt
+end
+
+local int64_t = ffi.typeof("int64_t")
+
+local function integer(s)
+  local n = tonumber(s)
+  if not n or not find(s, "^%-?%d+$") then return nil end
+  if n > 9007199254740992 or n < -9007199254740992 then
+    -- beyond 2^53 a double is not exact: parse it as int64
+    local neg = sub(s, 1, 1) == "-"
+    local v = ffi.new(int64_t, 0)
+    for i = neg and 2 or 1, #s do v = v * 10 + (byte(s, i) - 48) end
+    return neg and -v or v
+  end
+  return n
+end
+
+-- Read one reply with `rd` (rd:line() without its CRLF, rd:bytes(n)),
+-- either of which returns nil, err when it cannot go on. Returns the
+-- value, or nil, err: err.kind is "protocol" for bytes that break RESP,
+-- else whatever the reader said. Error replies come back as error values.
+local function read_reply(rd, depth)
+  local line, err = rd:line()
+  if not line then return nil, err end
+  local t, rest = byte(line, 1), sub(line, 2)
+  if t == 43 then -- "+"
+    return rest
+  elseif t == 45 then -- "-"
+    return error_value(rest)
+  elseif t == 58 then -- ":"
+    local n = integer(rest)
+    if n == nil then return nil, core.error("protocol", "bad integer reply " .. rest) end
+    return n
+  elseif t == 36 then -- "$"
+    local n = tonumber(rest)
+    if n == -1 then return M.null end
+    if not n or n < 0 or n % 1 ~= 0 or not find(rest, "^%d+$") then
+      return nil, core.error("protocol", "bad bulk length " .. rest)
+    end
+    local data
+    data, err = rd:bytes(n + 2)
+    if not data then return nil, err end
+    if sub(data, -2) ~= "\r\n" then
+      return nil, core.error("protocol", "a bulk reply does not end in CRLF")
+    end
+    return sub(data, 1, n)
+  elseif t == 42 then -- "*"
+    local n = tonumber(rest)
+    if n == -1 then return M.null end
+    if not n or n < 0 or n % 1 ~= 0 or not find(rest, "^%d+$") then
+      return nil, core.error("protocol", "bad array length " .. rest)
+    end
+    if depth >= MAX_DEPTH then
+      return nil, core.error("protocol", "arrays nested deeper than " .. MAX_DEPTH)
+    end
+    local arr = {}
+    for i = 1, n do
+      local v
+      v, err = read_reply(rd, depth + 1)
+      if v == nil then return nil, err end
+      arr[i] = v
+    end
+    return arr
+  end
+  return nil, core.error("protocol", format("a reply starts with %q", sub(line, 1, 1)))
+end
+
+-- A reader over a string, for parse().
+local StringReader = {}
+StringReader.__index = StringReader
+local INCOMPLETE = {}
+
+function StringReader:line()
+  local e = find(self.s, "\r\n", self.pos, true)
+  if not e then return nil, INCOMPLETE end
+  local line = sub(self.s, self.pos, e - 1)
+  self.pos = e + 2
+  return line
+end
+
+function StringReader:bytes(n)
+  if #self.s - self.pos + 1 < n then return nil, INCOMPLETE end
+  local b = sub(self.s, self.pos, self.pos + n - 1)
+  self.pos = self.pos + n
+  return b
+end
+
+--- Parse one RESP2 reply at `pos` (default 1) of `s`: a pure function, so
+-- it can be fuzzed alone (tests/fuzz/resp_fuzz.lua).
+-- @return the value and the position after it; nil while incomplete;
+--   nil, err (kind `protocol`) for bytes that are not RESP
+function M.parse(s, pos)
+  local rd = setmetatable({ s = s, pos = pos or 1 }, StringReader)
+  local v, err = read_reply(rd, 0)
+  if v == nil then
+    if err == INCOMPLETE then return nil end
+    return nil, err
+  end
+  return v, rd.pos
+end
+
+-- A reader over a stream: what read_reply needs, from the stream's buffer.
+local StreamReader = {}
+StreamReader.__index = StreamReader
+local s_read_until, s_read_bytes = iostream.methods.read_until, iostream.methods.read_bytes
+
+function StreamReader:line()
+  local line, err = s_read_until(self.stream, "\r\n", self.max_line)
+  if not line then return nil, err end
+  self.started = true
+  return sub(line, 1, -3)
+end
+
+function StreamReader:bytes(n)
+  self.started = true
+  return s_read_bytes(self.stream, n)
+end
+
+-- ---- commands -------------------------------------------------------------
+
+local function arg_string(v, i)
+  local t = type(v)
+  if t == "string" then return v end
+  if t == "number" then
+    if v % 1 == 0 and v >= -9007199254740992 and v <= 9007199254740992 then
+      return format("%d", v)
+    end
+    return format("%.17g", v)
+  end
+  if t == "cdata" then return (tostring(v):gsub("U?LL$", "")) end
+  if t == "boolean" then return v and "1" or "0" end
+  error(format("argument %d must be a string or number, got %s", i, util.describe(v)), 4)
+end
+
+-- The RESP request for one command: an array of bulk strings.
+local function request(parts, name, ...)
+  local n = select("#", ...)
+  parts[#parts + 1] = format("*%d\r\n$%d\r\n%s\r\n", n + 1, #name, name)
+  for i = 1, n do
+    local a = arg_string((select(i, ...)), i)
+    parts[#parts + 1] = format("$%d\r\n", #a)
+    parts[#parts + 1] = a
+    parts[#parts + 1] = "\r\n"
+  end
+end
+
+--- A connection: `r:call(name, ...)`, every command as a lower-case
+-- method, `r:pipeline(fn)`, `r:subscribe(...)`, `r:read_message()`,
+-- `r:close()`.
+-- @type Redis
+local Redis = {}
+local methods = {}
+
+-- A method for a command name: r:hset(...) is r:call("HSET", ...), and
+-- r:client_list() is r:call("CLIENT", "LIST").
+local function command_method(key)
+  local a, b = key:upper():match("^([^_]+)_?(.*)$")
+  if b == "" then return function(r, ...) return r:call(a, ...) end end
+  return function(r, ...) return r:call(a, b, ...) end
+end
+
+Redis.__index = function(self, key)
+  local m = methods[key]
+  if m then return m end
+  if type(key) ~= "string" or not find(key, "^%a[%w_]*$") then return nil end
+  m = command_method(key)
+  methods[key] = m
+  return m
+end
+
+-- Fail for good: the stream is closed, and every later call says why.
+local function broken(self, err)
+  if not self._broken then
+    self._broken = err
+    self.stream:close()
+  end
+  return nil, err
+end
+
+-- Read one reply. A reader or protocol failure breaks the connection, and
+-- so does a timeout once part of a reply was read (the next read would
+-- start mid-reply); one before any byte of it (read_message) does not.
+local function read_one(self, timeout_ok)
+  local reader = self._reader
+  reader.started = false
+  local v, err = read_reply(reader, 0)
+  if v == nil then
+    if err.kind == "timeout" and timeout_ok and not reader.started then return nil, err end
+    return broken(self, err)
+  end
+  return v
+end
+
+local function send(self, parts)
+  if self._broken then return nil, self._broken end
+  local ok, err = self.stream:write(parts)
+  if not ok then return broken(self, err) end
+  return true
+end
+
+local function result(v)
+  if M.is_error(v) then return nil, core.error("redis", v.message) end
+  return v
+end
+
+--- Run a command: the reply, or nil, err (kind `redis` for an error reply;
+-- the connection stays usable), or nil, err for I/O (`closed`,
+-- `timeout`, `protocol`; the connection is closed then, except after a
+-- timeout).
+function methods:call(name, ...)
+  if type(name) ~= "string" then
+    error("call: the command name must be a string, got " .. util.describe(name), 2)
+  end
+  if self._subscribed and not name:match("SUBSCRIBE$") and name ~= "PING" then
+    error("call: this connection is subscribed; only (P)(UN)SUBSCRIBE and PING may run", 2)
+  end
+  local parts = {}
+  request(parts, name, ...)
+  local ok, err = send(self, parts)
+  if not ok then return nil, err end
+  local v
+  v, err = read_one(self)
+  if v == nil then return nil, err end
+  return result(v)
+end
+
+--- Queue the commands `fn(p)` makes on `p` (as methods, or p:call) and
+-- send them in one write; wait for every reply.
+-- @treturn table the replies in order; an error reply stands in its place
+--   as an error value (`redis.is_error`)
+-- @return nil, err when the connection failed
+function methods:pipeline(fn)
+  util.check_callable(fn, 2, "pipeline's function")
+  local parts, n = {}, 0
+  local queue = setmetatable({}, { __index = function(_, key)
+    if key == "call" then
+      return function(_, ...)
+        n = n + 1
+        request(parts, ...)
+      end
+    end
+    local a, b = key:upper():match("^([^_]+)_?(.*)$")
+    return function(_, ...)
+      n = n + 1
+      if b == "" then request(parts, a, ...) else request(parts, a, b, ...) end
+    end
+  end })
+  fn(queue)
+  if n == 0 then return {} end
+  local ok, err = send(self, parts)
+  if not ok then return nil, err end
+  local replies = {}
+  for i = 1, n do
+    local v
+    v, err = read_one(self)
+    if v == nil then return nil, err end
+    replies[i] = v
+  end
+  return replies
+end
+
+local function confirmations(self, name, ...)
+  local parts = {}
+  request(parts, name, ...)
+  local ok, err = send(self, parts)
+  if not ok then return nil, err end
+  local got = {}
+  for i = 1, math.max(1, select("#", ...)) do
+    local v
+    v, err = read_one(self)
+    if v == nil then return nil, err end
+    if M.is_error(v) then return nil, core.error("redis", v.message) end
+    got[i] = v
+  end
+  return got
+end
+
+--- Subscribe to channels; returns the server's confirmations. The
+-- connection then only reads messages (read_message) and (un)subscribes.
+function methods:subscribe(...)
+  local r, err = confirmations(self, "SUBSCRIBE", ...)
+  if r then self._subscribed = true end
+  return r, err
+end
+
+--- Subscribe to channel patterns; as subscribe.
+function methods:psubscribe(...)
+  local r, err = confirmations(self, "PSUBSCRIBE", ...)
+  if r then self._subscribed = true end
+  return r, err
+end
+
+--- Unsubscribe (from all channels when none are named).
+function methods:unsubscribe(...)
+  return confirmations(self, "UNSUBSCRIBE", ...)
+end
+
+--- Unsubscribe from patterns.
+function methods:punsubscribe(...)
+  return confirmations(self, "PUNSUBSCRIBE", ...)
+end
+
+--- The next published message on a subscribed connection: `{kind =
+-- "message", channel =, data =}` or `{kind = "pmessage", pattern =,
+-- channel =, data =}`; nil, err (kind `timeout`) when none came within
+-- `timeout` seconds (the connection stays subscribed).
+function methods:read_message(timeout)
+  if timeout ~= nil and (type(timeout) ~= "number" or timeout <= 0) then
+    error("read_message: timeout must be a positive number", 2)
+  end
+  if self._broken then return nil, self._broken end
+  local stream = self.stream
+  while true do
+    stream:set_timeout(timeout or self._timeout)
+    local v, err = read_one(self, true)
+    stream:set_timeout(self._timeout)
+    if v == nil then return nil, err end
+    if type(v) == "table" and v[1] == "message" then
+      return { kind = "message", channel = v[2], data = v[3] }
+    elseif type(v) == "table" and v[1] == "pmessage" then
+      return { kind = "pmessage", pattern = v[2], channel = v[3], data = v[4] }
+    end
+    -- confirmations of (un)subscribes are not messages: read on
+    if type(v) == "table" and v[1] == "unsubscribe" and v[3] == 0 then
+      self._subscribed = false
+    end
+  end
+end
+
+--- Close the connection.
+function methods:close()
+  self._broken = self._broken or core.error("closed", "the connection is closed")
+  self.stream:close()
+end
+
+--- True once closed (by either side, or a failure).
+function methods:closed()
+  return self._broken ~= nil or self.stream:closed()
+end
+
+local CONNECT_KEYS = { host = true, port = true, path = true, password = true,
+  username = true, db = true, timeout = true, ssl_options = true, server_hostname = true,
+  size = true, queue_timeout = true }
+
+--- Connect (inside a coroutine), authenticate and select the database.
+-- @tparam table opts `host` ("127.0.0.1"), `port` (6379), `password`,
+--   `username`, `db`, `timeout` (seconds, for connecting and each reply),
+--   `ssl_options`, `server_hostname`
+-- @treturn Redis
+-- @return nil, err: I/O kinds as iostream.connect, or `redis` (a wrong
+--   password, a bad db)
+function M.connect(opts)
+  opts = opts or {}
+  if type(opts) ~= "table" then error("redis.connect: opts must be a table", 2) end
+  for k in pairs(opts) do
+    if not CONNECT_KEYS[k] then error("redis.connect: unknown option " .. tostring(k), 2) end
+  end
+  if opts.path then
+    error("redis.connect: unix sockets (path) are not supported yet; use host and port", 2)
+  end
+  local port = opts.port or 6379
+  util.check_port(port, 2)
+  local stream, err = iostream.connect(opts.host or "127.0.0.1", port, {
+    timeout = opts.timeout, ssl_options = opts.ssl_options,
+    server_hostname = opts.server_hostname })
+  if not stream then return nil, err end
+  if opts.timeout then stream:set_timeout(opts.timeout) end
+  local self = setmetatable({ stream = stream, _timeout = opts.timeout,
+    _reader = setmetatable({ stream = stream, max_line = 65536 }, StreamReader) }, Redis)
+  if opts.password then
+    local ok
+    if opts.username then
+      ok, err = self:call("AUTH", opts.username, opts.password)
+    else
+      ok, err = self:call("AUTH", opts.password)
+    end
+    if not ok then
+      self:close()
+      return nil, err
+    end
+  end
+  if opts.db and opts.db ~= 0 then
+    local ok
+    ok, err = self:call("SELECT", opts.db)
+    if not ok then
+      self:close()
+      return nil, err
+    end
+  end
+  return self
+end
+
+-- ---- the pool -------------------------------------------------------------
+
+--- A pool of at most `size` connections (default 16); callers wait in
+-- FIFO order while every connection is busy, each at most
+-- `queue_timeout` seconds (default 10).
+-- @type Pool
+local Pool = {}
+Pool.__index = Pool
+
+function M.pool(opts)
+  opts = opts or {}
+  if type(opts) ~= "table" then error("redis.pool: opts must be a table", 2) end
+  local size, qt = opts.size or 16, opts.queue_timeout or 10
+  if type(size) ~= "number" or size < 1 or size % 1 ~= 0 then
+    error("redis.pool: size must be a positive integer", 2)
+  end
+  if type(qt) ~= "number" or qt <= 0 then
+    error("redis.pool: queue_timeout must be a positive number", 2)
+  end
+  local conn_opts = {}
+  for k, v in pairs(opts) do
+    if k ~= "size" and k ~= "queue_timeout" then conn_opts[k] = v end
+  end
+  return setmetatable({ _opts = conn_opts, _size = size, _queue_timeout = qt,
+    _idle = {}, _open = 0, _waiters = {} }, Pool)
+end
+
+-- A connection for the caller: an idle one, a new one while under size,
+-- or, in turn, the next one returned.
+function Pool:_acquire()
+  while true do
+    local idle = self._idle
+    while #idle > 0 do
+      local r = table.remove(idle)
+      if not r:closed() then return r end
+      self._open = self._open - 1
+    end
+    if self._open < self._size then
+      self._open = self._open + 1
+      local r, err = M.connect(self._opts)
+      if not r then
+        self._open = self._open - 1
+        return nil, err
+      end
+      return r
+    end
+    local f = gen.Future()
+    self._waiters[#self._waiters + 1] = f
+    local ok, err = gen.with_timeout(self._queue_timeout, f)
+    if ok == nil then
+      for i, w in ipairs(self._waiters) do
+        if w == f then table.remove(self._waiters, i) break end
+      end
+      return nil, core.error("timeout", format(
+        "no connection came free within queue_timeout (%g s)", self._queue_timeout))
+    end
+    if err then return nil, err end
+    -- a connection was returned (or closed): look again
+  end
+end
+
+function Pool:_release(r, closed)
+  if closed or r:closed() then
+    if not r:closed() then r:close() end
+    self._open = self._open - 1
+  else
+    self._idle[#self._idle + 1] = r
+  end
+  local w = table.remove(self._waiters, 1)
+  if w then
+    -- woken on the next iteration, in arrival order
+    ioloop.current():add_callback(function() if not w:done() then w:set_result(true) end end)
+  end
+end
+
+--- Run fn(r) with a connection and give it back; fn's results. If fn
+-- raises, that connection is closed (not returned) and the error goes on.
+function Pool:with(fn)
+  util.check_callable(fn, 2)
+  local r, err = self:_acquire()
+  if not r then return nil, err end
+  local res = util.pack(xpcall(fn, debug.traceback, r))
+  if not res[1] then
+    self:_release(r, true)
+    error(res[2], 0)
+  end
+  self:_release(r, r._subscribed)
+  return unpack(res, 2, res.n)
+end
+
+--- Run one command on a pooled connection.
+function Pool:call(name, ...)
+  local args = util.pack(...)
+  return self:with(function(r) return r:call(name, unpack(args, 1, args.n)) end)
+end
+
+--- Close every idle connection.
+function Pool:close()
+  for _, r in ipairs(self._idle) do r:close() end
+  self._open = self._open - #self._idle
+  self._idle = {}
+end
+
+M.Redis = Redis
+return M

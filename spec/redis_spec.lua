@@ -1,0 +1,257 @@
+-- squall.redis against a real redis-server (Debian's), started on a free
+-- port in a temporary folder for this file and stopped after it.
+local gen = require "squall.gen"
+local redis = require "squall.redis"
+local testing = require "squall.testing"
+local helpers = require "helpers"
+
+local async, eventually, q = testing.async, helpers.eventually, helpers.q
+
+local function free_port()
+  local sock, port = testing.bind_unused_port()
+  sock:close()
+  return port
+end
+
+-- A redis-server of our own: never the system service, never a fixed port.
+local function start_redis(extra)
+  local dir, port = helpers.tmpdir(), free_port()
+  local wait, signal = helpers.start(("cd %s && exec redis-server --port %d --bind 127.0.0.1 " ..
+    "--save '' --appendonly no --daemonize no --loglevel warning --enable-debug-command yes %s")
+    :format(q(dir), port,
+    extra or ""), 120)
+  return { port = port, dir = dir, wait = wait, signal = signal }
+end
+
+local function stop_redis(srv)
+  srv.signal("TERM")
+  srv.wait()
+  os.execute("rm -rf " .. q(srv.dir))
+end
+
+local function connect(srv, opts)
+  opts = opts or {}
+  opts.port = srv.port
+  return eventually(function() return (redis.connect(opts)) end, "redis-server to accept")
+end
+
+describe("squall.redis", function()
+  local srv
+  setup(function() srv = start_redis() end)
+  teardown(async(function() stop_redis(srv) end))
+
+  it("runs commands as methods; replies of every type", async(function()
+    local r = connect(srv)
+    assert.equal("OK", r:set("k", "v"))
+    assert.equal("v", r:get("k"))
+    assert.equal(redis.null, r:get("missing"))
+    assert.equal(3, r:rpush("list", "a", 2, "c"))
+    assert.same({ "a", "2", "c" }, r:lrange("list", 0, -1))
+    assert.equal(1, r:call("HSET", "h", "f", 1))
+    assert.equal("1", r:hget("h", "f"))
+    assert.equal("PONG", r:ping())
+    -- binary-safe, both ways
+    local bin = "\0\r\n\255" .. ("x"):rep(100000) .. "\r\n"
+    assert.equal("OK", r:set("bin", bin))
+    assert.equal(bin, r:get("bin"))
+    -- integers beyond 2^53 stay exact
+    local big = r:incrby("big", "1152921504606846976") -- 2^60
+    assert.equal("cdata", type(big))
+    assert.is_true(big == 1152921504606846976LL)
+    -- two-word commands: r:client_setname is CLIENT SETNAME
+    assert.equal("OK", r:client_setname("squall-spec"))
+    assert.equal("squall-spec", r:client_getname())
+    r:close()
+  end))
+
+  it("gives an error reply as nil, err of kind redis, and stays usable", async(function()
+    local r = connect(srv)
+    r:set("s", "x")
+    local v, err = r:lpush("s", "y")
+    assert.is_nil(v)
+    assert.equal("redis", err.kind)
+    assert.matches("WRONGTYPE", tostring(err))
+    assert.equal("x", r:get("s"))
+    v, err = r:call("NOSUCHCOMMAND")
+    assert.is_nil(v)
+    assert.matches("unknown command", tostring(err))
+    assert.equal("PONG", r:ping())
+    r:close()
+  end))
+
+  it("pipelines in one round trip, errors in place", async(function()
+    local r = connect(srv)
+    r:del("n")
+    local replies = assert(r:pipeline(function(p)
+      p:incr("n")
+      p:incr("n")
+      p:call("GET", "n")
+      p:lpush("n", "oops") -- wrong type: an error in its place
+      p:get("n")
+    end))
+    assert.equal(5, #replies)
+    assert.equal(1, replies[1]); assert.equal(2, replies[2]); assert.equal("2", replies[3])
+    assert.is_true(redis.is_error(replies[4]))
+    assert.matches("WRONGTYPE", replies[4].message)
+    assert.equal("2", replies[5])
+    r:close()
+  end))
+
+  it("runs MULTI/EXEC with error items in place", async(function()
+    local r = connect(srv)
+    r:set("t", "str")
+    assert.equal("OK", r:multi())
+    assert.equal("QUEUED", r:incr("counter"))
+    assert.equal("QUEUED", r:incr("t")) -- fails at EXEC
+    local res = assert(r:exec())
+    assert.equal("number", type(res[1]))
+    assert.is_true(redis.is_error(res[2]))
+    -- a WATCHed key changed: EXEC gives redis.null
+    local other = connect(srv)
+    r:watch("w")
+    r:multi()
+    r:set("w", 1)
+    other:set("w", 2)
+    assert.equal(redis.null, r:exec())
+    r:close(); other:close()
+  end))
+
+  it("delivers published messages; read_message times out and stays subscribed",
+    async(function()
+      local sub = connect(srv)
+      local pub = connect(srv)
+      local conf = assert(sub:subscribe("news", "sport"))
+      assert.equal(2, #conf)
+      assert.same({ "subscribe", "news", 1 }, conf[1])
+      local msg, err = sub:read_message(0.1)
+      assert.is_nil(msg)
+      assert.equal("timeout", err.kind)
+      assert.equal(1, pub:publish("news", "hello"))
+      msg = assert(sub:read_message(5))
+      assert.same({ kind = "message", channel = "news", data = "hello" }, msg)
+      assert(sub:psubscribe("s*"))
+      pub:publish("sport", "goal")
+      local a = assert(sub:read_message(5))
+      local b = assert(sub:read_message(5))
+      local kinds = { [a.kind] = a, [b.kind] = b }
+      assert.equal("goal", kinds.message.data)
+      assert.equal("s*", kinds.pmessage.pattern)
+      assert.has_error(function() sub:get("x") end)
+      sub:close(); pub:close()
+    end))
+
+  it("selects a database", async(function()
+    local r0, r3 = connect(srv), connect(srv, { db = 3 })
+    r3:set("where", "three")
+    assert.equal(redis.null, r0:get("where"))
+    assert.equal("three", r3:get("where"))
+    r0:close(); r3:close()
+  end))
+
+  describe("a pool", function()
+    it("queues callers in order while every connection is busy, then times out",
+      async(function()
+        local pool = redis.pool({ port = srv.port, size = 2, queue_timeout = 0.5 })
+        local order = {}
+        local fs = {}
+        for i = 1, 5 do
+          fs[i] = gen.spawn(function()
+            return pool:with(function(r)
+              order[#order + 1] = i
+              r:call("DEBUG", "SLEEP", "0.05")
+              return i
+            end)
+          end)
+        end
+        for i = 1, 5 do assert.equal(i, fs[i]:result()) end
+        assert.same({ 1, 2, 3, 4, 5 }, order)
+        -- both held for longer than the queue timeout: the third caller gives up
+        local hold = {}
+        for i = 1, 2 do
+          hold[i] = gen.spawn(function()
+            return pool:with(function(r) return r:call("DEBUG", "SLEEP", "1") end)
+          end)
+        end
+        gen.sleep(0.05)
+        local v, err = pool:call("PING")
+        assert.is_nil(v)
+        assert.equal("timeout", err.kind)
+        hold[1]:result(); hold[2]:result()
+        assert.equal("PONG", pool:call("PING"))
+        pool:close()
+      end, { timeout = 10 }))
+
+    it("closes a connection whose function raised, and never hands out a closed one",
+      async(function()
+        local pool = redis.pool({ port = srv.port, size = 1 })
+        local ok = pcall(pool.with, pool, function(r)
+          r:set("p", 1)
+          error("application bug")
+        end)
+        assert.is_false(ok)
+        assert.equal("1", pool:call("GET", "p"))
+        pool:with(function(r) r.stream:abort() end) -- closed under the pool
+        assert.equal("1", pool:call("GET", "p"))
+        pool:close()
+      end))
+  end)
+
+  it("refuses a wrong password with kind redis", async(function()
+    local locked = start_redis("--requirepass s3cret")
+    local got = eventually(function()
+      local c, e = redis.connect({ port = locked.port, password = "wrong" })
+      if c or (e and e.kind == "redis") then return { c, e } end
+    end, "the locked server")
+    local r, err = got[1], got[2]
+    assert.is_nil(r)
+    assert.equal("redis", err.kind)
+    local ok = assert(redis.connect({ port = locked.port, password = "s3cret" }))
+    assert.equal("PONG", ok:ping())
+    ok:close()
+    stop_redis(locked)
+  end, { timeout = 20 }))
+
+  it("fails cleanly when the server goes away mid-pipeline, and a pool recovers",
+    async(function()
+      local own = start_redis()
+      local pool = redis.pool({ port = own.port, size = 2 })
+      eventually(function() return pool:call("PING") == "PONG" end, "the server")
+      local r = connect(own)
+      local f = gen.spawn(function()
+        return r:pipeline(function(p)
+          p:call("DEBUG", "SLEEP", "0.5")
+          p:ping()
+        end)
+      end)
+      gen.sleep(0.1)
+      own.signal("KILL")
+      own.wait()
+      local v, err = f:result()
+      assert.is_nil(v)
+      assert.equal("closed", err.kind)
+      assert.is_true(r:closed())
+      assert.is_nil((pool:call("PING")))
+      -- the server comes back on the same port: the pool recovers by itself
+      local back = { port = own.port, dir = helpers.tmpdir() }
+      back.wait, back.signal = helpers.start(("cd %s && exec redis-server --port %d " ..
+        "--bind 127.0.0.1 --save '' --appendonly no --enable-debug-command yes")
+        :format(q(back.dir), own.port), 60)
+      eventually(function() return pool:call("PING") == "PONG" end, "the pool to recover", 10)
+      pool:close()
+      stop_redis(back)
+      os.execute("rm -rf " .. q(own.dir))
+    end, { timeout = 30 }))
+
+  it("parses RESP as a pure function", function()
+    assert.equal("OK", redis.parse("+OK\r\n"))
+    assert.equal(42, (redis.parse(":42\r\n")))
+    assert.equal(redis.null, (redis.parse("$-1\r\n")))
+    assert.same({ "a", 1, redis.null }, (redis.parse("*3\r\n$1\r\na\r\n:1\r\n$-1\r\n")))
+    assert.is_nil(redis.parse("$5\r\nab"))   -- incomplete
+    assert.is_nil(redis.parse("*2\r\n:1\r\n"))
+    local v, err = redis.parse("?what\r\n")
+    assert.is_nil(v)
+    assert.equal("protocol", err.kind)
+    assert.is_true(redis.is_error((redis.parse("-ERR no\r\n"))))
+  end)
+end)
