@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/un.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -633,6 +634,39 @@ static void close_connector_for_loop(squall_handle *h) {
   }
 }
 
+/* core.connect_unix(loop, path, opts) -> stream | nil, err. A local
+ * unix-domain stream socket connects at once or fails at once (no
+ * resolver, no network), so this does not wait. libuv's TCP handle
+ * drives any stream socket, so the stream is the same kind as a TCP one
+ * (getpeername has no host and port to give). */
+static int l_connect_unix(lua_State *L) {
+  squall_loop *loop = squall_loop_check(L, 1);
+  size_t len;
+  const char *path = luaL_checklstring(L, 2, &len);
+  squall_stream_opts opts;
+  squall_stream_opts_read(L, 3, &opts);
+  struct sockaddr_un sun;
+  memset(&sun, 0, sizeof sun);
+  sun.sun_family = AF_UNIX;
+  luaL_argcheck(L, len > 0 && len < sizeof sun.sun_path, 2,
+                "the socket path is empty or too long");
+  memcpy(sun.sun_path, path, len);
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0)
+    return push_errno_error(L, errno);
+  if (connect(fd, (struct sockaddr *)&sun, sizeof sun) != 0) {
+    int e = errno;
+    close(fd);
+    return push_errno_error(L, e);
+  }
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+  squall_stream *st = squall_stream_new(L, loop, &opts);
+  int err = squall_stream_open_fd(st, fd);
+  if (err != 0)
+    return squall_push_uv_error(L, err);
+  return 1;
+}
+
 /* core.connect(loop, host, port, opts) -> stream | nil, err  (waits)
  * opts: timeout, source_ip, source_port and the stream sizes. */
 static int l_connect(lua_State *L) {
@@ -728,5 +762,7 @@ int squall_tcp_open(lua_State *L) {
   lua_setfield(L, -2, "accept");
   lua_pushcfunction(L, l_connect);
   lua_setfield(L, -2, "connect");
+  lua_pushcfunction(L, l_connect_unix);
+  lua_setfield(L, -2, "connect_unix");
   return 0;
 }

@@ -22,6 +22,7 @@ local function absolute(path)
   return (os.getenv("PWD") or ".") .. "/" .. path
 end
 M.squall = absolute(os.getenv("SQUALL_BIN") or "build/squall")
+M.absolute = absolute
 
 --- The squall binary itself, never wrapped in valgrind (for specs whose
 -- subprocesses must not be slowed down or need every fd).

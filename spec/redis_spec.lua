@@ -242,6 +242,38 @@ describe("squall.redis", function()
       os.execute("rm -rf " .. q(own.dir))
     end, { timeout = 30 }))
 
+  it("connects over a unix socket (path)", async(function()
+    local own = start_redis("--unixsocket redis.sock --unixsocketperm 700")
+    local path = own.dir .. "/redis.sock"
+    local r = eventually(function() return (redis.connect({ path = path })) end,
+      "the unix socket")
+    assert.equal("OK", r:set("over", "unix"))
+    assert.equal("unix", r:get("over"))
+    r:close()
+    local none, err = redis.connect({ path = own.dir .. "/nope.sock" })
+    assert.is_nil(none)
+    assert.is_string(err.kind)
+    stop_redis(own)
+  end, { timeout = 20 }))
+
+  it("speaks TLS with ssl_options", async(function()
+    local C = helpers.certs
+    local tls_port = free_port()
+    local own = start_redis(("--tls-port %d --tls-cert-file %s --tls-key-file %s " ..
+      "--tls-ca-cert-file %s --tls-auth-clients no"):format(tls_port,
+      q(helpers.absolute(C .. "/server.pem")), q(helpers.absolute(C .. "/server.key")),
+      q(helpers.absolute(C .. "/ca.pem"))))
+    local r = eventually(function()
+      return (redis.connect({ port = tls_port, ssl_options = { ca_certs = C .. "/ca.pem" },
+        server_hostname = "localhost" }))
+    end, "redis-server over TLS")
+    assert.is_true(r.stream:uses_tls())
+    assert.equal("OK", r:set("secure", "yes"))
+    assert.equal("yes", r:get("secure"))
+    r:close()
+    stop_redis(own)
+  end, { timeout = 20 }))
+
   it("parses RESP as a pure function", function()
     assert.equal("OK", redis.parse("+OK\r\n"))
     assert.equal(42, (redis.parse(":42\r\n")))

@@ -218,6 +218,19 @@ function methods.wait_for_handshake(s, callback)
   return c_handshake(s)
 end
 
+--- Connect to a unix-domain stream socket (a local server's path, as
+-- redis-server's unixsocket). Does not wait: a local connect succeeds or
+-- fails at once.
+-- @tparam string path
+-- @tparam[opt] table opts the stream sizes (`max_buffer_size`...)
+-- @treturn stream
+-- @return nil, err (`refused`, `io`...)
+function M.connect_unix(path, opts)
+  if type(path) ~= "string" then error("path must be a string", 2) end
+  if opts ~= nil and type(opts) ~= "table" then error("opts must be a table", 2) end
+  return core.connect_unix(ioloop.current()._uv, path, opts)
+end
+
 --- Connect to host:port. Waits inside a coroutine.
 -- @tparam string host a name (resolved without blocking the loop) or IP
 -- @tparam number port

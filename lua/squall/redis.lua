@@ -390,7 +390,8 @@ local CONNECT_KEYS = { host = true, port = true, path = true, password = true,
   size = true, queue_timeout = true }
 
 --- Connect (inside a coroutine), authenticate and select the database.
--- @tparam table opts `host` ("127.0.0.1"), `port` (6379), `password`,
+-- @tparam table opts `host` ("127.0.0.1"), `port` (6379) or `path` (a
+--   unix socket), `password`,
 --   `username`, `db`, `timeout` (seconds, for connecting and each reply),
 --   `ssl_options`, `server_hostname`
 -- @treturn Redis
@@ -402,14 +403,17 @@ function M.connect(opts)
   for k in pairs(opts) do
     if not CONNECT_KEYS[k] then error("redis.connect: unknown option " .. tostring(k), 2) end
   end
+  local stream, err
   if opts.path then
-    error("redis.connect: unix sockets (path) are not supported yet; use host and port", 2)
+    if type(opts.path) ~= "string" then error("redis.connect: path must be a string", 2) end
+    stream, err = iostream.connect_unix(opts.path)
+  else
+    local port = opts.port or 6379
+    util.check_port(port, 2)
+    stream, err = iostream.connect(opts.host or "127.0.0.1", port, {
+      timeout = opts.timeout, ssl_options = opts.ssl_options,
+      server_hostname = opts.server_hostname })
   end
-  local port = opts.port or 6379
-  util.check_port(port, 2)
-  local stream, err = iostream.connect(opts.host or "127.0.0.1", port, {
-    timeout = opts.timeout, ssl_options = opts.ssl_options,
-    server_hostname = opts.server_hostname })
   if not stream then return nil, err end
   if opts.timeout then stream:set_timeout(opts.timeout) end
   local self = setmetatable({ stream = stream, _timeout = opts.timeout,
