@@ -468,35 +468,31 @@ static int read_be(dec *d, int n, uint64_t *v) {
 /* Integers up to 2^53 in magnitude are exact as Lua numbers. */
 static const uint64_t TWO53 = (uint64_t)1 << 53;
 
-/* Push an integer: a number when |v| <= 2^53, else 64-bit cdata made by
- * the Lua hook (hi and lo 32-bit halves). */
-static void push_u64(dec *d, uint64_t v) {
-  if (v <= TWO53) {
-    lua_pushnumber(d->L, (lua_Number)v);
-    return;
-  }
+/* Push an integer beyond 2^53 as 64-bit cdata, made by the Lua hook from
+ * its 32-bit halves (the C API cannot make cdata). */
+static void push_big(dec *d, uint64_t bits, int is_signed) {
   lua_getfield(d->L, HOOKS, "make_int");
-  lua_pushnumber(d->L, (lua_Number)(v >> 32));
-  lua_pushnumber(d->L, (lua_Number)(v & 0xffffffffu));
-  lua_pushboolean(d->L, 0);
+  lua_pushnumber(d->L, (lua_Number)(bits >> 32));
+  lua_pushnumber(d->L, (lua_Number)(bits & 0xffffffffu));
+  lua_pushboolean(d->L, is_signed);
   lua_call(d->L, 3, 1);
 }
 
-static void push_i64(dec *d, int64_t v) {
-  if (v >= 0) {
-    push_u64(d, (uint64_t)v);
-    return;
-  }
-  if (v >= -(int64_t)TWO53) {
+/* Push an integer: a number when |v| <= 2^53, else cdata. */
+static void push_u64(dec *d, uint64_t v) {
+  if (v <= TWO53)
     lua_pushnumber(d->L, (lua_Number)v);
-    return;
-  }
-  uint64_t u = (uint64_t)v;
-  lua_getfield(d->L, HOOKS, "make_int");
-  lua_pushnumber(d->L, (lua_Number)(u >> 32));
-  lua_pushnumber(d->L, (lua_Number)(u & 0xffffffffu));
-  lua_pushboolean(d->L, 1);
-  lua_call(d->L, 3, 1);
+  else
+    push_big(d, v, 0);
+}
+
+static void push_i64(dec *d, int64_t v) {
+  if (v >= 0)
+    push_u64(d, (uint64_t)v);
+  else if (v >= -(int64_t)TWO53)
+    lua_pushnumber(d->L, (lua_Number)v);
+  else
+    push_big(d, (uint64_t)v, 1);
 }
 
 static int push_bytes(dec *d, uint64_t n) {
