@@ -1,10 +1,12 @@
 /* stream.c: the IOStream read state machine, write queue, close, timeouts.
  *
  * The read path follows Tornado's steps, each a small function here:
- *   try_inline_read   satisfy the new read from the buffer, without waiting
- *   find_read_pos     how many buffered bytes the pending read takes, if any
- *   on_read           bytes from libuv land in the buffer's free tail
- *   finish_read       resume the parked reader with its result
+ *   try_inline_read       satisfy the new read from the buffer, or park
+ *   find_read_pos         how many buffered bytes the pending read takes
+ *   on_alloc, on_read     bytes from libuv land in the buffer's free tail
+ *                         (or a shared scratch, for a buffer holding little)
+ *   process_pending_read  finish, fail or keep waiting after new bytes
+ *   resume_reader         resume the parked reader with its result
  * An unsatisfied read parks its coroutine (registry reference) and yields
  * from C; a satisfied one resumes it straight from libuv's read callback.
  *
@@ -12,7 +14,9 @@
  * out with one uv_try_write when the writing coroutine next waits on this
  * stream or when the loop iteration ends (the loop's flush hook); what the
  * kernel did not take moves to `wflight` and is handed to uv_write. Only one
- * uv_write is in flight; later writes gather in `wq` meanwhile.
+ * uv_write is in flight; later writes gather in `wq` meanwhile. Writers
+ * that must wait (write_high_water, flush) queue in order on `wwait` and
+ * are woken by wake_writers, each when its own bytes are out.
  */
 #include "stream.h"
 
@@ -49,8 +53,11 @@ struct write_waiter {
 };
 
 /* Owned by its userdata and by libuv (see stream.h for when it is freed).
- * Registry references (`*_ref`) are released in exactly one place each:
- * finish_read, finish_write, run_close_callback, release_refs. */
+ * Registry references are released in one place each: a parked
+ * coroutine's by resume_parked (readers, writers, the handshake), the
+ * close callback's by run_close_callback, the rest (delimiter, TLS
+ * context) by clear_read or l_gc; the userdata's own by
+ * squall_stream_release once the last hold goes. */
 struct squall_stream {
   squall_handle h; /* first: the loop closes us through it */
   uv_tcp_t tcp;
