@@ -11,6 +11,7 @@
 #include "process.h"
 #include "stream.h"
 #include "tcp.h"
+#include "thread.h"
 #include "tls.h"
 
 int luaopen_squall_core(lua_State *L) {
@@ -23,6 +24,7 @@ int luaopen_squall_core(lua_State *L) {
   squall_tls_open(L);
   squall_process_open(L);
   squall_msgpack_open(L);
+  squall_thread_open(L);
   lua_pushstring(L, SQUALL_VERSION);
   lua_setfield(L, -2, "version");
   lua_pushstring(L, uv_version_string());

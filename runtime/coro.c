@@ -12,7 +12,7 @@
  * to squall_coro_resume. One started by coroutine.wrap or .resume would
  * hand its yield to that caller instead, and Squall's later resume would
  * run it from the wrong place (the result lost, the caller confused). */
-static lua_State *resumed_now;
+static _Thread_local lua_State *resumed_now; /* per thread: workers too */
 
 int squall_coro_can_wait(lua_State *L) {
   return L == resumed_now;

@@ -40,6 +40,14 @@ static _Thread_local size_t scratch_cap;
 static _Thread_local int scratch_busy;
 enum { SCRATCH_KEEP = 65536 }; /* larger buffers are given back */
 
+void squall_msgpack_thread_exit(void) {
+  if (!scratch_busy) {
+    free(scratch);
+    scratch = NULL;
+    scratch_cap = 0;
+  }
+}
+
 static void enc_begin(enc *e, lua_State *L) {
   memset(e, 0, sizeof *e);
   e->L = L;

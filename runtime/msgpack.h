@@ -20,6 +20,10 @@
 /* Nesting deeper than this raises (encode) or fails (decode). */
 #define SQUALL_MSGPACK_MAX_DEPTH 200
 
+/* Free this thread's encoding buffer (each thread keeps one): a worker
+ * thread calls it before it ends. */
+void squall_msgpack_thread_exit(void);
+
 /* Add core.msgpack_setup, core.msgpack_encode, core.msgpack_decode and
  * core.msgpack_unpacker to the table at the top of the stack. */
 int squall_msgpack_open(lua_State *L);

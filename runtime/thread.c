@@ -1,0 +1,362 @@
+/* thread.c: worker threads for blocking or CPU-heavy Lua work (see
+ * thread.h).
+ *
+ * A pool owns `size` threads, each with a lua_State of its own (LuaJIT
+ * states are never shared between threads). A job carries its module and
+ * function names and its arguments as MessagePack bytes: copying through
+ * bytes is what keeps the states apart. A worker decodes, calls
+ * require(module)[func](...) under pcall, and encodes (ok, results...)
+ * back; the loop learns of finished jobs through a uv_async_t, never by
+ * polling, and calls each job's Lua callback on the loop's thread.
+ *
+ * Lifetime: the pool is owned by its userdata. Closing it (the loop
+ * closing, or the collector) tells the threads to stop once their current
+ * job is done, joins them, closes their states and frees the jobs left;
+ * the async handle is freed in its close callback.
+ */
+#include "thread.h"
+
+#include <lauxlib.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include "host.h"
+#include "loop.h"
+#include "msgpack.h"
+
+#define POOL_MT "squall.thread_pool"
+
+typedef struct job {
+  struct job *next;
+  char *module, *func;
+  char *data; /* arguments in, then (ok, results...) out, as MessagePack */
+  size_t len;
+  int failed; /* the worker could not even run it: data is a message */
+  int cb_ref; /* the Lua callback, on the loop's thread */
+} job;
+
+typedef struct pool {
+  squall_handle h; /* first: the loop closes us through it */
+  squall_loop *loop;
+  uv_async_t async;
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  job *todo, **todo_end; /* waiting for a worker, in order */
+  job *done, **done_end; /* finished, for the loop */
+  int size, started, stopping, closed, in_flight, async_open, ud_alive;
+  char *path, *cpath; /* the host's package paths, for every worker */
+  pthread_t *threads;
+} pool;
+
+/* What a worker runs for each job (a chunk compiled once per state). */
+static const char WORKER_CHUNK[] =
+    "local mp = require 'squall.msgpack'\n"
+    "local null, unpack, pcall, select = mp.null, unpack, pcall, select\n"
+    "local function pack(...) return { n = select('#', ...), ... } end\n"
+    "return function(module, func, data)\n"
+    "  local args = mp.decode(data)\n"
+    "  local n = #args\n"
+    "  for i = 1, n do if args[i] == null then args[i] = nil end end\n"
+    "  local function run()\n"
+    "    local m = require(module)\n"
+    "    local f = type(m) == 'table' and m[func]\n"
+    "    if type(f) ~= 'function' then\n"
+    "      error(('%s.%s is not a function'):format(module, func), 0)\n"
+    "    end\n"
+    "    return f(unpack(args, 1, n))\n"
+    "  end\n"
+    "  local res = pack(pcall(run))\n"
+    "  if not res[1] then return mp.encode_array(false, tostring(res[2])) end\n"
+    "  local ok, bytes = pcall(mp.encode_array, unpack(res, 1, res.n))\n"
+    "  if ok then return bytes end\n"
+    "  return mp.encode_array(false, 'the results cannot be copied back: ' .. "
+    "bytes)\n"
+    "end\n";
+
+static char *dup_bytes(const char *p, size_t n) {
+  char *d = malloc(n + 1);
+  if (d != NULL) {
+    memcpy(d, p, n);
+    d[n] = '\0';
+  }
+  return d;
+}
+
+/* A worker's state: the host's, with the caller's package paths and the
+ * job runner on the registry. NULL (and `err` set) on failure. */
+static lua_State *worker_state(pool *p, const char **err) {
+  lua_State *L = squall_host_new();
+  if (L == NULL) {
+    *err = "out of memory creating a worker's Lua state";
+    return NULL;
+  }
+  lua_getglobal(L, "package");
+  lua_pushstring(L, p->path);
+  lua_setfield(L, -2, "path");
+  lua_pushstring(L, p->cpath);
+  lua_setfield(L, -2, "cpath");
+  lua_pop(L, 1);
+  if (luaL_loadbuffer(L, WORKER_CHUNK, sizeof WORKER_CHUNK - 1,
+                      "=(squall worker)") != 0 ||
+      lua_pcall(L, 0, 1, 0) != 0) {
+    *err = "the worker's runner did not load";
+    lua_close(L);
+    return NULL;
+  }
+  lua_setfield(L, LUA_REGISTRYINDEX, "squall.thread.run");
+  return L;
+}
+
+/* Run one job in the worker's state; its data becomes the answer. */
+static void run_job(lua_State *L, job *j) {
+  lua_getfield(L, LUA_REGISTRYINDEX, "squall.thread.run");
+  lua_pushstring(L, j->module);
+  lua_pushstring(L, j->func);
+  lua_pushlstring(L, j->data, j->len);
+  int status = lua_pcall(L, 3, 1, 0);
+  size_t n = 0;
+  const char *out = lua_tolstring(L, -1, &n);
+  free(j->data);
+  j->data = dup_bytes(out ? out : "the worker failed", out ? n : 17);
+  j->len = out ? n : 17;
+  j->failed = status != 0 || out == NULL;
+  lua_settop(L, 0);
+  lua_gc(L, LUA_GCSTEP, 0);
+}
+
+static void *worker_main(void *arg) {
+  pool *p = arg;
+  const char *err = NULL;
+  lua_State *L = worker_state(p, &err);
+  for (;;) {
+    pthread_mutex_lock(&p->mu);
+    while (p->todo == NULL && !p->stopping)
+      pthread_cond_wait(&p->cv, &p->mu);
+    if (p->stopping) {
+      pthread_mutex_unlock(&p->mu);
+      break;
+    }
+    job *j = p->todo;
+    p->todo = j->next;
+    if (p->todo == NULL)
+      p->todo_end = &p->todo;
+    pthread_mutex_unlock(&p->mu);
+
+    if (L != NULL) {
+      run_job(L, j);
+    } else {
+      free(j->data);
+      j->data = dup_bytes(err, strlen(err));
+      j->len = strlen(err);
+      j->failed = 1;
+    }
+    j->next = NULL;
+    pthread_mutex_lock(&p->mu);
+    *p->done_end = j;
+    p->done_end = &j->next;
+    pthread_mutex_unlock(&p->mu);
+    uv_async_send(&p->async);
+  }
+  if (L != NULL)
+    lua_close(L);
+  squall_msgpack_thread_exit();
+  return NULL;
+}
+
+static void free_job(lua_State *L, job *j) {
+  if (L != NULL && j->cb_ref != LUA_NOREF)
+    luaL_unref(L, LUA_REGISTRYINDEX, j->cb_ref);
+  free(j->module);
+  free(j->func);
+  free(j->data);
+  free(j);
+}
+
+/* On the loop's thread: call back every finished job, in order. */
+static void on_async(uv_async_t *a) {
+  pool *p = a->data;
+  lua_State *L = p->loop->finalizing ? NULL : p->loop->L;
+  pthread_mutex_lock(&p->mu);
+  job *list = p->done;
+  p->done = NULL;
+  p->done_end = &p->done;
+  pthread_mutex_unlock(&p->mu);
+  while (list != NULL) {
+    job *j = list;
+    list = j->next;
+    if (--p->in_flight == 0)
+      uv_unref((uv_handle_t *)&p->async); /* idle: do not hold the loop */
+    if (L != NULL) {
+      lua_rawgeti(L, LUA_REGISTRYINDEX, j->cb_ref);
+      lua_pushboolean(L, !j->failed);
+      lua_pushlstring(L, j->data, j->len);
+      squall_loop_call(p->loop, 2, "thread callback");
+    }
+    free_job(L, j);
+  }
+}
+
+static void free_pool(pool *p) {
+  free(p->threads);
+  free(p->path);
+  free(p->cpath);
+  pthread_mutex_destroy(&p->mu);
+  pthread_cond_destroy(&p->cv);
+  free(p);
+}
+
+static void async_closed(uv_handle_t *h) {
+  pool *p = h->data;
+  p->async_open = 0;
+  if (!p->ud_alive)
+    free_pool(p);
+}
+
+/* Stop the threads (after their current job), join them, and drop what
+ * was never run or never called back. */
+static void close_pool(squall_handle *h) {
+  pool *p = (pool *)h;
+  if (p->closed)
+    return;
+  p->closed = 1;
+  pthread_mutex_lock(&p->mu);
+  p->stopping = 1;
+  pthread_cond_broadcast(&p->cv);
+  pthread_mutex_unlock(&p->mu);
+  for (int i = 0; i < p->started; i++)
+    pthread_join(p->threads[i], NULL);
+  lua_State *L = p->loop->finalizing ? NULL : p->loop->L;
+  for (job *lists[2] = {p->todo, p->done}, **l = lists; l < lists + 2; l++)
+    while (*l != NULL) {
+      job *j = *l;
+      *l = j->next;
+      free_job(L, j);
+    }
+  p->todo = p->done = NULL;
+  uv_close((uv_handle_t *)&p->async, async_closed);
+}
+
+static pool *check_pool(lua_State *L) {
+  pool **pp = squall_checkudata(L, 1, POOL_MT);
+  if (*pp == NULL || (*pp)->closed)
+    luaL_error(L, "the thread pool is closed");
+  return *pp;
+}
+
+/* pool:submit(module, func, args_bytes, callback): callback(ok, bytes)
+ * runs on the loop once a worker is done (bytes: (ok, results...) as
+ * MessagePack, or a message when not ok). */
+static int l_submit(lua_State *L) {
+  pool *p = check_pool(L);
+  size_t mlen, flen, n;
+  const char *module = luaL_checklstring(L, 2, &mlen);
+  const char *func = luaL_checklstring(L, 3, &flen);
+  const char *data = luaL_checklstring(L, 4, &n);
+  luaL_checktype(L, 5, LUA_TFUNCTION);
+  job *j = calloc(1, sizeof *j);
+  if (j == NULL)
+    return luaL_error(L, "out of memory");
+  j->module = dup_bytes(module, mlen);
+  j->func = dup_bytes(func, flen);
+  j->data = dup_bytes(data, n);
+  j->len = n;
+  if (j->module == NULL || j->func == NULL || j->data == NULL) {
+    j->cb_ref = LUA_NOREF;
+    free_job(L, j);
+    return luaL_error(L, "out of memory");
+  }
+  lua_pushvalue(L, 5);
+  j->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (p->in_flight++ == 0)
+    uv_ref((uv_handle_t *)&p->async);
+  pthread_mutex_lock(&p->mu);
+  *p->todo_end = j;
+  p->todo_end = &j->next;
+  pthread_cond_signal(&p->cv);
+  pthread_mutex_unlock(&p->mu);
+  return 0;
+}
+
+static int l_pool_close(lua_State *L) {
+  pool **pp = squall_checkudata(L, 1, POOL_MT);
+  if (*pp != NULL)
+    close_pool(&(*pp)->h);
+  return 0;
+}
+
+static int l_pool_gc(lua_State *L) {
+  pool **pp = squall_checkudata(L, 1, POOL_MT);
+  pool *p = *pp;
+  if (p == NULL)
+    return 0;
+  *pp = NULL;
+  p->ud_alive = 0;
+  close_pool(&p->h);
+  if (!p->async_open)
+    free_pool(p);
+  return 0;
+}
+
+/* core.thread_pool(loop, size, path, cpath) -> pool */
+static int l_thread_pool(lua_State *L) {
+  squall_loop *loop = squall_loop_check(L, 1);
+  int size = (int)luaL_checkinteger(L, 2);
+  luaL_argcheck(L, size >= 1 && size <= 256, 2, "size must be from 1 to 256");
+  const char *path = luaL_checkstring(L, 3);
+  const char *cpath = luaL_checkstring(L, 4);
+  pool **pp = lua_newuserdata(L, sizeof *pp);
+  *pp = NULL;
+  luaL_getmetatable(L, POOL_MT);
+  lua_setmetatable(L, -2);
+  pool *p = calloc(1, sizeof *p);
+  if (p == NULL)
+    return luaL_error(L, "out of memory");
+  p->h.close = close_pool;
+  p->loop = loop;
+  p->size = size;
+  p->todo_end = &p->todo;
+  p->done_end = &p->done;
+  p->ud_alive = 1;
+  p->path = dup_bytes(path, strlen(path));
+  p->cpath = dup_bytes(cpath, strlen(cpath));
+  p->threads = calloc((size_t)size, sizeof *p->threads);
+  pthread_mutex_init(&p->mu, NULL);
+  pthread_cond_init(&p->cv, NULL);
+  if (p->path == NULL || p->cpath == NULL || p->threads == NULL) {
+    free_pool(p);
+    return luaL_error(L, "out of memory");
+  }
+  uv_async_init(&loop->uv, &p->async, on_async);
+  p->async.data = p;
+  p->async_open = 1;
+  uv_unref((uv_handle_t *)&p->async);
+  *pp = p;
+  for (int i = 0; i < size; i++) {
+    if (pthread_create(&p->threads[i], NULL, worker_main, p) != 0)
+      break;
+    p->started++;
+  }
+  if (p->started == 0) {
+    close_pool(&p->h);
+    return luaL_error(L, "could not start any worker thread");
+  }
+  return 1;
+}
+
+int squall_thread_open(lua_State *L) {
+  static const luaL_Reg methods[] = {
+      {"submit", l_submit},
+      {"close", l_pool_close},
+      {NULL, NULL},
+  };
+  squall_new_metatable(L, POOL_MT, methods);
+  luaL_getmetatable(L, POOL_MT);
+  lua_pushcfunction(L, l_pool_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  lua_pushcfunction(L, l_thread_pool);
+  lua_setfield(L, -2, "thread_pool");
+  return 0;
+}

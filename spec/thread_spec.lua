@@ -1,0 +1,107 @@
+-- squall.thread: work in worker threads, each with its own Lua state,
+-- while the loop goes on serving.
+local gen = require "squall.gen"
+local thread = require "squall.thread"
+local testing = require "squall.testing"
+local helpers = require "helpers"
+
+local async = testing.async
+
+-- Workers find spec/fixtures/lua/thread_work.lua through the paths the
+-- program has when the pool is made.
+package.path = "spec/fixtures/lua/?.lua;" .. package.path
+
+describe("squall.thread", function()
+  it("runs a function in a worker and returns its results", async(function()
+    local pool = thread.pool({ size = 2 })
+    local s = ("abc"):rep(1000)
+    local want = 0
+    for _ = 1, 3 do
+      for i = 1, #s do want = (want * 31 + s:byte(i)) % 4294967296 end
+    end
+    assert.equal(want, pool:run("thread_work", "churn", s, 3))
+    local a, b, c, d = pool:run("thread_work", "echo", 1, nil, "x", true)
+    assert.equal(1, a); assert.is_nil(b); assert.equal("x", c); assert.is_true(d)
+    assert.equal(4, pool:run("thread_work", "count", 1, nil, nil, 4))
+    local t = pool:run("thread_work", "table", 5)
+    assert.same({ name = "list", items = { 1, 4, 9, 16, 25 } }, t)
+    pool:close()
+  end))
+
+  it("gives an error in the worker as nil, err of kind thread", async(function()
+    local pool = thread.pool({ size = 1 })
+    local v, err = pool:run("thread_work", "fail", "worker said no")
+    assert.is_nil(v)
+    assert.equal("thread", err.kind)
+    assert.matches("worker said no", tostring(err))
+    v, err = pool:run("no_such_module_here", "f")
+    assert.is_nil(v)
+    assert.matches("no_such_module_here", tostring(err))
+    err = select(2, pool:run("thread_work", "nope"))
+    assert.matches("thread_work.nope is not a function", tostring(err))
+    err = select(2, pool:run("thread_work", "bad_result"))
+    assert.matches("cannot be copied back", tostring(err))
+    -- the worker is still there
+    assert.equal("ok", pool:run("thread_work", "echo", "ok"))
+    pool:close()
+  end))
+
+  it("refuses arguments that cannot be copied, at the caller's line", async(function()
+    local pool = thread.pool({ size = 1 })
+    local cyc = {}
+    cyc.self = cyc
+    for _, bad in ipairs({ print, cyc, coroutine.create(print) }) do
+      local ok, err = pcall(pool.run, pool, "thread_work", "echo", bad)
+      assert.is_false(ok)
+      assert.matches("cannot be copied to a worker", err)
+    end
+    assert.has_error(function() thread.pool({ size = 0 }) end)
+    pool:close()
+  end))
+
+  it("queues calls in order while every worker is busy", async(function()
+    local pool = thread.pool({ size = 1 })
+    local order = {}
+    local fs = {}
+    for i = 1, 4 do
+      fs[i] = gen.spawn(function()
+        local v = pool:run("thread_work", "echo", i)
+        order[#order + 1] = v
+        return v
+      end)
+    end
+    for i = 1, 4 do assert.equal(i, fs[i]:result()) end
+    assert.same({ 1, 2, 3, 4 }, order)
+    pool:close()
+  end))
+
+  it("keeps the loop serving while workers compute", async(function()
+    local pool = thread.pool({ size = 2 })
+    local server, client = helpers.stream_pair()
+    gen.spawn(function()
+      while true do
+        local line = server:read_until("\n")
+        if not line then return end
+        server:write(line)
+      end
+    end)
+    local flag = os.tmpname()
+    os.remove(flag)
+    local work = gen.spawn(function() return pool:run("thread_work", "spin_until", flag) end)
+    -- while a worker spins, echo round trips go on
+    for _ = 1, 20 do
+      client:write("ping\n")
+      assert.equal("ping\n", client:read_until("\n"))
+    end
+    assert.is_false(work:done())
+    helpers.spit(flag, "")
+    assert.is_true(work:result())
+    os.remove(flag)
+    client:close()
+    pool:close()
+  end, { timeout = 10 }))
+
+  it("thread.run uses a default pool, one worker per CPU", async(function()
+    assert.equal("hi", thread.run("thread_work", "echo", "hi"))
+  end))
+end)
