@@ -152,6 +152,10 @@ describe("squall.redis", function()
     it("queues callers in order while every connection is busy, then times out",
       async(function()
         local pool = redis.pool({ port = srv.port, size = 2, queue_timeout = 0.5 })
+        -- open both connections first: which of two new ones is ready
+        -- first is the server's business; the queue's order is ours
+        gen.multi({ function() return pool:call("PING") end,
+          function() return pool:call("PING") end })
         local order = {}
         local fs = {}
         for i = 1, 5 do
