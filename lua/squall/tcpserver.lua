@@ -37,7 +37,9 @@ end
 -- @tparam[opt] table opts `handle_stream` (instead of a subclass method),
 --   `ssl_options` (checked now: a missing certfile, an unreadable file or a
 --   key that does not match raises), `max_buffer_size`, `read_chunk_size`,
---   `write_high_water`, `max_write_buffer_size`
+--   `write_high_water`, `max_write_buffer_size`, `proxy_protocol` (each
+--   connection starts with a PROXY v1/v2 header naming the client; see
+--   docs/deploy.md), `proxy_timeout` (seconds for that header, default 5)
 function TCPServer.new(cls, opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("options must be a table, got " .. util.describe(opts), 2) end
@@ -98,10 +100,6 @@ local function finished(server, co)
   if server._drained and server._nstreams == 0 then server._drained() end
 end
 
--- The coroutine body serving one connection. It calls handle_stream
--- directly: an error is caught where the coroutine dies (core.on_error),
--- so no xpcall frame sits on each connection's stack (memory per idle
--- connection is a figure we track).
 -- Behind a load balancer: take the PROXY header off the stream first
 -- (before TLS), and use the client's address it gives. A connection
 -- without a valid header is closed. Returns the address, or nil.
@@ -125,6 +123,10 @@ local function accept_proxied(server, stream, address)
   return address
 end
 
+-- The coroutine body serving one connection. It calls handle_stream
+-- directly: an error is caught where the coroutine dies (core.on_error),
+-- so no xpcall frame sits on each connection's stack (memory per idle
+-- connection is a figure we track).
 local function serve(server, stream, address)
   if server._proxy_timeout then
     address = accept_proxied(server, stream, address)
