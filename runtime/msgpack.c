@@ -820,6 +820,22 @@ static void shape(unsigned char t, const unsigned char *h, int *hlen,
     *payload = n;
 }
 
+/* The scan took an item of `size` bytes holding `items` more (a
+ * container's): count it, and open a level for those. -1 (u->failed set)
+ * past the nesting limit. */
+static int step(unpacker *u, size_t size, uint64_t items) {
+  u->scan += size;
+  u->left[u->depth - 1]--;
+  if (items == 0)
+    return 0;
+  if (u->depth > SQUALL_MSGPACK_MAX_DEPTH) {
+    u->failed = strdup("values nest deeper than 200 levels");
+    return -1;
+  }
+  u->left[u->depth++] = items;
+  return 0;
+}
+
 /* Advance the scan: 1 when the next value is complete (`scan` bytes), 0
  * when more bytes are needed, -1 with u->failed set when the input is not
  * MessagePack or the value passes max_size. */
@@ -843,16 +859,8 @@ static int measure(unpacker *u) {
     unsigned char t = p[u->scan];
     if ((t & 0xe0) == 0x80) {
       /* a short array or map: its items follow, at one level deeper */
-      uint64_t items = (t & 0x10) ? (uint64_t)(t & 0x0f) : 2u * (t & 0x0f);
-      u->scan++;
-      u->left[u->depth - 1]--;
-      if (items > 0) {
-        if (u->depth > SQUALL_MSGPACK_MAX_DEPTH) {
-          u->failed = strdup("values nest deeper than 200 levels");
-          return -1;
-        }
-        u->left[u->depth++] = items;
-      }
+      if (step(u, 1, (t & 0x10) ? (uint64_t)(t & 0x0f) : 2u * (t & 0x0f)))
+        return -1;
       continue;
     }
     if (t <= 0x7f || t >= 0xe0 || (t & 0xe0) == 0xa0) {
@@ -885,15 +893,8 @@ static int measure(unpacker *u) {
     }
     if (len - u->scan < size)
       return 0;
-    u->scan += (size_t)size;
-    u->left[u->depth - 1]--;
-    if (items > 0) {
-      if (u->depth > SQUALL_MSGPACK_MAX_DEPTH) {
-        u->failed = strdup("values nest deeper than 200 levels");
-        return -1;
-      }
-      u->left[u->depth++] = items;
-    }
+    if (step(u, (size_t)size, items))
+      return -1;
   }
 }
 
