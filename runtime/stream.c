@@ -1366,8 +1366,7 @@ static void on_handle_closed(uv_handle_t *h) {
     lua_State *L = loop_L(s);
     if (s->reader_ref != LUA_NOREF && L != NULL)
       resume_reader(s, push_closed(L, s));
-    while (s->wwait != NULL)
-      resume_first_writer(s, 0);
+    wake_writers(s); /* closing: every one of them, with the error */
     if (s->hs_ref != LUA_NOREF)
       wake_handshake(s, 0);
     if (s->held_unsent) {

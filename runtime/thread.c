@@ -45,7 +45,7 @@ typedef struct pool {
   pthread_cond_t cv;
   job *todo, **todo_end; /* waiting for a worker, in order */
   job *done, **done_end; /* finished, for the loop */
-  int size, started, stopping, closed, in_flight, async_open, ud_alive;
+  int started, stopping, closed, in_flight, async_open, ud_alive;
   char *path, *cpath; /* the host's package paths, for every worker */
   pthread_t *threads;
 } pool;
@@ -53,19 +53,17 @@ typedef struct pool {
 /* What a worker runs for each job (a chunk compiled once per state). */
 static const char WORKER_CHUNK[] =
     "local mp = require 'squall.msgpack'\n"
-    "local null, unpack, pcall, select = mp.null, unpack, pcall, select\n"
+    "local unpack, pcall, select = unpack, pcall, select\n"
     "local function pack(...) return { n = select('#', ...), ... } end\n"
     "return function(module, func, data)\n"
     "  local args = mp.decode(data)\n"
-    "  local n = #args\n"
-    "  for i = 1, n do if args[i] == null then args[i] = nil end end\n"
     "  local function run()\n"
     "    local m = require(module)\n"
     "    local f = type(m) == 'table' and m[func]\n"
     "    if type(f) ~= 'function' then\n"
     "      error(('%s.%s is not a function'):format(module, func), 0)\n"
     "    end\n"
-    "    return f(unpack(args, 1, n))\n"
+    "    return f(mp.values(args))\n"
     "  end\n"
     "  local res = pack(pcall(run))\n"
     "  if not res[1] then return mp.encode_array(false, tostring(res[2])) end\n"
@@ -315,7 +313,6 @@ static int l_thread_pool(lua_State *L) {
     return luaL_error(L, "out of memory");
   p->h.close = close_pool;
   p->loop = loop;
-  p->size = size;
   p->todo_end = &p->todo;
   p->done_end = &p->done;
   p->ud_alive = 1;

@@ -69,6 +69,16 @@ M.write_array = c_write_array
 -- @return nil, err (kind `msgpack`) when the bytes are invalid or truncated
 M.decode = c_decode
 
+--- The items i..j (default 1..#t) of a decoded array as values, with
+-- msgpack.null as nil (in place: those items of `t` become nil).
+function M.values(t, i, j)
+  i, j = i or 1, j or #t
+  for k = i, j do
+    if t[k] == M.null then t[k] = nil end
+  end
+  return unpack(t, i, j)
+end
+
 --- Mark `t` to encode as an array of `n` items (default #t); holes encode
 -- as nil. Returns `t`.
 function M.array(t, n)

@@ -279,19 +279,12 @@ end
 function methods:pipeline(fn)
   util.check_callable(fn, 2, "pipeline's function")
   local parts, n = {}, 0
-  local queue = setmetatable({}, { __index = function(_, key)
-    if key == "call" then
-      return function(_, ...)
-        n = n + 1
-        request(parts, ...)
-      end
-    end
-    local a, b = key:upper():match("^([^_]+)_?(.*)$")
-    return function(_, ...)
-      n = n + 1
-      if b == "" then request(parts, a, ...) else request(parts, a, b, ...) end
-    end
-  end })
+  -- p:call records a command; p:incr and the rest are commands, named as
+  -- on a connection (they end in p:call)
+  local queue = setmetatable({ call = function(_, ...)
+    n = n + 1
+    request(parts, ...)
+  end }, { __index = function(_, key) return command_method(key) end })
   fn(queue)
   if n == 0 then return {} end
   local ok, err = send(self, parts)

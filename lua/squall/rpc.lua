@@ -29,7 +29,7 @@ local M = {}
 local null, write_array = msgpack.null, msgpack.write_array
 local resume, create, yield, running = core.resume, coroutine.create, coroutine.yield,
   coroutine.running
-local type, tostring, error, pairs, select, unpack = type, tostring, error, pairs, select, unpack
+local type, tostring, error, pairs, select = type, tostring, error, pairs, select
 local traceback, xpcall, format = debug.traceback, xpcall, string.format
 
 -- Stream methods, looked up once: a method call through the stream's
@@ -349,16 +349,6 @@ local function protocol_error(conn, why)
   return false
 end
 
--- Parameters that came as a table (more than 64, or not spread): as
--- values, MessagePack nil as nil.
-local function spread(params)
-  local n = #params
-  for i = 1, n do
-    if params[i] == null then params[i] = nil end
-  end
-  return unpack(params, 1, n)
-end
-
 -- One message, as the unpacker's next_rpc gives it; true to read on,
 -- false when it is incomplete or broke the protocol.
 local function dispatch(conn, n, kind, b, c, d, ...)
@@ -372,15 +362,15 @@ local function dispatch(conn, n, kind, b, c, d, ...)
       return protocol_error(conn, "a request is not [0, msgid, method, params]" ..
         " nor a notification [2, method, params]")
     end
+    local params = ... -- only read when not spread (d == -1)
+    if d == -1 and type(params) ~= "table" then
+      return protocol_error(conn, "the params of " .. c .. " are not an array")
+    end
+    if kind == REQUEST then conn._inflight = conn._inflight + 1 end
     if d == -1 then
-      local params = ...
-      if type(params) ~= "table" then
-        return protocol_error(conn, "the params of " .. c .. " are not an array")
-      end
-      if kind == REQUEST then conn._inflight = conn._inflight + 1 end
-      run_request(conn, b, c, spread(params))
+      -- more than 64 parameters come as their table
+      run_request(conn, b, c, msgpack.values(params))
     else
-      if kind == REQUEST then conn._inflight = conn._inflight + 1 end
       run_request(conn, b, c, ...)
     end
     -- A request still running once run_request returns is waiting: the

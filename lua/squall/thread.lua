@@ -21,8 +21,8 @@ local util = require "squall.util"
 
 local M = {}
 
-local encode_array, decode, null = msgpack.encode_array, msgpack.decode, msgpack.null
-local type, error, unpack = type, error, unpack
+local encode_array, decode = msgpack.encode_array, msgpack.decode
+local type, error = type, error
 
 --- A pool of worker threads.
 -- @type Pool
@@ -42,15 +42,6 @@ function M.pool(opts)
   local loop = ioloop.current()
   return setmetatable({ size = size,
     _c = core.thread_pool(loop._uv, size, package.path, package.cpath) }, Pool)
-end
-
-local function results(bytes)
-  local r = decode(bytes)
-  local n = #r
-  for i = 2, n do
-    if r[i] == null then r[i] = nil end
-  end
-  return unpack(r, 2, n)
 end
 
 --- Run require(module)[func](...) in a worker and wait for its results
@@ -76,11 +67,11 @@ function Pool:run(module, func, ...)
   end)
   local ran, bytes = done:result()
   if not ran then return nil, core.error("thread", bytes) end
-  local r = decode(bytes)
+  local r = decode(bytes) -- (ok, results...)
   if r[1] ~= true then
     return nil, core.error("thread", tostring(r[2]))
   end
-  return results(bytes)
+  return msgpack.values(r, 2)
 end
 
 --- Stop the workers once their current calls are done.
