@@ -96,10 +96,9 @@ local function v2_fixed(s)
   return cmd, fam, be16(s, 15)
 end
 
--- The v2 header whose fixed part is `fixed` and address block `body`.
-local function parse_v2(fixed, body)
-  local cmd, fam = v2_fixed(fixed)
-  if not cmd then return nil, fam end
+-- The v2 header with this command and family (from v2_fixed) and this
+-- address block.
+local function parse_v2(cmd, fam, body)
   local info = { version = 2, command = cmd == 1 and "PROXY" or "LOCAL", family = "UNKNOWN" }
   if cmd == 0 then return info end -- LOCAL: health checks; addresses ignored
   local af, proto = rshift(fam, 4), band(fam, 15)
@@ -135,7 +134,7 @@ function M.parse(bytes)
     local cmd, fam, len = v2_fixed(bytes)
     if not cmd then return nil, fam end
     if #bytes < 16 + len then return nil end
-    local info, err = parse_v2(sub(bytes, 1, 16), sub(bytes, 17, 16 + len))
+    local info, err = parse_v2(cmd, fam, sub(bytes, 17, 16 + len))
     if not info then return nil, err end
     return info, 16 + len
   end
@@ -189,7 +188,7 @@ function M.read_header(stream)
     body, err = stream:read_bytes(len)
     if not body then return nil, err end
   end
-  local info, perr = parse_v2(fixed, body)
+  local info, perr = parse_v2(cmd, fam, body)
   if not info then return nil, core.error("protocol", perr) end
   return info
 end

@@ -379,8 +379,7 @@ function methods:closed()
 end
 
 local CONNECT_KEYS = { host = true, port = true, path = true, password = true,
-  username = true, db = true, timeout = true, ssl_options = true, server_hostname = true,
-  size = true, queue_timeout = true }
+  username = true, db = true, timeout = true, ssl_options = true, server_hostname = true }
 
 --- Connect (inside a coroutine), authenticate and select the database.
 -- @tparam table opts `host` ("127.0.0.1"), `port` (6379) or `path` (a
