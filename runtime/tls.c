@@ -4,6 +4,8 @@
 #include <arpa/inet.h>
 #include <lauxlib.h>
 #include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
 #include <openssl/x509v3.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -447,6 +449,58 @@ int squall_tls_push_peer_certificate(lua_State *L, const squall_tls *t) {
   return 1;
 }
 
+/* core.digest(name, data): the raw digest ("sha1", "sha256", ...). The
+ * MySQL client's authentication scrambles need SHA-1 and SHA-256. */
+static int l_digest(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  size_t n;
+  const char *data = luaL_checklstring(L, 2, &n);
+  const EVP_MD *md = EVP_get_digestbyname(name);
+  if (md == NULL)
+    return luaL_argerror(L, 1, "unknown digest");
+  unsigned char out[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  if (EVP_Digest(data, n, out, &len, md, NULL) != 1)
+    return luaL_error(L, "digest %s failed", name);
+  lua_pushlstring(L, (const char *)out, len);
+  return 1;
+}
+
+/* core.rsa_encrypt(pem, data): data encrypted with the PEM public key and
+ * RSA-OAEP padding (caching_sha2_password's full authentication without
+ * TLS); nil, message when the key is unusable. */
+static int l_rsa_encrypt(lua_State *L) {
+  size_t pem_len, n;
+  const char *pem = luaL_checklstring(L, 1, &pem_len);
+  const char *data = luaL_checklstring(L, 2, &n);
+  BIO *bio = BIO_new_mem_buf(pem, (int)pem_len);
+  EVP_PKEY *key = bio ? PEM_read_bio_PUBKEY(bio, NULL, NULL, NULL) : NULL;
+  BIO_free(bio);
+  EVP_PKEY_CTX *ctx = key ? EVP_PKEY_CTX_new(key, NULL) : NULL;
+  unsigned char *out = NULL;
+  size_t out_len = 0;
+  int ok = ctx != NULL && EVP_PKEY_encrypt_init(ctx) == 1 &&
+           EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_OAEP_PADDING) == 1 &&
+           EVP_PKEY_encrypt(ctx, NULL, &out_len, (const unsigned char *)data,
+                            n) == 1 &&
+           (out = OPENSSL_malloc(out_len)) != NULL &&
+           EVP_PKEY_encrypt(ctx, out, &out_len, (const unsigned char *)data,
+                            n) == 1;
+  if (ok)
+    lua_pushlstring(L, (const char *)out, out_len);
+  OPENSSL_free(out);
+  EVP_PKEY_CTX_free(ctx);
+  EVP_PKEY_free(key);
+  if (ok)
+    return 1;
+  char msg[256];
+  ERR_error_string_n(ERR_get_error(), msg, sizeof msg);
+  ERR_clear_error();
+  lua_pushnil(L);
+  lua_pushstring(L, msg);
+  return 2;
+}
+
 int squall_tls_open(lua_State *L) {
   luaL_newmetatable(L, CTX_MT);
   lua_pushcfunction(L, l_ctx_gc);
@@ -454,5 +508,9 @@ int squall_tls_open(lua_State *L) {
   lua_pop(L, 1);
   lua_pushcfunction(L, l_ssl_context);
   lua_setfield(L, -2, "ssl_context");
+  lua_pushcfunction(L, l_digest);
+  lua_setfield(L, -2, "digest");
+  lua_pushcfunction(L, l_rsa_encrypt);
+  lua_setfield(L, -2, "rsa_encrypt");
   return 0;
 }

@@ -7,11 +7,7 @@ local helpers = require "helpers"
 
 local async, eventually, q, run = testing.async, helpers.eventually, helpers.q, helpers.run
 
-local function free_port()
-  local sock, port = testing.bind_unused_port()
-  sock:close()
-  return port
-end
+local free_port = helpers.free_port
 
 -- The HAProxy configuration docs/deploy.md shows, on the given ports.
 local function haproxy_config(dir, f1, f2, a, b)

@@ -31,11 +31,7 @@ local function unread_by_server(port)
   return total
 end
 
-local function free_port()
-  local sock, port = testing.bind_unused_port()
-  sock:close()
-  return port
-end
+local free_port = helpers.free_port
 
 
 describe("faults", function()

@@ -159,6 +159,25 @@ function M.eventually(cond, what, timeout)
   end
 end
 
+--- A TCP port that was free a moment ago (for a server a spec starts).
+function M.free_port()
+  local testing = require "squall.testing"
+  local sock, port = testing.bind_unused_port()
+  sock:close()
+  return port
+end
+
+--- The error `fn` raises, as a string; asserts that it names the calling
+-- spec's file (misuse raises at the user's line).
+function M.raised(fn)
+  local ok, err = pcall(fn)
+  assert(not ok, "expected an error")
+  local file = debug.getinfo(2, "S").short_src:match("[^/]+$")
+  local where = file:gsub("%p", "%%%0") .. ":%d+: "
+  assert(tostring(err):find(where), ("%q does not name %s"):format(tostring(err), file))
+  return tostring(err)
+end
+
 --- The folder scripts/gen-test-certs fills (make test runs it).
 M.certs = "build/certs"
 

@@ -6,12 +6,7 @@ local testing = require "squall.testing"
 local helpers = require "helpers"
 
 local async, eventually, q = testing.async, helpers.eventually, helpers.q
-
-local function free_port()
-  local sock, port = testing.bind_unused_port()
-  sock:close()
-  return port
-end
+local free_port = helpers.free_port
 
 -- A redis-server of our own: never the system service, never a fixed port.
 local function start_redis(extra)

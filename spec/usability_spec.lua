@@ -14,12 +14,7 @@ local C = helpers.certs
 
 
 -- The error `fn` raises; it must name this file (the caller's line).
-local function raised(fn)
-  local ok, err = pcall(fn)
-  assert.is_false(ok)
-  assert.matches("usability_spec%.lua:%d+: ", tostring(err))
-  return tostring(err)
-end
+local raised = helpers.raised
 
 describe("misuse raises at the user's line", function()
   local function handler() end

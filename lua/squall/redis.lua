@@ -13,9 +13,8 @@
 -- @module squall.redis
 local core = require "squall.core"
 local ffi = require "ffi"
-local gen = require "squall.gen"
 local iostream = require "squall.iostream"
-local ioloop = require "squall.ioloop"
+local pool = require "squall.pool"
 local util = require "squall.util"
 
 local M = {}
@@ -437,103 +436,32 @@ end
 
 --- A pool of at most `size` connections (default 16); callers wait in
 -- FIFO order while every connection is busy, each at most
--- `queue_timeout` seconds (default 10).
+-- `queue_timeout` seconds (default 10). The other options are
+-- redis.connect's. A subscribed connection is closed when given back.
 -- @type Pool
-local Pool = {}
+local Pool = setmetatable({}, { __index = pool.Pool })
+
+local function subscribed(r) return r._subscribed and "discard" or nil end
 Pool.__index = Pool
 
 function M.pool(opts)
-  opts = opts or {}
-  if type(opts) ~= "table" then error("redis.pool: opts must be a table", 2) end
-  local size, qt = opts.size or 16, opts.queue_timeout or 10
-  if type(size) ~= "number" or size < 1 or size % 1 ~= 0 then
-    error("redis.pool: size must be a positive integer", 2)
-  end
-  if type(qt) ~= "number" or qt <= 0 then
-    error("redis.pool: queue_timeout must be a positive number", 2)
-  end
-  local conn_opts = {}
-  for k, v in pairs(opts) do
-    if k ~= "size" and k ~= "queue_timeout" then conn_opts[k] = v end
-  end
-  return setmetatable({ _opts = conn_opts, _size = size, _queue_timeout = qt,
-    _idle = {}, _open = 0, _waiters = {} }, Pool)
-end
-
--- A connection for the caller: an idle one, a new one while under size,
--- or, in turn, the next one returned.
-function Pool:_acquire()
-  while true do
-    local idle = self._idle
-    while #idle > 0 do
-      local r = table.remove(idle)
-      if not r:closed() then return r end
-      self._open = self._open - 1
-    end
-    if self._open < self._size then
-      self._open = self._open + 1
-      local r, err = M.connect(self._opts)
-      if not r then
-        self._open = self._open - 1
-        return nil, err
-      end
-      return r
-    end
-    local f = gen.Future()
-    self._waiters[#self._waiters + 1] = f
-    local ok, err = gen.with_timeout(self._queue_timeout, f)
-    if ok == nil then
-      for i, w in ipairs(self._waiters) do
-        if w == f then table.remove(self._waiters, i) break end
-      end
-      return nil, core.error("timeout", format(
-        "no connection came free within queue_timeout (%g s)", self._queue_timeout))
-    end
-    if err then return nil, err end
-    -- a connection was returned (or closed): look again
-  end
-end
-
-function Pool:_release(r, closed)
-  if closed or r:closed() then
-    if not r:closed() then r:close() end
-    self._open = self._open - 1
-  else
-    self._idle[#self._idle + 1] = r
-  end
-  local w = table.remove(self._waiters, 1)
-  if w then
-    -- woken on the next iteration, in arrival order
-    ioloop.current():add_callback(function() if not w:done() then w:set_result(true) end end)
-  end
+  local size, qt, conn_opts = pool.options(opts, "redis.pool", 2)
+  local p = pool.new({ size = size, queue_timeout = qt,
+    connect = function() return M.connect(conn_opts) end })
+  return setmetatable(p, Pool)
 end
 
 --- Run fn(r) with a connection and give it back; fn's results. If fn
--- raises, that connection is closed (not returned) and the error goes on.
+-- raises, that connection is closed (not given back) and the error goes on.
 function Pool:with(fn)
   util.check_callable(fn, 2)
-  local r, err = self:_acquire()
-  if not r then return nil, err end
-  local res = util.pack(xpcall(fn, debug.traceback, r))
-  if not res[1] then
-    self:_release(r, true)
-    error(res[2], 0)
-  end
-  self:_release(r, r._subscribed)
-  return unpack(res, 2, res.n)
+  return pool.Pool.with(self, fn, subscribed)
 end
 
 --- Run one command on a pooled connection.
 function Pool:call(name, ...)
   local args = util.pack(...)
   return self:with(function(r) return r:call(name, unpack(args, 1, args.n)) end)
-end
-
---- Close every idle connection.
-function Pool:close()
-  for _, r in ipairs(self._idle) do r:close() end
-  self._open = self._open - #self._idle
-  self._idle = {}
 end
 
 M.Redis = Redis
