@@ -130,12 +130,14 @@ local function lenenc(s, i)
   if b == 0xfb then return nil, i + 1 end
   if b == 0xfc then return u16(s, i + 1), i + 3 end
   if b == 0xfd then return u24(s, i + 1), i + 4 end
+  if i + 8 > #s then error(protocol_error("a length runs past its packet")) end
   return int64_at(s, i + 1, true), i + 9
 end
 
 local function lenenc_str(s, i)
   local n, j = lenenc(s, i)
   if n == nil then return nil, j end
+  if j + n - 1 > #s then error(protocol_error("a value runs past its packet")) end
   return sub(s, j, j + n - 1), j + n
 end
 
@@ -360,10 +362,18 @@ local function binary_time(s, i, decimals)
     frac(us, decimals), i + 1 + len
 end
 
+-- The fixed-width binary types: bytes each (read in place: checked first).
+local WIDTH = { [T_TINY] = 1, [T_SHORT] = 2, [T_YEAR] = 2, [T_LONG] = 4, [T_INT24] = 4,
+  [T_FLOAT] = 4, [T_LONGLONG] = 8, [T_DOUBLE] = 8 }
+
 -- One binary protocol value at i: the value and the position after it.
 local function binary_value(col, s, i)
   local t = col.type
   local unsigned = band(col.flags, UNSIGNED_FLAG) ~= 0
+  local width = WIDTH[t]
+  if width and i + width - 1 > #s then
+    error(protocol_error("a binary row ends inside a value"))
+  end
   local p = cast(u8p, s) + (i - 1)
   if t == T_LONG or t == T_INT24 then
     return tonumber(unsigned and cast(u32p, p)[0] or cast(i32p, p)[0]), i + 4
@@ -745,10 +755,16 @@ function M.connect(opts)
   if not stream then return nil, err end
   stream:set_nodelay(true)
   if opts.timeout then stream:set_timeout(opts.timeout) end
-  local self = setmetatable({ stream = stream, _seq = 0, _used = 0, _max_buffer = max_buffer,
-    _stmts = {}, _nstmts = 0, _status = 0 }, Connection)
-  local ok
-  ok, err = guarded(self, pcall(handshake, self, opts))
+  return M._over_stream(stream, opts)
+end
+
+-- The protocol over a connected stream (or anything with its read_bytes,
+-- write, start_tls and close: the fuzz target replays recorded bytes).
+function M._over_stream(stream, opts)
+  local self = setmetatable({ stream = stream, _seq = 0, _used = 0,
+    _max_buffer = opts.max_buffer_size or 104857600, _stmts = {}, _nstmts = 0, _status = 0 },
+    Connection)
+  local ok, err = guarded(self, pcall(handshake, self, opts))
   if not ok then
     broken(self, err)
     return nil, err
