@@ -145,21 +145,61 @@ function M.parse(s, pos)
   return v, rd.pos
 end
 
--- A reader over a stream: what read_reply needs, from the stream's buffer.
+-- A reader over a stream: what read_reply needs. It takes what the stream
+-- has (up to 64 KiB) at once and cuts replies out of that in Lua, so a
+-- pipeline's replies cost one read, not two per reply. `started` says
+-- whether any byte of the reply being read has come.
 local StreamReader = {}
 StreamReader.__index = StreamReader
-local s_read_until, s_read_bytes = iostream.methods.read_until, iostream.methods.read_bytes
+local s_read_bytes = iostream.methods.read_bytes
+
+function StreamReader:fill()
+  local data, err = s_read_bytes(self.stream, 65536, true)
+  if not data then
+    if self.pos <= #self.buf then self.started = true end
+    return nil, err
+  end
+  self.started = true
+  if self.pos > #self.buf then
+    self.buf = data
+  else
+    self.buf = sub(self.buf, self.pos) .. data
+  end
+  self.pos = 1
+  return true
+end
 
 function StreamReader:line()
-  local line, err = s_read_until(self.stream, "\r\n", self.max_line)
-  if not line then return nil, err end
-  self.started = true
-  return sub(line, 1, -3)
+  while true do
+    local buf, pos = self.buf, self.pos
+    local e = find(buf, "\r\n", pos, true)
+    if e then
+      self.pos = e + 2
+      self.started = true
+      return sub(buf, pos, e - 1)
+    end
+    if #buf - pos + 1 > self.max_line then
+      return nil, core.error("protocol", format("a reply line longer than %d bytes",
+        self.max_line))
+    end
+    local ok, err = self:fill()
+    if not ok then return nil, err end
+  end
 end
 
 function StreamReader:bytes(n)
+  local buf, pos = self.buf, self.pos
+  local have = #buf - pos + 1
   self.started = true
-  return s_read_bytes(self.stream, n)
+  if have >= n then
+    self.pos = pos + n
+    return sub(buf, pos, pos + n - 1)
+  end
+  -- the rest of a large value: read it whole, then join once
+  local rest, err = s_read_bytes(self.stream, n - have)
+  if not rest then return nil, err end
+  self.buf, self.pos = "", 1
+  return sub(buf, pos) .. rest
 end
 
 -- ---- commands -------------------------------------------------------------
@@ -270,6 +310,17 @@ function methods:call(name, ...)
   return result(v)
 end
 
+-- A pipeline's queue: commands as methods, made once per name.
+local queue_methods = {}
+local queue_mt = { __index = function(_, key)
+  local m = queue_methods[key]
+  if not m and type(key) == "string" and find(key, "^%a[%w_]*$") then
+    m = command_method(key)
+    queue_methods[key] = m
+  end
+  return m
+end }
+
 --- Queue the commands `fn(p)` makes on `p` (as methods, or p:call) and
 -- send them in one write; wait for every reply.
 -- @treturn table the replies in order; an error reply stands in its place
@@ -283,7 +334,7 @@ function methods:pipeline(fn)
   local queue = setmetatable({ call = function(_, ...)
     n = n + 1
     request(parts, ...)
-  end }, { __index = function(_, key) return command_method(key) end })
+  end }, queue_mt)
   fn(queue)
   if n == 0 then return {} end
   local ok, err = send(self, parts)
@@ -408,7 +459,8 @@ function M.connect(opts)
   if not stream then return nil, err end
   if opts.timeout then stream:set_timeout(opts.timeout) end
   local self = setmetatable({ stream = stream, _timeout = opts.timeout,
-    _reader = setmetatable({ stream = stream, max_line = 65536 }, StreamReader) }, Redis)
+    _reader = setmetatable({ stream = stream, max_line = 65536, buf = "", pos = 1 },
+      StreamReader) }, Redis)
   if opts.password then
     local ok
     if opts.username then
