@@ -218,16 +218,41 @@ local function arg_string(v, i)
   error(format("argument %d must be a string or number, got %s", i, util.describe(v)), 4)
 end
 
--- The RESP request for one command: an array of bulk strings.
+-- "*3\r\n$3\r\nSET\r\n" for ("SET", 2 arguments), made once.
+local headers = {}
+local function header(name, n)
+  local by_n = headers[name]
+  if not by_n then
+    by_n = {}
+    headers[name] = by_n
+  end
+  local h = by_n[n]
+  if not h then
+    h = format("*%d\r\n$%d\r\n%s\r\n", n + 1, #name, name)
+    by_n[n] = h
+  end
+  return h
+end
+
+local SMALL = 512 -- arguments up to this size are copied into one string
+
+-- The RESP request for one command: an array of bulk strings. Short
+-- arguments join the header in one string (one piece for the write to
+-- gather); a long one goes as its own piece, never copied here.
 local function request(parts, name, ...)
   local n = select("#", ...)
-  parts[#parts + 1] = format("*%d\r\n$%d\r\n%s\r\n", n + 1, #name, name)
+  local cur = header(name, n)
   for i = 1, n do
     local a = arg_string((select(i, ...)), i)
-    parts[#parts + 1] = format("$%d\r\n", #a)
-    parts[#parts + 1] = a
-    parts[#parts + 1] = "\r\n"
+    if #a <= SMALL then
+      cur = cur .. "$" .. #a .. "\r\n" .. a .. "\r\n"
+    else
+      parts[#parts + 1] = cur .. "$" .. #a .. "\r\n"
+      parts[#parts + 1] = a
+      cur = "\r\n"
+    end
   end
+  parts[#parts + 1] = cur
 end
 
 --- A connection: `r:call(name, ...)`, every command as a lower-case

@@ -13,8 +13,10 @@ local session = dofile(dir .. "/mysql_session.lua")
 local function replay(input)
   local pos = 1
   return {
-    read_bytes = function(_, n)
-      if pos + n - 1 > #input then
+    read_bytes = function(_, n, partial)
+      -- partial reads come in chunks of random sizes, as from a socket
+      if partial then n = math.min(n, math.random(1, 300), #input - pos + 1) end
+      if n == 0 or pos + n - 1 > #input then
         pos = #input + 1
         return nil, core.error("closed", "end of input")
       end
