@@ -86,4 +86,42 @@ describe("examples", function()
     assert.equal(0, stop_status, log)
     assert.matches("methods: chat.shout, chat.whisper, ping, player.login", log)
   end, { timeout = 30 }))
+
+  it("game/: keeps players in Redis and scores in MariaDB", async(function()
+    assert(os.execute("scripts/gen-test-certs " .. q(helpers.certs)) == 0)
+    local rd, my = helpers.start_redis(), helpers.start_mariadb()
+    local mysql = require "squall.mysql"
+    helpers.eventually(function()
+      local db = mysql.connect({ port = my.port, user = "squall", password = "secret" })
+      if db then db:close() end
+      return db
+    end, "mariadbd to accept", 60)
+    local port = helpers.free_port()
+    local env = ("REDIS_PORT=%d MYSQL_PORT=%d"):format(rd.port, my.port)
+    local wait, signal = helpers.start(("cd examples/game && %s exec %s server.lua %d")
+      :format(env, q(helpers.squall_real), port), 60)
+    helpers.eventually(function()
+      local c = iostream.connect("127.0.0.1", port)
+      if c then c:close() end
+      return c
+    end, "the game server to listen", 20)
+    local function play(uid)
+      local status, out, err = helpers.spawn(("cd examples/game && timeout 20 %s client.lua %d %s")
+        :format(q(helpers.squall_real), port, uid))()
+      assert.equal(0, status, err)
+      return out
+    end
+    assert.equal("ada at 0,0, 0 rounds played\nmoved to 2,-1\nscored 120: best 120, rank 1\n" ..
+      "scored 90: best 120, rank 1\n1. ada 120\n", play("ada"))
+    local again = play("ada")
+    assert.matches("^ada at 2,%-1, 2 rounds played\nmoved to 4,%-2\n", again)
+    -- the leaderboard holds both (a tie goes by uid)
+    assert.matches("\n1%. ada 120\n2%. bob 120\n$", play("bob"))
+    signal("TERM")
+    local status, _, log = wait()
+    assert.equal(0, status, log)
+    assert.matches("methods: player.login, player.move, scores.finish, scores.top", log)
+    helpers.stop_server(rd)
+    helpers.stop_server(my)
+  end, { timeout = 90 }))
 end)

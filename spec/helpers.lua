@@ -178,6 +178,37 @@ function M.raised(fn)
   return tostring(err)
 end
 
+--- A redis-server of our own on a free port in a temporary folder (never
+-- the system service, never a fixed port): { port, dir, wait, signal }.
+-- `extra`: more command-line options.
+function M.start_redis(extra)
+  local dir, port = M.tmpdir(), M.free_port()
+  local wait, signal = M.start(("cd %s && exec redis-server --port %d --bind 127.0.0.1 " ..
+    "--save '' --appendonly no --daemonize no --loglevel warning --enable-debug-command yes %s")
+    :format(M.q(dir), port, extra or ""), 120)
+  return { port = port, dir = dir, wait = wait, signal = signal }
+end
+
+--- A MariaDB of our own (scripts/mariadb-scratch: user squall, password
+-- "secret", database squall_test) on a free port, or `dir` and `port`
+-- again to restart one; TLS with the test certificates.
+function M.start_mariadb(dir, port)
+  dir = dir or M.tmpdir()
+  port = port or M.free_port()
+  local wait, signal = M.start(("exec scripts/mariadb-scratch %s %d " ..
+    "--ssl-cert=%s --ssl-key=%s --max-allowed-packet=64M"):format(M.q(dir), port,
+    M.q(absolute(M.certs .. "/server.pem")), M.q(absolute(M.certs .. "/server.key"))), 300)
+  return { port = port, dir = dir, wait = wait, signal = signal }
+end
+
+--- Stop a server start_redis or start_mariadb started (inside a
+-- coroutine), and remove its folder unless `keep`.
+function M.stop_server(srv, keep)
+  srv.signal("TERM")
+  srv.wait()
+  if not keep then os.execute("rm -rf " .. M.q(srv.dir)) end
+end
+
 --- The folder scripts/gen-test-certs fills (make test runs it).
 M.certs = "build/certs"
 

@@ -8,24 +8,11 @@ local testing = require "squall.testing"
 local helpers = require "helpers"
 
 local async, eventually, q = testing.async, helpers.eventually, helpers.q
-local free_port, raised = helpers.free_port, helpers.raised
+local raised = helpers.raised
 
 local C = helpers.certs
 
-local function start_mariadb(dir, port)
-  dir = dir or helpers.tmpdir()
-  port = port or free_port()
-  local wait, signal = helpers.start(("exec scripts/mariadb-scratch %s %d " ..
-    "--ssl-cert=%s --ssl-key=%s --max-allowed-packet=64M"):format(q(dir), port,
-    q(helpers.absolute(C .. "/server.pem")), q(helpers.absolute(C .. "/server.key"))), 300)
-  return { port = port, dir = dir, wait = wait, signal = signal }
-end
-
-local function stop_mariadb(srv, keep)
-  srv.signal("TERM")
-  srv.wait()
-  if not keep then os.execute("rm -rf " .. q(srv.dir)) end
-end
+local start_mariadb, stop_mariadb = helpers.start_mariadb, helpers.stop_server
 
 local function opts(srv, extra)
   local o = { port = srv.port, user = "squall", password = "secret", database = "squall_test",

@@ -8,21 +8,7 @@ local helpers = require "helpers"
 local async, eventually, q = testing.async, helpers.eventually, helpers.q
 local free_port = helpers.free_port
 
--- A redis-server of our own: never the system service, never a fixed port.
-local function start_redis(extra)
-  local dir, port = helpers.tmpdir(), free_port()
-  local wait, signal = helpers.start(("cd %s && exec redis-server --port %d --bind 127.0.0.1 " ..
-    "--save '' --appendonly no --daemonize no --loglevel warning --enable-debug-command yes %s")
-    :format(q(dir), port,
-    extra or ""), 120)
-  return { port = port, dir = dir, wait = wait, signal = signal }
-end
-
-local function stop_redis(srv)
-  srv.signal("TERM")
-  srv.wait()
-  os.execute("rm -rf " .. q(srv.dir))
-end
+local start_redis, stop_redis = helpers.start_redis, helpers.stop_server
 
 local function connect(srv, opts)
   opts = opts or {}
