@@ -181,6 +181,27 @@ describe("squall.redis", function()
       end))
   end)
 
+  it("fails a command that outlives the timeout, and a reply past max_buffer_size",
+    async(function()
+    local r = connect(srv, { timeout = 0.2 })
+    local v, err = r:call("DEBUG", "SLEEP", "2")
+    assert.is_nil(v); assert.equal("timeout", err.kind)
+    assert.is_true(r:closed()) -- the reply would come later, out of turn
+    local small = connect(srv, { max_buffer_size = 10000 })
+    assert(small:del("many"))
+    local items = {}
+    for k = 1, 2000 do items[k] = "item" .. k end
+    assert.equal(2000, small:rpush("many", unpack(items)))
+    v, err = small:lrange("many", 0, -1)
+    assert.is_nil(v); assert.equal("buffer_full", err.kind)
+    assert.matches("max_buffer_size", tostring(err))
+    assert.is_true(small:closed())
+    local big = connect(srv, { max_buffer_size = 10000 })
+    assert(big:set("big", ("x"):rep(20000)))
+    v, err = big:get("big")
+    assert.is_nil(v); assert.equal("buffer_full", err.kind)
+  end))
+
   it("refuses a wrong password with kind redis", async(function()
     local locked = start_redis("--requirepass s3cret")
     local got = eventually(function()

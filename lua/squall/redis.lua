@@ -169,6 +169,17 @@ function StreamReader:fill()
   return true
 end
 
+-- A reply larger than max_buffer_size fails rather than grow without end
+-- (an LRANGE of millions of small items as much as one huge value).
+local function over(self, n)
+  local used = self.used + n
+  self.used = used
+  if used > self.max then
+    return core.error("buffer_full", format("redis: the reply passed max_buffer_size (%d bytes)",
+      self.max))
+  end
+end
+
 function StreamReader:line()
   while true do
     local buf, pos = self.buf, self.pos
@@ -176,6 +187,8 @@ function StreamReader:line()
     if e then
       self.pos = e + 2
       self.started = true
+      local err = over(self, e + 2 - pos)
+      if err then return nil, err end
       return sub(buf, pos, e - 1)
     end
     if #buf - pos + 1 > self.max_line then
@@ -191,12 +204,15 @@ function StreamReader:bytes(n)
   local buf, pos = self.buf, self.pos
   local have = #buf - pos + 1
   self.started = true
+  local err = over(self, n)
+  if err then return nil, err end
   if have >= n then
     self.pos = pos + n
     return sub(buf, pos, pos + n - 1)
   end
   -- the rest of a large value: read it whole, then join once
-  local rest, err = s_read_bytes(self.stream, n - have)
+  local rest
+  rest, err = s_read_bytes(self.stream, n - have)
   if not rest then return nil, err end
   self.buf, self.pos = "", 1
   return sub(buf, pos) .. rest
@@ -293,7 +309,7 @@ end
 -- start mid-reply); one before any byte of it (read_message) does not.
 local function read_one(self, timeout_ok)
   local reader = self._reader
-  reader.started = false
+  reader.started, reader.used = false, 0
   local v, err = read_reply(reader, 0)
   if v == nil then
     if err.kind == "timeout" and timeout_ok and not reader.started then return nil, err end
@@ -454,13 +470,15 @@ function methods:closed()
 end
 
 local CONNECT_KEYS = { host = true, port = true, path = true, password = true,
-  username = true, db = true, timeout = true, ssl_options = true, server_hostname = true }
+  username = true, db = true, timeout = true, ssl_options = true, server_hostname = true,
+  max_buffer_size = true }
 
 --- Connect (inside a coroutine), authenticate and select the database.
 -- @tparam table opts `host` ("127.0.0.1"), `port` (6379) or `path` (a
 --   unix socket), `password`,
 --   `username`, `db`, `timeout` (seconds, for connecting and each reply),
---   `ssl_options`, `server_hostname`
+--   `ssl_options`, `server_hostname`, `max_buffer_size` (the largest
+--   reply, default 100 MiB: past it `nil, err` of kind `buffer_full`)
 -- @treturn Redis
 -- @return nil, err: I/O kinds as iostream.connect, or `redis` (a wrong
 --   password, a bad db)
@@ -470,22 +488,27 @@ function M.connect(opts)
   for k in pairs(opts) do
     if not CONNECT_KEYS[k] then error("redis.connect: unknown option " .. tostring(k), 2) end
   end
+  local max = opts.max_buffer_size or 104857600
+  if type(max) ~= "number" or max < 1 then
+    error("redis.connect: max_buffer_size must be a positive number, got " ..
+      util.describe(max), 2)
+  end
   local stream, err
   if opts.path then
     if type(opts.path) ~= "string" then error("redis.connect: path must be a string", 2) end
-    stream, err = iostream.connect_unix(opts.path)
+    stream, err = iostream.connect_unix(opts.path, { max_buffer_size = max + 65536 })
   else
     local port = opts.port or 6379
     util.check_port(port, 2)
     stream, err = iostream.connect(opts.host or "127.0.0.1", port, {
       timeout = opts.timeout, ssl_options = opts.ssl_options,
-      server_hostname = opts.server_hostname })
+      server_hostname = opts.server_hostname, max_buffer_size = max + 65536 })
   end
   if not stream then return nil, err end
   if opts.timeout then stream:set_timeout(opts.timeout) end
   local self = setmetatable({ stream = stream, _timeout = opts.timeout,
-    _reader = setmetatable({ stream = stream, max_line = 65536, buf = "", pos = 1 },
-      StreamReader) }, Redis)
+    _reader = setmetatable({ stream = stream, max_line = 65536, buf = "", pos = 1, used = 0,
+      max = max }, StreamReader) }, Redis)
   if opts.password then
     local ok
     if opts.username then
