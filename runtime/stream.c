@@ -545,9 +545,16 @@ static void stop_reading(squall_stream *s) {
 
 static void on_eof(squall_stream *s, ssize_t nread);
 
+/* Bytes every stream of this process read from and wrote to its sockets
+ * (TLS records included): squall.metrics' squall_bytes_*_total. Streams
+ * live on the main loop's thread only, so plain counters do. */
+static uint64_t bytes_read, bytes_written;
+
 static void on_read(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
   (void)buf;
   squall_stream *s = h->data;
+  if (nread > 0)
+    bytes_read += (uint64_t)nread;
   if (nread > 0 && s->tls != NULL) {
     if (squall_tls_feed(s->tls, buf->base, (size_t)nread) != 0) {
       close_with(s, "tls", "out of memory buffering TLS input");
@@ -862,8 +869,10 @@ static void send_alert(squall_stream *s) {
   uv_buf_t b = uv_buf_init((char *)squall_buffer_head(&s->wcipher),
                            (unsigned)squall_buffer_len(&s->wcipher));
   int n = uv_try_write((uv_stream_t *)&s->tcp, &b, 1);
-  if (n > 0)
+  if (n > 0) {
+    bytes_written += (uint64_t)n;
     squall_buffer_consume(&s->wcipher, (size_t)n);
+  }
 }
 
 /* Decrypt what OpenSSL holds into the read buffer (never past
@@ -1078,6 +1087,7 @@ static int flush_writes(squall_stream *s) {
     close_with(s, squall_uv_error_kind(n), uv_strerror(n));
     return n;
   }
+  bytes_written += (uint64_t)n;
   squall_buffer_consume(out, (size_t)n);
   if (squall_buffer_len(out) > 0) {
     squall_buffer_swap(out, &s->wflight);
@@ -1113,6 +1123,8 @@ static void after_progress(squall_stream *s) {
 static void on_write(uv_write_t *req, int status) {
   squall_stream *s = req->data;
   s->in_flight = 0;
+  if (status >= 0)
+    bytes_written += squall_buffer_len(&s->wflight);
   squall_buffer_consume(&s->wflight, squall_buffer_len(&s->wflight));
   if (status < 0) {
     if (!s->closing)
@@ -1707,6 +1719,13 @@ uv_tcp_t *squall_stream_tcp(squall_stream *s) {
   return &s->tcp;
 }
 
+/* core.io_bytes(): bytes read, bytes written by every stream so far. */
+static int l_io_bytes(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)bytes_read);
+  lua_pushnumber(L, (lua_Number)bytes_written);
+  return 2;
+}
+
 int squall_stream_open(lua_State *L) {
   static const luaL_Reg methods[] = {
       {"read_until", l_read_until},
@@ -1753,5 +1772,7 @@ int squall_stream_open(lua_State *L) {
   lua_setfield(L, -2, "stream_call_back");
   lua_pushcfunction(L, l_stream_tls_log);
   lua_setfield(L, -2, "stream_tls_log");
+  lua_pushcfunction(L, l_io_bytes);
+  lua_setfield(L, -2, "io_bytes");
   return 0;
 }

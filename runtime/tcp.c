@@ -741,6 +741,36 @@ static int l_connect(lua_State *L) {
   return lua_yield(L, 0);
 }
 
+/* core.udp_send(ip, port, data): one datagram, sent without waiting
+ * (InfluxDB's UDP listener). One socket per address family, made on first
+ * use and kept (after fork_processes each worker makes its own). Returns
+ * true, or nil, err (a full socket buffer is kind io: the datagram is
+ * dropped, as UDP may). */
+static int l_udp_send(lua_State *L) {
+  static int fds[2] = {-1, -1};
+  const char *ip = luaL_checkstring(L, 1);
+  int port = (int)luaL_checkinteger(L, 2);
+  size_t len;
+  const char *data = luaL_checklstring(L, 3, &len);
+  struct sockaddr_storage ss;
+  int v6 = strchr(ip, ':') != NULL;
+  int err = v6 ? uv_ip6_addr(ip, port, (struct sockaddr_in6 *)&ss)
+               : uv_ip4_addr(ip, port, (struct sockaddr_in *)&ss);
+  if (err != 0)
+    return luaL_argerror(L, 1, "an IPv4 or IPv6 address");
+  int *fd = &fds[v6];
+  if (*fd < 0) {
+    *fd = socket(v6 ? AF_INET6 : AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (*fd < 0)
+      return squall_push_uv_error(L, uv_translate_sys_error(errno));
+  }
+  socklen_t sl = v6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+  if (sendto(*fd, data, len, 0, (struct sockaddr *)&ss, sl) < 0)
+    return squall_push_uv_error(L, uv_translate_sys_error(errno));
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 int squall_tcp_open(lua_State *L) {
   static const luaL_Reg socket_m[] = {{"fileno", l_socket_fileno},
                                       {"getsockname", l_socket_getsockname},
@@ -764,5 +794,7 @@ int squall_tcp_open(lua_State *L) {
   lua_setfield(L, -2, "connect");
   lua_pushcfunction(L, l_connect_unix);
   lua_setfield(L, -2, "connect_unix");
+  lua_pushcfunction(L, l_udp_send);
+  lua_setfield(L, -2, "udp_send");
   return 0;
 }

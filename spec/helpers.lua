@@ -209,6 +209,28 @@ function M.stop_server(srv, keep)
   if not keep then os.execute("rm -rf " .. M.q(srv.dir)) end
 end
 
+--- Inside a coroutine: GET `path` from 127.0.0.1:port over HTTP/1.0;
+-- returns the status code, the body and the head.
+function M.http_get(port, path)
+  local iostream = require "squall.iostream"
+  local s = assert(iostream.connect("127.0.0.1", port))
+  s:write(("GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"):format(path))
+  local all = assert(s:read_until_close())
+  s:close()
+  local head, body = all:match("^(.-\r\n\r\n)(.*)$")
+  return tonumber(head:match("^HTTP/1%.%d (%d+)")), body, head
+end
+
+--- An InfluxDB 1.x of our own (scripts/influxdb-scratch) on free ports:
+-- { port (HTTP), udp_port, dir, wait, signal }.
+function M.start_influxdb()
+  local dir = M.tmpdir()
+  local port, rpc, udp = M.free_port(), M.free_port(), M.free_port()
+  local wait, signal = M.start(("exec scripts/influxdb-scratch %s %d %d %d")
+    :format(M.q(dir), port, rpc, udp), 120)
+  return { port = port, udp_port = udp, dir = dir, wait = wait, signal = signal }
+end
+
 --- The folder scripts/gen-test-certs fills (make test runs it).
 M.certs = "build/certs"
 

@@ -21,6 +21,7 @@ local iostream = require "squall.iostream"
 local log = require "squall.log"
 local msgpack = require "squall.msgpack"
 local reload = require "squall.reload"
+local stats = require "squall.stats"
 local TCPServer = require "squall.tcpserver"
 local util = require "squall.util"
 
@@ -31,6 +32,7 @@ local resume, create, yield, running = core.resume, coroutine.create, coroutine.
   coroutine.running
 local type, tostring, error, pairs, select = type, tostring, error, pairs, select
 local traceback, xpcall, format = debug.traceback, xpcall, string.format
+local now = core.time
 
 -- Stream methods, looked up once: a method call through the stream's
 -- __index costs a Lua call of its own, per message.
@@ -279,6 +281,8 @@ end
 local function serve(conn, msgid, method, ...)
   local fn = conn._router.methods[method]
   local result, err
+  local observe = stats.rpc_observe -- set while squall.metrics watches
+  local t0 = observe and now()
   if not fn then
     err = "no such method: " .. tostring(method)
     if msgid == nil then log.warn("rpc: notification for no such method: %s", tostring(method)) end
@@ -286,6 +290,7 @@ local function serve(conn, msgid, method, ...)
     local ok, r, e = xpcall(fn, traceback, conn, ...)
     if not ok then
       log.error("rpc: %s raised: %s", method, tostring(r))
+      stats.handler_errors = stats.handler_errors + 1
       err = "internal error"
     elseif r == nil and e ~= nil then
       err = e
@@ -293,6 +298,7 @@ local function serve(conn, msgid, method, ...)
       result = r
     end
   end
+  if observe then observe(fn and method or "(unknown)", now() - t0, err ~= nil) end
   if msgid == nil then return end
   -- (send, written out: this is the path every answer takes.) A closed
   -- stream refuses the write: the caller is gone, nothing to do.

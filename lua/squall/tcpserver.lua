@@ -9,6 +9,7 @@ local core = require "squall.core"
 local log = require "squall.log"
 local netutil = require "squall.netutil"
 local iostream = require "squall.iostream"
+local stats = require "squall.stats"
 local util = require "squall.util"
 
 local TCPServer = {}
@@ -97,6 +98,7 @@ local function finished(server, co)
   if stream:closed() and stream:writing() then server._flushing[stream] = true end
   server._conns[co] = nil
   server._nstreams = server._nstreams - 1
+  stats.connections_open = stats.connections_open - 1
   if server._drained and server._nstreams == 0 then server._drained() end
 end
 
@@ -163,6 +165,7 @@ function TCPServer:add_sockets(sockets)
     local host, port = stream:getpeername()
     if not host then host, port = "?", "?" end -- closed before it raised
     log.error("Error in handle_stream for %s:%s\n%s", tostring(host), tostring(port), tb)
+    stats.handler_errors = stats.handler_errors + 1
     stream:close()
     finished(self, co)
   end
@@ -176,6 +179,8 @@ function TCPServer:add_sockets(sockets)
         local co = create(serve)
         self._conns[co] = stream
         self._nstreams = self._nstreams + 1
+        stats.connections_accepted = stats.connections_accepted + 1
+        stats.connections_open = stats.connections_open + 1
         on_error_of(co, on_error)
         resume(co, self, stream, address)
       end, self._stream_opts)
