@@ -4,5 +4,6 @@
 --     squall bench/servers/echo_metrics.lua PORT MPORT
 local metrics = require "squall.metrics"
 metrics.serve(tonumber(arg[2]), "127.0.0.1")
-arg = { [0] = "examples/echo.lua", arg[1] } -- echo.lua reads its port (and address) from arg
+-- echo.lua reads its port (and address) from arg
+arg = { [0] = "examples/echo.lua", arg[1] } -- luacheck: ignore 121
 dofile("examples/echo.lua")
