@@ -5,13 +5,13 @@ local helpers = require "helpers"
 
 local async, q = testing.async, helpers.q
 
--- Start an example on a free port (in `dir`, when given); returns its
--- port and stop().
-local function start(example, dir)
+-- Start an example on a free port (in `dir`, when given; `more`: its
+-- arguments after the port); returns its port and stop().
+local function start(example, dir, more)
   local sock, port = testing.bind_unused_port()
   sock:close()
-  local wait, signal = helpers.start(("cd %s && exec %s %s %d"):format(q(dir or "."),
-    q(helpers.squall_real), example, port), 30)
+  local wait, signal = helpers.start(("cd %s && exec %s %s %d %s"):format(q(dir or "."),
+    q(helpers.squall_real), example, port, more or ""), 30)
   local up = false
   for _ = 1, 200 do
     local c = iostream.connect("127.0.0.1", port)
@@ -86,6 +86,30 @@ describe("examples", function()
     assert.equal(0, stop_status, log)
     assert.matches("methods: chat.shout, chat.whisper, ping, player.login", log)
   end, { timeout = 30 }))
+
+  it("metrics.lua exports its own and the built-in metrics, valid for promtool",
+    async(function()
+    local mport = helpers.free_port()
+    local port, stop = start("examples/metrics.lua", nil, tostring(mport))
+    local c = assert(iostream.connect("127.0.0.1", port))
+    c:write("one\n" .. ("x"):rep(99) .. "\n")
+    assert.equal("one\n", c:read_until("\n"))
+    assert.equal(100, #c:read_until("\n"))
+    local status, text = helpers.http_get(mport, "/metrics")
+    assert.equal(200, status)
+    assert.matches("\necho_lines_total 2\n", text)
+    assert.matches('\necho_line_bytes_bucket{le="16"} 1\n', text)
+    assert.matches('\necho_line_bytes_bucket{le="256"} 2\n', text)
+    assert.matches("\nsquall_connections_open 1\n", text)
+    local path = os.tmpname()
+    helpers.spit(path, text)
+    local rc, out, err = helpers.run("promtool check metrics < " .. q(path))
+    os.remove(path)
+    assert.equal(0, rc, out .. err)
+    c:close()
+    local stop_status, _, log = stop()
+    assert.equal(0, stop_status, log)
+  end, { timeout = 20 }))
 
   it("game/: keeps players in Redis and scores in MariaDB", async(function()
     assert(os.execute("scripts/gen-test-certs " .. q(helpers.certs)) == 0)
