@@ -253,7 +253,8 @@ static int l_process_stats(lua_State *L) {
   lua_createtable(L, 0, 6);
   uv_rusage_t ru;
   if (uv_getrusage(&ru) == 0) {
-    double cpu = (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
+    double cpu = (double)ru.ru_utime.tv_sec +
+                 (double)ru.ru_utime.tv_usec / 1e6 +
                  (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
     lua_pushnumber(L, cpu);
     lua_setfield(L, -2, "cpu");

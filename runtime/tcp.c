@@ -760,7 +760,8 @@ static int l_udp_send(lua_State *L) {
     return luaL_argerror(L, 1, "an IPv4 or IPv6 address");
   int *fd = &fds[v6];
   if (*fd < 0) {
-    *fd = socket(v6 ? AF_INET6 : AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    *fd = socket(v6 ? AF_INET6 : AF_INET,
+                 SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (*fd < 0)
       return squall_push_uv_error(L, uv_translate_sys_error(errno));
   }

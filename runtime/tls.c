@@ -479,13 +479,13 @@ static int l_rsa_encrypt(lua_State *L) {
   EVP_PKEY_CTX *ctx = key ? EVP_PKEY_CTX_new(key, NULL) : NULL;
   unsigned char *out = NULL;
   size_t out_len = 0;
-  int ok = ctx != NULL && EVP_PKEY_encrypt_init(ctx) == 1 &&
-           EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_OAEP_PADDING) == 1 &&
-           EVP_PKEY_encrypt(ctx, NULL, &out_len, (const unsigned char *)data,
-                            n) == 1 &&
-           (out = OPENSSL_malloc(out_len)) != NULL &&
-           EVP_PKEY_encrypt(ctx, out, &out_len, (const unsigned char *)data,
-                            n) == 1;
+  int ok =
+      ctx != NULL && EVP_PKEY_encrypt_init(ctx) == 1 &&
+      EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_OAEP_PADDING) == 1 &&
+      EVP_PKEY_encrypt(ctx, NULL, &out_len, (const unsigned char *)data, n) ==
+          1 &&
+      (out = OPENSSL_malloc(out_len)) != NULL &&
+      EVP_PKEY_encrypt(ctx, out, &out_len, (const unsigned char *)data, n) == 1;
   if (ok)
     lua_pushlstring(L, (const char *)out, out_len);
   OPENSSL_free(out);
