@@ -82,6 +82,17 @@ function Future:error()
   return self._error
 end
 
+--- True when its coroutine raised (not set_error): the error is what it
+-- raised, and traceback() says where.
+function Future:raised()
+  return self._raised == true
+end
+
+--- The traceback of an error its coroutine raised, or nil.
+function Future:traceback()
+  return self._traceback
+end
+
 --- The result values; inside a coroutine, waits until resolved first.
 -- Returns nil, err when it resolved with an error.
 function Future:result()
@@ -140,8 +151,7 @@ local function task_body(fut, fn, log_errors, ...)
   finish_task(fut, log_errors, xpcall(fn, capture, ...))
 end
 
--- Start fn(...) in a new coroutine now; returns a Future of its results.
-function M._task(fn, log_errors, ...)
+local function start_task(fn, log_errors, ...)
   local fut = M.Future()
   resume(create(task_body), fut, fn, log_errors, ...)
   return fut
@@ -152,7 +162,14 @@ end
 -- its results (nil, err when it raised).
 function M.spawn(fn, ...)
   check_callable(fn, 2)
-  return M._task(fn, true, ...)
+  return start_task(fn, true, ...)
+end
+
+--- Like spawn, for a caller that takes the error from the Future itself
+-- (run_sync): an error it raises is not logged.
+function M.task(fn, ...)
+  check_callable(fn, 2)
+  return start_task(fn, false, ...)
 end
 
 --- Suspend the running coroutine for `seconds`.
@@ -187,7 +204,7 @@ function M.with_timeout(seconds, fn, ...)
     fut = fn
   else
     check_callable(fn, 2)
-    fut = M._task(fn, false, ...)
+    fut = start_task(fn, false, ...)
   end
   if not fut:done() then
     local loop = ioloop.current()
@@ -231,7 +248,7 @@ function M.multi(children)
       futs[k] = c
     else
       check_callable(c, 2)
-      futs[k] = M._task(c, false)
+      futs[k] = start_task(c, false)
     end
   end
   local results = {}

@@ -60,16 +60,25 @@ local function check_seconds(x, name, level)
   end
 end
 
--- How many loops this process made (squall.process refuses to fork after).
-M._created = 0
+local created = 0 -- loops this process made
+local start_hooks = {}
 
--- Functions called with the loop each time start() begins (squall.reload
--- sets up its watchers on the loop that actually runs).
-M._start_hooks = {}
+--- How many IOLoops this process has made (squall.process refuses to fork
+-- after the first: the children would share its epoll and timers).
+function M.loops_created()
+  return created
+end
+
+--- Call fn(loop) each time a loop's start() begins, from now on
+-- (squall.reload sets up its watchers on the loop that actually runs).
+function M.on_start(fn)
+  check_callable(fn, 2)
+  start_hooks[#start_hooks + 1] = fn
+end
 
 --- Create a new IOLoop (not made current).
 function M.new()
-  M._created = M._created + 1
+  created = created + 1
   return setmetatable({
     _uv = core.loop_new(),
     _cb_fns = {}, _cb_args = {}, _ncb = 0,
@@ -327,7 +336,7 @@ function IOLoop:start()
   self._running = true
   local outer = current
   current = self
-  for i = 1, #M._start_hooks do M._start_hooks[i](self) end
+  for i = 1, #start_hooks do start_hooks[i](self) end
   local uv = self._uv
   while true do
     local t0, seq0 = now(), self._seq
@@ -364,15 +373,21 @@ function IOLoop:is_running()
   return self._running
 end
 
--- Run fn in a coroutine until it returns; `trace` appends the coroutine's
--- traceback to a string error (squall.testing uses it).
-function IOLoop:_run_sync(fn, timeout, trace)
-  check_callable(fn, 3)
-  if self._running then error("the IOLoop is already running", 3) end
+--- Start the loop, run fn() in a coroutine, stop the loop when it returns
+-- and return its results. Raises what fn raises, or an error of kind
+-- "timeout" when `timeout` seconds pass first.
+-- @tparam function fn
+-- @tparam[opt] number timeout seconds
+-- @tparam[opt] table opts `traceback = true`: a string error fn raised
+--   comes with the coroutine's traceback (squall.testing uses it)
+function IOLoop:run_sync(fn, timeout, opts)
+  check_callable(fn, 2)
+  if self._running then error("the IOLoop is already running", 2) end
+  local trace = opts and opts.traceback
   local gen = require "squall.gen"
   local fut
   self:add_callback(function()
-    fut = gen._task(fn, false)
+    fut = gen.task(fn)
     fut:add_done_callback(function() self:stop() end)
   end)
   local t, timed_out
@@ -383,26 +398,30 @@ function IOLoop:_run_sync(fn, timeout, trace)
   if t then self:remove_timeout(t) end
   if not (fut and fut:done()) then
     if timed_out then
-      error(core.error("timeout", format("operation timed out after %g seconds", timeout)), 3)
+      error(core.error("timeout", format("operation timed out after %g seconds", timeout)), 2)
     end
     -- someone else called stop() (Tornado's words)
-    error("Event loop stopped before Future completed.", 3)
+    error("Event loop stopped before Future completed.", 2)
   end
-  if fut._raised then
-    local err = fut._error
-    if trace and type(err) == "string" and fut._traceback then
-      err = fut._traceback
+  if fut:raised() then
+    local err = fut:error()
+    if trace and type(err) == "string" and fut:traceback() then
+      err = fut:traceback()
     end
     error(err, 0)
   end
   return fut:result()
 end
 
---- Start the loop, run fn() in a coroutine, stop the loop when it returns
--- and return its results. Raises what fn raises, or an error of kind
--- "timeout" when `timeout` seconds pass first.
-function IOLoop:run_sync(fn, timeout)
-  return self:_run_sync(fn, timeout, false)
+--- The runtime's own loop object under this IOLoop, for the modules that
+-- open libuv handles on it (streams, acceptors, watchers, thread pools).
+function IOLoop:core_loop()
+  return self._uv
+end
+
+--- True once close() ran.
+function IOLoop:closed()
+  return self._closed == true
 end
 
 --- Close the loop: every fd handler, signal handler and stream still open

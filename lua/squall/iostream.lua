@@ -11,6 +11,7 @@
 local core = require "squall.core"
 local ioloop = require "squall.ioloop"
 local log = require "squall.log"
+local netutil = require "squall.netutil"
 
 local M = {}
 
@@ -37,9 +38,10 @@ function M.is_stream(x)
   return getmetatable(x) == mt
 end
 
--- Callback style: run `fn(s, ...)` in a coroutine of its own and pass its
--- results to `callback` on a later loop iteration, never synchronously.
-local function call_back(fn, s, callback, ...)
+--- Callback style: run `fn(s, ...)` in a coroutine of its own and pass
+-- its results to `callback(result, err)` on a later loop iteration, never
+-- synchronously (what every stream method does with a function last).
+function M.call_back(fn, s, callback, ...)
   local loop = ioloop.current()
   local co = create(function(...)
     local r, err = fn(...)
@@ -49,7 +51,7 @@ local function call_back(fn, s, callback, ...)
 end
 
 -- runtime/stream.c hands a call whose last argument is a function here.
-core.stream_call_back(call_back)
+core.stream_call_back(M.call_back)
 
 local c_read_until_close = methods.read_until_close
 local c_read_bytes = methods.read_bytes
@@ -77,7 +79,7 @@ function methods.read_until_close(s, on_chunk, callback)
     if type(callback) ~= "function" then
       error("read_until_close: callback must be a function", 2)
     end
-    call_back(methods.read_until_close, s, callback, on_chunk)
+    M.call_back(methods.read_until_close, s, callback, on_chunk)
     return
   end
   if on_chunk == nil then return c_read_until_close(s) end
@@ -103,7 +105,7 @@ function methods.write(s, data, callback)
     ioloop.current():add_callback(callback, nil, err)
     return
   end
-  call_back(methods.flush, s, callback)
+  M.call_back(methods.flush, s, callback)
 end
 
 -- Addresses a PROXY protocol header gave (weak: they go with the stream).
@@ -138,44 +140,9 @@ end
 -- TLS failures are routine noise (scanners, broken clients): debug level.
 core.stream_tls_log(function(msg) log.debug("TLS: %s", msg) end)
 
-local SSL_KEYS = { certfile = true, keyfile = true, ca_certs = true, cert_reqs = true,
-  ciphers = true, alpn_protocols = true, min_version = true }
-
--- Contexts are built once per ssl_options table, not per connection.
-local contexts = setmetatable({}, { __mode = "k" })
-
---- The OpenSSL context for an ssl_options table (built once per table and
--- side). Raises with a message naming the file or key at fault.
--- @tparam table ssl_options `certfile`, `keyfile`, `ca_certs`, `cert_reqs`,
---   `ciphers`, `alpn_protocols`, `min_version`
--- @tparam boolean server_side
-function M.ssl_context(ssl_options, server_side)
-  if type(ssl_options) ~= "table" then
-    error("ssl_options must be a table, got " .. type(ssl_options), 2)
-  end
-  local by_side = contexts[ssl_options]
-  if not by_side then
-    -- A typo (keyfle) would otherwise be ignored and fail far away.
-    for k in pairs(ssl_options) do
-      if not SSL_KEYS[k] then
-        error(("ssl_options: unknown key %s (certfile, keyfile, ca_certs, cert_reqs, " ..
-          "ciphers, alpn_protocols, min_version)"):format(
-          type(k) == "string" and ("%q"):format(k) or tostring(k)), 2)
-      end
-    end
-    by_side = {}
-    contexts[ssl_options] = by_side
-  end
-  local side = server_side and "server" or "client"
-  local ctx = by_side[side]
-  if not ctx then
-    local ok, res = pcall(core.ssl_context, ssl_options, server_side)
-    if not ok then error(res, 2) end
-    ctx = res
-    by_side[side] = ctx
-  end
-  return ctx
-end
+--- The OpenSSL context for an ssl_options table: netutil.ssl_context,
+-- kept here under its old name.
+M.ssl_context = netutil.ssl_context
 
 local c_start_tls, c_handshake = methods._start_tls, methods._handshake
 
@@ -188,7 +155,7 @@ local c_start_tls, c_handshake = methods._start_tls, methods._handshake
 -- @treturn stream this same stream, now over TLS
 -- @return nil, err (kind `tls`, `closed` or `timeout`)
 function methods.start_tls(s, server_side, ssl_options, server_hostname)
-  local ctx = M.ssl_context(ssl_options, server_side)
+  local ctx = netutil.ssl_context(ssl_options, server_side)
   local ok, err = s:flush()
   if not ok then return nil, err end
   ok, err = c_start_tls(s, ctx, server_hostname)
@@ -212,62 +179,17 @@ function methods.wait_for_handshake(s, callback)
     if type(callback) ~= "function" then
       error("wait_for_handshake: callback must be a function", 2)
     end
-    call_back(c_handshake, s, callback)
+    M.call_back(c_handshake, s, callback)
     return
   end
   return c_handshake(s)
 end
 
---- Connect to a unix-domain stream socket (a local server's path, as
--- redis-server's unixsocket). Does not wait: a local connect succeeds or
--- fails at once.
--- @tparam string path
--- @tparam[opt] table opts the stream sizes (`max_buffer_size`...)
--- @treturn stream
--- @return nil, err (`refused`, `io`...)
-function M.connect_unix(path, opts)
-  if type(path) ~= "string" then error("path must be a string", 2) end
-  if opts ~= nil and type(opts) ~= "table" then error("opts must be a table", 2) end
-  return core.connect_unix(ioloop.current()._uv, path, opts)
-end
-
---- Connect to host:port. Waits inside a coroutine.
--- @tparam string host a name (resolved without blocking the loop) or IP
--- @tparam number port
--- @tparam[opt] table opts `timeout`, `source_ip`, `source_port`,
---   `max_buffer_size`, `read_chunk_size`, `write_high_water`,
---   `max_write_buffer_size`, `ssl_options` (then the peer is verified
---   against the system CAs or `ca_certs` and `server_hostname`, default
---   `host`, unless `cert_reqs = "none"`)
--- @treturn stream
--- @return nil, err (kinds `resolve`, `refused`, `unreachable`, `timeout`,
---   `tls`, `io`)
-function M.connect(host, port, opts, callback)
-  if type(host) ~= "string" then error("host must be a string", 2) end
-  if type(port) ~= "number" then error("port must be a number", 2) end
-  if type(opts) == "function" and callback == nil then opts, callback = nil, opts end
-  local loop = ioloop.current()
-  if callback then
-    call_back(function(_, ...) return M.connect(...) end, nil, callback, host, port, opts)
-    return
-  end
-  local ssl_options = opts and opts.ssl_options
-  local ctx = ssl_options and M.ssl_context(ssl_options, false)
-  local t0 = loop:time()
-  local s, err = core.connect(loop._uv, host, port, opts)
-  if not s or not ctx then return s, err end
-  -- The connect timeout bounds the handshake too.
-  local timeout = opts.timeout
-  if timeout then s:set_timeout(math.max(0.001, timeout - (loop:time() - t0))) end
-  local ok
-  ok, err = c_start_tls(s, ctx, opts.server_hostname or host)
-  if ok then ok, err = c_handshake(s) end
-  if not ok then
-    s:close()
-    return nil, err
-  end
-  if timeout then s:set_timeout(nil) end
-  return s
-end
+--- iostream.connect and iostream.connect_unix are tcpclient.connect and
+-- tcpclient.connect_unix, kept here under their old names. Looked up when
+-- first used, as squall.tcpclient is built on this module.
+setmetatable(M, { __index = function(_, k)
+  if k == "connect" or k == "connect_unix" then return require("squall.tcpclient")[k] end
+end })
 
 return M

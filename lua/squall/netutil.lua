@@ -48,7 +48,7 @@ function M.add_accept_handler(sock, callback, opts)
   if type(callback) ~= "function" then
     error("callback must be a function, got " .. type(callback), 2)
   end
-  local acceptor = core.accept(ioloop.current()._uv, sock, function(stream, address)
+  local acceptor = core.accept(ioloop.current():core_loop(), sock, function(stream, address)
     if stream == nil then
       -- runtime/tcp.c pauses accepting itself when fds run out.
       log.error("accepting on %s failed: %s", tostring(sock), tostring(address))
@@ -76,6 +76,45 @@ function M.systemd_sockets()
   local socks = {}
   for fd = 3, 3 + n - 1 do socks[#socks + 1] = core.adopt_socket(fd) end
   return socks
+end
+
+local SSL_KEYS = { certfile = true, keyfile = true, ca_certs = true, cert_reqs = true,
+  ciphers = true, alpn_protocols = true, min_version = true }
+
+-- Contexts are built once per ssl_options table, not per connection.
+local contexts = setmetatable({}, { __mode = "k" })
+
+--- The OpenSSL context for an ssl_options table (built once per table and
+-- side). Raises with a message naming the file or key at fault.
+-- @tparam table ssl_options `certfile`, `keyfile`, `ca_certs`, `cert_reqs`,
+--   `ciphers`, `alpn_protocols`, `min_version`
+-- @tparam boolean server_side
+function M.ssl_context(ssl_options, server_side)
+  if type(ssl_options) ~= "table" then
+    error("ssl_options must be a table, got " .. type(ssl_options), 2)
+  end
+  local by_side = contexts[ssl_options]
+  if not by_side then
+    -- A typo (keyfle) would otherwise be ignored and fail far away.
+    for k in pairs(ssl_options) do
+      if not SSL_KEYS[k] then
+        error(("ssl_options: unknown key %s (certfile, keyfile, ca_certs, cert_reqs, " ..
+          "ciphers, alpn_protocols, min_version)"):format(
+          type(k) == "string" and ("%q"):format(k) or tostring(k)), 2)
+      end
+    end
+    by_side = {}
+    contexts[ssl_options] = by_side
+  end
+  local side = server_side and "server" or "client"
+  local ctx = by_side[side]
+  if not ctx then
+    local ok, res = pcall(core.ssl_context, ssl_options, server_side)
+    if not ok then error(res, 2) end
+    ctx = res
+    by_side[side] = ctx
+  end
+  return ctx
 end
 
 return M

@@ -36,7 +36,7 @@ function M.fork_processes(n, max_restarts)
   if type(n) ~= "number" or n < 1 or n % 1 ~= 0 then
     error("fork_processes: n must be a positive integer, got " .. tostring(n), 2)
   end
-  if ioloop._created > 0 then
+  if ioloop.loops_created() > 0 then
     error("fork_processes must be called before any IOLoop is created " ..
       "(the children would share its event loop)", 2)
   end

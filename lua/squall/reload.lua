@@ -171,7 +171,7 @@ local function watch_dir(loop, dir)
     dir_watch[loop] = dirs
   end
   if dirs[dir] then return end
-  local w, err = core.watch_path(loop._uv, dir, function(filename)
+  local w, err = core.watch_path(loop:core_loop(), dir, function(filename)
     changed(dir, filename)
   end)
   if not w then
@@ -202,7 +202,7 @@ local function track(name)
   modules[name] = path
   by_path[dirname(path) .. "/" .. basename(path)] = name
   for loop in pairs(installed) do
-    if not loop._closed then watch_dir(loop, dirname(path)) end
+    if not loop:closed() then watch_dir(loop, dirname(path)) end
   end
 end
 
@@ -256,7 +256,7 @@ function M.watch_folder(dir, fn)
   local root = absolute(dir):gsub("/+$", "")
   folders[root] = fn
   for loop in pairs(installed) do
-    if not loop._closed then watch_folder_on(loop, root) end
+    if not loop:closed() then watch_folder_on(loop, root) end
   end
   return true
 end
@@ -280,8 +280,8 @@ function M.enable(opts)
     track(name)
     return require_(name, ...)
   end
-  table.insert(ioloop._start_hooks, install)
-  if ioloop._created > 0 then
+  ioloop.on_start(install)
+  if ioloop.loops_created() > 0 then
     local loop = ioloop.current()
     if loop:is_running() then install(loop) end
   end

@@ -1,9 +1,20 @@
 --- TCPClient: open a stream to a server.
 --
 --     local stream, err = TCPClient():connect("example.com", 80, {timeout = 5})
+--     local stream, err = tcpclient.connect("example.com", 80, {timeout = 5})
 --
+-- The module is the TCPClient class (call it for a client); `connect` and
+-- `connect_unix` also work as plain functions of the module, and
+-- iostream.connect and iostream.connect_unix are these same functions.
 -- @module squall.tcpclient
+local core = require "squall.core"
+local ioloop = require "squall.ioloop"
 local iostream = require "squall.iostream"
+local netutil = require "squall.netutil"
+
+local type, error, pairs, max = type, error, pairs, math.max
+local getmetatable, setmetatable = getmetatable, setmetatable
+local c_start_tls, c_handshake = core.stream_methods._start_tls, core.stream_methods._handshake
 
 local TCPClient = {}
 TCPClient.__index = TCPClient
@@ -14,20 +25,73 @@ function TCPClient.new(_, defaults)
 end
 setmetatable(TCPClient, { __call = TCPClient.new })
 
---- Connect to host:port; waits inside a coroutine.
--- @tparam string host
+-- Connect to host:port (the work of both forms of connect).
+local function connect(host, port, opts, callback, level)
+  if type(host) ~= "string" then error("host must be a string", level) end
+  if type(port) ~= "number" then error("port must be a number", level) end
+  if type(opts) == "function" and callback == nil then opts, callback = nil, opts end
+  local loop = ioloop.current()
+  if callback then
+    iostream.call_back(function(_, ...) return connect(...) end, nil, callback, host, port, opts,
+      nil, 2)
+    return
+  end
+  local ssl_options = opts and opts.ssl_options
+  local ctx = ssl_options and netutil.ssl_context(ssl_options, false)
+  local t0 = loop:time()
+  local s, err = core.connect(loop:core_loop(), host, port, opts)
+  if not s or not ctx then return s, err end
+  -- The connect timeout bounds the handshake too.
+  local timeout = opts.timeout
+  if timeout then s:set_timeout(max(0.001, timeout - (loop:time() - t0))) end
+  local ok
+  ok, err = c_start_tls(s, ctx, opts.server_hostname or host)
+  if ok then ok, err = c_handshake(s) end
+  if not ok then
+    s:close()
+    return nil, err
+  end
+  if timeout then s:set_timeout(nil) end
+  return s
+end
+
+--- Connect to host:port; waits inside a coroutine. As a method of a
+-- client, the client's default options apply first.
+-- @tparam string host a name (resolved without blocking the loop) or IP
 -- @tparam number port
 -- @tparam[opt] table opts `timeout`, `source_ip`, `source_port`,
 --   `max_buffer_size`, `read_chunk_size`, `write_high_water`,
---   `max_write_buffer_size`, `ssl_options`, `server_hostname`
+--   `max_write_buffer_size`, `ssl_options` (then the peer is verified
+--   against the system CAs or `ca_certs` and `server_hostname`, default
+--   `host`, unless `cert_reqs = "none"`)
+-- @tparam[opt] function callback callback style: callback(stream, err)
 -- @treturn stream
 -- @return nil, err (kinds `resolve`, `refused`, `unreachable`, `timeout`,
 --   `tls`, `io`)
-function TCPClient:connect(host, port, opts)
+function TCPClient.connect(...)
+  local first = ...
+  if getmetatable(first) ~= TCPClient then
+    local host, port, opts, callback = ...
+    return connect(host, port, opts, callback, 3)
+  end
+  local self, host, port, opts = ...
   local merged = {}
   for k, v in pairs(self._defaults) do merged[k] = v end
   for k, v in pairs(opts or {}) do merged[k] = v end
-  return iostream.connect(host, port, merged)
+  return connect(host, port, merged, nil, 3)
+end
+
+--- Connect to a unix-domain stream socket (a local server's path, as
+-- redis-server's unixsocket). Does not wait: a local connect succeeds or
+-- fails at once.
+-- @tparam string path
+-- @tparam[opt] table opts the stream sizes (`max_buffer_size`...)
+-- @treturn stream
+-- @return nil, err (`refused`, `io`...)
+function TCPClient.connect_unix(path, opts)
+  if type(path) ~= "string" then error("path must be a string", 2) end
+  if opts ~= nil and type(opts) ~= "table" then error("opts must be a table", 2) end
+  return core.connect_unix(ioloop.current():core_loop(), path, opts)
 end
 
 --- Nothing to release; here for Tornado compatibility.

@@ -72,7 +72,7 @@ function TCPServer.new(cls, opts)
   end
   if opts.ssl_options ~= nil then
     -- Built (and its files checked) now, once for every connection.
-    local ok, ctx = pcall(iostream.ssl_context, opts.ssl_options, true)
+    local ok, ctx = pcall(netutil.ssl_context, opts.ssl_options, true)
     if not ok then error(ctx, 2) end
     self._ssl_ctx = ctx
   end

@@ -22,9 +22,9 @@ function M.async(fn, opts)
     local args = { n = select("#", ...), ... }
     local loop = ioloop.new()
     loop:make_current()
-    local ok, err = pcall(loop._run_sync, loop, function()
+    local ok, err = pcall(loop.run_sync, loop, function()
       return fn(unpack(args, 1, args.n))
-    end, timeout, true)
+    end, timeout, { traceback = true })
     loop:close(true)
     ioloop.clear_current()
     if not ok then error(err, 0) end

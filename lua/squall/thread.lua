@@ -41,7 +41,7 @@ function M.pool(opts)
   end
   local loop = ioloop.current()
   return setmetatable({ size = size,
-    _c = core.thread_pool(loop._uv, size, package.path, package.cpath) }, Pool)
+    _c = core.thread_pool(loop:core_loop(), size, package.path, package.cpath) }, Pool)
 end
 
 --- Run require(module)[func](...) in a worker and wait for its results
