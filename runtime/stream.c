@@ -1,7 +1,8 @@
 /* stream.c: the IOStream read state machine, write queue, close, timeouts.
  *
  * The read path follows Tornado's steps, each a small function here:
- *   try_inline_read       satisfy the new read from the buffer, or park
+ *   read_outcome          what a read gets now: data, closed, a failure, or wait
+ *   try_inline_read       a new read: take that outcome, or park
  *   find_read_pos         how many buffered bytes the pending read takes
  *   on_alloc, on_read     bytes from libuv land in the buffer's free tail
  *                         (or a shared scratch, for a buffer holding little)
@@ -458,33 +459,69 @@ static int tls_pump(squall_stream *s);
 static void tls_failed(squall_stream *s, const char *msg);
 static void mark_dirty(squall_stream *s);
 
-/* The pending read, after new bytes or EOF: finish it, fail it, or keep
- * waiting (and stop reading while a full buffer waits for a reader). */
-static void process_pending_read(squall_stream *s) {
-  lua_State *L = loop_L(s);
-  long n = find_read_pos(L, s);
-  if (n > 0 || (n == 0 && s->read_kind == READ_CLOSE && s->eof)) {
-    if (L == NULL)
-      return;
-    push_consumed(L, s, (size_t)n);
-    resume_reader(s, 1);
-    start_reading(s);
-    return;
+/* What a read gets now: the one decision behind both a new read
+ * (try_inline_read) and a parked one after new bytes or EOF
+ * (process_pending_read), as OpenResty builds every receive result in one
+ * place. OUTCOME_DATA sets *n to the bytes it takes. */
+enum read_outcome {
+  OUTCOME_WAIT,          /* not yet: park (or stay parked) */
+  OUTCOME_DATA,          /* finish with *n buffered bytes */
+  OUTCOME_CLOSED,        /* finish with nil, closed (or the stream's error) */
+  OUTCOME_UNSATISFIABLE, /* max_bytes passed without the delimiter */
+  OUTCOME_BUFFER_FULL,   /* the read needs more than max_buffer_size */
+};
+
+static enum read_outcome read_outcome(lua_State *L, squall_stream *s,
+                                      size_t *n) {
+  /* After our own close(), reads fail even with bytes buffered. */
+  if (s->closed && !s->eof)
+    return OUTCOME_CLOSED;
+  long pos = find_read_pos(L, s);
+  if (pos > 0 || (s->read_kind == READ_CLOSE && s->eof)) {
+    *n = pos > 0 ? (size_t)pos : 0;
+    return OUTCOME_DATA;
   }
-  if (n < 0) {
+  if (pos < 0)
+    return OUTCOME_UNSATISFIABLE;
+  if (s->eof)
+    return OUTCOME_CLOSED;
+  if (squall_buffer_len(&s->rbuf) >= s->o.max_buffer_size)
+    return OUTCOME_BUFFER_FULL;
+  return OUTCOME_WAIT;
+}
+
+/* Close the stream for a read that can never be satisfied; the error
+ * strings live here only. */
+static void fail_read(squall_stream *s, enum read_outcome o) {
+  if (o == OUTCOME_UNSATISFIABLE)
     close_with(s, "unsatisfiable",
                "max_bytes reached without finding the delimiter");
-    return;
-  }
-  if (s->eof) {
-    if (L == NULL)
-      return;
-    resume_reader(s, push_closed(L, s));
-    return;
-  }
-  if (squall_buffer_len(&s->rbuf) >= s->o.max_buffer_size)
+  else if (o == OUTCOME_BUFFER_FULL)
     close_with(s, "buffer_full",
                "the read needs more than max_buffer_size bytes");
+}
+
+/* The pending read, after new bytes or EOF: finish it, fail it, or keep
+ * waiting. */
+static void process_pending_read(squall_stream *s) {
+  lua_State *L = loop_L(s);
+  size_t n = 0;
+  enum read_outcome o = read_outcome(L, s, &n);
+  if (o == OUTCOME_WAIT)
+    return;
+  if (o == OUTCOME_DATA || o == OUTCOME_CLOSED) {
+    if (L == NULL) /* the loop is closing: nobody to resume */
+      return;
+    if (o == OUTCOME_DATA) {
+      push_consumed(L, s, n);
+      resume_reader(s, 1);
+      start_reading(s);
+    } else {
+      resume_reader(s, push_closed(L, s));
+    }
+    return;
+  }
+  fail_read(s, o); /* close_with wakes the reader with the error */
 }
 
 static size_t read_chunk(const squall_stream *s) {
@@ -646,33 +683,20 @@ static int flush_writes(squall_stream *s);
 /* Start the read set up in `s`: finish it from the buffer, fail it, or
  * park the calling coroutine until on_read finishes it. */
 static int try_inline_read(lua_State *L, squall_stream *s, const char *what) {
-  if (s->closed && !s->eof) {
-    clear_read(s, L);
-    return push_closed(L, s);
-  }
-  long n = find_read_pos(L, s);
-  if (n > 0 || (s->read_kind == READ_CLOSE && s->eof)) {
-    push_consumed(L, s, (size_t)(n > 0 ? n : 0));
+  size_t n = 0;
+  enum read_outcome o = read_outcome(L, s, &n);
+  if (o == OUTCOME_DATA) {
+    push_consumed(L, s, n);
     clear_read(s, L);
     start_reading(s);
     return 1;
   }
-  if (n < 0) {
+  if (o != OUTCOME_WAIT) {
     clear_read(s, L);
-    close_with(s, "unsatisfiable",
-               "max_bytes reached without finding the delimiter");
+    fail_read(s, o);
     return push_closed(L, s);
   }
-  if (s->eof) {
-    clear_read(s, L);
-    return push_closed(L, s);
-  }
-  if (squall_buffer_len(&s->rbuf) >= s->o.max_buffer_size) {
-    clear_read(s, L);
-    close_with(s, "buffer_full",
-               "the read needs more than max_buffer_size bytes");
-    return push_closed(L, s);
-  }
+  /* It must wait: only a coroutine can, and nothing changed yet. */
   if (!squall_coro_can_wait(L)) {
     clear_read(s, L);
     return squall_coro_check(L, what);
