@@ -47,7 +47,7 @@ void squall_push_error(lua_State *L, const char *kind, const char *message);
  * the tail of every Lua-facing function that fails on I/O. */
 int squall_push_uv_error(lua_State *L, int uv_err);
 
-/* The error kind (API.md) for a libuv error code. */
+/* The error kind (docs/guide.md) for a libuv error code. */
 const char *squall_uv_error_kind(int uv_err);
 
 /* Remember the metatable at the top of the stack as the one of type

@@ -8,7 +8,8 @@
  *
  * Handles created on a loop (fd watchers, signals, streams, servers) are
  * owned by their own Lua userdata; when the loop is closed every handle
- * still open is closed with it (see squall_handle_close).
+ * still open is closed with it, through its squall_handle's close
+ * function.
  */
 #ifndef SQUALL_LOOP_H
 #define SQUALL_LOOP_H

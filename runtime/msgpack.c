@@ -377,7 +377,8 @@ static int enc_value(enc *e, int idx, int depth) {
   return -1;
 }
 
-/* core.msgpack_encode(value) -> string; raises for what cannot encode. */
+/* encode(value) -> string; raises for what cannot encode (from
+ * msgpack_setup). */
 /* Raise for a failed encoding, once its buffer is released. */
 static int enc_fail(lua_State *L, enc *e, const char *who) {
   const char *err = e->err, *bad = e->bad_type;
@@ -684,7 +685,7 @@ static int decode_onto(lua_State *L, const unsigned char *p, size_t len,
   return 0;
 }
 
-/* core.msgpack_decode(s [, pos]) -> value, next_pos | nil, err */
+/* decode(s [, pos]) -> value, next_pos | nil, err (from msgpack_setup) */
 static int l_decode(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
@@ -1049,7 +1050,7 @@ static int l_unpacker_gc(lua_State *L) {
   return 0;
 }
 
-/* core.msgpack_unpacker(max_size) */
+/* unpacker(max_size), as msgpack_setup returns it */
 static int l_unpacker(lua_State *L) {
   lua_Number max = luaL_optnumber(L, 1, 16777216);
   luaL_argcheck(L, max >= 1, 1, "max_size must be positive");
@@ -1062,8 +1063,7 @@ static int l_unpacker(lua_State *L) {
 }
 
 /* core.msgpack_setup(hooks) -> encode, decode, new_unpacker, encode_array:
- * closures
- * over `hooks` ({classify =, make_int =, ext_mt =, map_mt =}). */
+ * closures over `hooks` ({classify =, make_int =, ext_mt =, map_mt =}). */
 static int l_setup(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   luaL_getmetatable(L, UNPACKER_MT);

@@ -1,8 +1,8 @@
 /* stream.c: the IOStream read state machine, write queue, close, timeouts.
  *
  * The read path follows Tornado's steps, each a small function here:
- *   read_outcome          what a read gets now: data, closed, a failure, or wait
- *   try_inline_read       a new read: take that outcome, or park
+ *   read_outcome          what a read gets now: data, closed, a failure, or
+ * wait try_inline_read       a new read: take that outcome, or park
  *   find_read_pos         how many buffered bytes the pending read takes
  *   on_alloc, on_read     bytes from libuv land in the buffer's free tail
  *                         (or a shared scratch, for a buffer holding little)
@@ -97,8 +97,8 @@ struct squall_stream {
   int holds;
   double timeout; /* seconds; 0: none */
 
-  /* Why it closed: a kind from API.md (always a static string) and a
-   * message, kept only once something failed. */
+  /* Why it closed: a kind from docs/guide.md's table (always a static string)
+   * and a message, kept only once something failed. */
   const char *err_kind;
   char *err_msg;
 

@@ -5,7 +5,7 @@
 -- `read_until_close(on_chunk)` and `connect`.
 --
 -- Inside a coroutine each read waits and returns its result, or `nil, err`
--- (see API.md for the error kinds). With a function as the last argument
+-- (docs/guide.md lists the error kinds). With a function as the last argument
 -- a call returns at once and calls `callback(result, err)` later.
 -- @module squall.iostream
 local core = require "squall.core"
@@ -90,7 +90,7 @@ function methods.read_until_close(s, on_chunk, callback)
 end
 
 local c_write = methods.write
---- Queue data (a string or an array of strings) for writing; see API.md.
+--- Queue data (a string or an array of strings) for writing; see docs/api.md.
 -- With a callback, it is called with (true) once the data reached the
 -- kernel, or (nil, err).
 function methods.write(s, data, callback)

@@ -12,7 +12,7 @@
 -- Under fork_processes (or server:start(n)) call serve in every worker:
 -- they share the port (SO_REUSEPORT), and the worker a scrape reaches
 -- asks its siblings for theirs, so one scrape reports every worker (label
--- `worker`). See API.md (squall.metrics).
+-- `worker`). See docs/api.md (squall.metrics).
 -- @module squall.metrics
 local core = require "squall.core"
 local gen = require "squall.gen"

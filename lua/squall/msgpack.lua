@@ -4,7 +4,7 @@
 --     local v, pos = msgpack.decode(s)
 --
 -- The codec is C (runtime/msgpack.c); this module supplies what only Lua
--- can: the markers, and LuaJIT's 64-bit integers. See API.md
+-- can: the markers, and LuaJIT's 64-bit integers. See docs/api.md
 -- (squall.msgpack) for the type mapping.
 -- @module squall.msgpack
 local core = require "squall.core"

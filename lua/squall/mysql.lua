@@ -11,7 +11,7 @@
 --     rows[1].name, rows.columns          --> "x", { "id", "name" }
 --
 -- With arguments a query is a prepared statement: values are never spliced
--- into SQL text. See API.md (squall.mysql) for the type mapping.
+-- into SQL text. See docs/api.md (squall.mysql) for the type mapping.
 -- @module squall.mysql
 local bit = require "bit"
 local core = require "squall.core"

@@ -9,7 +9,7 @@
 -- Replies: status -> string, integer -> number (int64 cdata beyond 2^53),
 -- bulk -> string or redis.null, array -> table. An error reply is
 -- `nil, err` (kind `redis`), and inside a pipeline or EXEC it stands in
--- place as an error value (`redis.is_error(v)`). See API.md (squall.redis).
+-- place as an error value (`redis.is_error(v)`). See docs/api.md (squall.redis).
 -- @module squall.redis
 local core = require "squall.core"
 local ffi = require "ffi"

@@ -12,7 +12,7 @@
 -- `[0, msgid, method, params]`, response `[1, msgid, error, result]`,
 -- notification `[2, method, params]`, back to back on the stream. Both
 -- ends of a connection may call each other; each request runs in a
--- coroutine of its own and responses go out as they finish. See API.md
+-- coroutine of its own and responses go out as they finish. See docs/api.md
 -- (squall.rpc).
 -- @module squall.rpc
 local core = require "squall.core"

@@ -9,7 +9,7 @@
 -- booleans, numbers, strings, and tables of those; a function, userdata or
 -- a cycle raises at once. Workers find modules on the paths the program
 -- had when the pool was made. An error in the worker comes back as
--- `nil, err` (kind `thread`) and takes nothing down. See API.md
+-- `nil, err` (kind `thread`) and takes nothing down. See docs/api.md
 -- (squall.thread).
 -- @module squall.thread
 local core = require "squall.core"
