@@ -398,7 +398,7 @@ static int l_encode(lua_State *L) {
   return 1;
 }
 
-/* core.msgpack_encode_array(...) -> the encoding of an array of its
+/* encode_array(...) (from msgpack_setup) -> the encoding of an array of its
  * arguments, nil ones included: what an RPC message is, without building
  * a table for it. */
 static int encode_args(enc *e, int first, int last) {
