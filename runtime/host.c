@@ -1,6 +1,7 @@
 /* host.c: the lua_State, package paths, tracebacks and error values. */
 #include "host.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
@@ -262,4 +263,23 @@ lua_State *squall_host_new(void) {
   lua_pop(L, 2);
   lua_gc(L, LUA_GCRESTART, 0);
   return L;
+}
+
+/* Used by tcp.c (accepted peers, bound sockets) and stream_lua.c
+ * (getpeername, getsockname). */
+int squall_push_sockaddr(lua_State *L, const struct sockaddr *sa) {
+  char host[INET6_ADDRSTRLEN] = "";
+  int port = 0;
+  if (sa->sa_family == AF_INET) {
+    const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+    inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+    port = ntohs(in->sin_port);
+  } else if (sa->sa_family == AF_INET6) {
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+    inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+    port = ntohs(in6->sin6_port);
+  }
+  lua_pushstring(L, host);
+  lua_pushinteger(L, port);
+  return 2;
 }

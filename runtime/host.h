@@ -12,6 +12,7 @@
 
 #include <lauxlib.h>
 #include <lua.h>
+#include <sys/socket.h>
 
 #define SQUALL_VERSION "0.1.0"
 
@@ -71,5 +72,8 @@ int squall_host_open(lua_State *L);
 
 /* Registers squall.core: defined in core.c, gathering every C module. */
 int luaopen_squall_core(lua_State *L);
+
+/* Push host and port of a socket address; returns 2. */
+int squall_push_sockaddr(lua_State *L, const struct sockaddr *sa);
 
 #endif

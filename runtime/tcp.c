@@ -35,23 +35,6 @@ typedef struct {
 
 static void acceptor_stop(struct acceptor *a);
 
-int squall_push_sockaddr(lua_State *L, const struct sockaddr *sa) {
-  char host[INET6_ADDRSTRLEN] = "";
-  int port = 0;
-  if (sa->sa_family == AF_INET) {
-    const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
-    inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
-    port = ntohs(in->sin_port);
-  } else if (sa->sa_family == AF_INET6) {
-    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
-    inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
-    port = ntohs(in6->sin6_port);
-  }
-  lua_pushstring(L, host);
-  lua_pushinteger(L, port);
-  return 2;
-}
-
 static int push_errno_error(lua_State *L, int err) {
   return squall_push_uv_error(L, uv_translate_sys_error(err));
 }

@@ -10,9 +10,6 @@
 #include <lua.h>
 #include <sys/socket.h>
 
-/* Push host and port of a socket address; returns 2. */
-int squall_push_sockaddr(lua_State *L, const struct sockaddr *sa);
-
 /* Add core.bind_sockets to the table at the top of the stack. */
 int squall_tcp_open(lua_State *L);
 

@@ -1,0 +1,183 @@
+/* stream_impl.h: what the stream files share, and nobody else.
+ *
+ * runtime/stream*.c implement one object, squall_stream (stream.h is its
+ * public face), split by concern:
+ *   stream.c        options, lifetime, resuming parked coroutines, close,
+ * construction stream_read.c   the read state machine stream_write.c  the write
+ * queue and the writers waiting on it stream_tls.c    the TLS glue: the
+ * handshake, pumping records, alerts stream_lua.c    the Lua-facing methods
+ * (check, call, push) and squall_stream_open The struct, its flags and the
+ * functions one file calls in another live here; everything else is static to
+ * its file. */
+#ifndef SQUALL_STREAM_IMPL_H
+#define SQUALL_STREAM_IMPL_H
+
+#include "stream.h"
+
+#include <lauxlib.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "buffer.h"
+#include "coro.h"
+#include "host.h"
+#include "tls.h"
+
+#define STREAM_MT "squall.stream"
+
+enum read_kind { READ_NONE, READ_UNTIL, READ_PATTERN, READ_BYTES, READ_CLOSE };
+enum write_wait { WAIT_HIGH_WATER, WAIT_FLUSH };
+
+/* A coroutine parked in write() or flush(). Waiters form a FIFO on the
+ * stream and are woken strictly in order, each when its own condition
+ * holds: `mark` is the stream's byte count (queued_total) right after what
+ * the waiter queued, so a writer waits until at most write_high_water of
+ * the bytes up to its mark are unsent, and a flush until none are. Bytes
+ * queued later by others never hold an earlier waiter back. Malloc'd when
+ * a coroutine parks, freed when it is woken. */
+struct write_waiter {
+  struct write_waiter *next;
+  int ref;           /* the parked coroutine */
+  int kind;          /* enum write_wait */
+  uint64_t mark;     /* queued_total when it parked */
+  uint64_t deadline; /* uv_now() ms at which it times out; 0: never */
+};
+
+/* Owned by its userdata and by libuv (see stream.h for when it is freed).
+ * Registry references are released in one place each: a parked
+ * coroutine's by stream_resume_parked (readers, writers, the handshake), the
+ * close callback's by run_close_callback, the rest (delimiter, TLS
+ * context) by stream_clear_read or l_gc; the userdata's own by
+ * squall_stream_release once the last hold goes. */
+struct squall_stream {
+  squall_handle h; /* first: the loop closes us through it */
+  uv_tcp_t tcp;
+  /* Made on first use, so an idle connection without a timeout does not
+   * pay for them (memory per idle connection is a figure we track). */
+  struct stream_timers *timers; /* read/handshake and write-wait timeouts */
+  uv_write_t *wreq;             /* the one uv_write in flight */
+  squall_loop *loop;
+  squall_stream_opts o;
+  squall_buffer rbuf;    /* received, not yet read */
+  squall_buffer wq;      /* written, not yet tried */
+  squall_buffer wflight; /* handed to uv_write */
+  struct squall_stream *next_dirty;
+
+  /* TLS, once start_tls ran: plaintext goes wq -> tls -> wcipher. */
+  squall_tls *tls;
+  squall_buffer wcipher; /* encrypted, not yet tried */
+  int ctx_ref;           /* keeps the context (and its ALPN list) alive */
+  int hs_ref;            /* a coroutine waiting for the handshake */
+
+  /* The pending read. */
+  int read_kind;
+  int partial;
+  size_t read_n;    /* READ_BYTES: how many */
+  size_t max_bytes; /* READ_UNTIL/PATTERN: limit, SIZE_MAX for none */
+  const char *delim;
+  size_t dlen;
+  int delim_ref; /* keeps `delim` (a Lua string) alive while parked */
+  int reader_ref;
+
+  struct write_waiter *wwait;      /* parked writers, oldest first */
+  struct write_waiter **wwait_end; /* where the next one is linked */
+  uint64_t queued_total;           /* bytes ever queued by write() */
+  int close_cb_ref;
+  int self_ref; /* the userdata, while `holds` > 0 */
+  int holds;
+  double timeout; /* seconds; 0: none */
+
+  /* Why it closed: a kind from docs/guide.md's table (always a static string)
+   * and a message, kept only once something failed. */
+  const char *err_kind;
+  char *err_msg;
+
+  unsigned tcp_init : 1;      /* tcp handle initialized and not closed */
+  unsigned connected : 1;     /* reading and writing are possible */
+  unsigned reading : 1;       /* uv_read_start is active */
+  unsigned eof : 1;           /* the peer closed; rbuf may still hold data */
+  unsigned closed : 1;        /* closed, as close()/closed() see it */
+  unsigned closing : 1;       /* uv_close called on the handles */
+  unsigned flush_close : 1;   /* close once the queued writes are out */
+  unsigned in_flight : 1;     /* a uv_write is pending */
+  unsigned dirty : 1;         /* on the loop's dirty list */
+  unsigned held_unsent : 1;   /* a hold for bytes not yet sent */
+  unsigned ud_alive : 1;      /* the userdata is not collected */
+  unsigned close_cb_run : 1;  /* the close callback has been called */
+  unsigned need_pump : 1;     /* TLS holds data the reader can now take */
+  unsigned tls_eof : 1;       /* the peer sent close_notify */
+  unsigned shutdown_sent : 1; /* close_notify queued */
+  unsigned idle : 1;          /* between requests (set_idle) */
+  unsigned close_called : 1;  /* close() ran: a second one aborts */
+  int handles_open;           /* libuv handles not yet closed */
+  void (*reset_done)(squall_stream *, void *);
+  void *reset_arg;
+};
+
+struct stream_timers {
+  uv_timer_t r; /* a read or the handshake */
+  uv_timer_t w; /* a write waiting under write_high_water */
+};
+
+/* Bytes every stream of this process read from and wrote to its sockets
+ * (core.io_bytes, for squall.metrics). */
+extern uint64_t squall_stream_bytes_read, squall_stream_bytes_written;
+
+/* stream.c */
+void stream_clear_read(squall_stream *s, lua_State *L);
+void stream_close_flushing(squall_stream *s);
+void stream_close_handles(squall_stream *s);
+void stream_close_with(squall_stream *s, const char *kind, const char *msg);
+lua_State *stream_loop_L(squall_stream *s);
+void stream_maybe_free(squall_stream *s);
+int stream_push_closed(lua_State *L, squall_stream *s);
+int stream_push_outcome(squall_stream *s, int ok);
+void stream_remove_dirty(squall_stream *s);
+void stream_resume_first_writer(squall_stream *s, int ok);
+void stream_resume_parked(squall_stream *s, int ref, int nres);
+void stream_resume_reader(squall_stream *s, int nres);
+void stream_set_error(squall_stream *s, const char *kind, const char *msg);
+int stream_unlink_waiter(squall_stream *s, struct write_waiter **link);
+void stream_unref(lua_State *L, int *ref);
+size_t stream_unsent(const squall_stream *s);
+
+/* stream_read.c */
+void stream_on_eof(squall_stream *s, ssize_t nread);
+size_t stream_pattern_max_len(const char *p);
+void stream_process_pending_read(squall_stream *s);
+void stream_start_reading(squall_stream *s);
+void stream_stop_reading(squall_stream *s);
+int stream_try_inline_read(lua_State *L, squall_stream *s, const char *what);
+
+/* stream_write.c */
+void stream_arm_write_timer(squall_stream *s);
+void stream_flush_dirty(squall_loop *loop, void *arg);
+int stream_flush_writes(squall_stream *s);
+void stream_mark_dirty(squall_stream *s);
+void stream_settle_unsent(squall_stream *s);
+int stream_wait_writer(lua_State *L, squall_stream *s, int kind,
+                       const char *what);
+void stream_wake_writers(squall_stream *s);
+int stream_write_queued(lua_State *L, squall_stream *s, size_t total,
+                        int may_wait);
+int stream_write_refused(lua_State *L, squall_stream *s, size_t total);
+
+/* stream_tls.c */
+int stream_l_get_alpn_protocol(lua_State *L);
+int stream_l_get_peer_certificate(lua_State *L);
+int stream_l_handshake(lua_State *L);
+int stream_l_start_tls(lua_State *L);
+int stream_l_tls_log(lua_State *L);
+int stream_l_uses_tls(lua_State *L);
+void stream_tls_failed(squall_stream *s, const char *msg);
+int stream_tls_pump(squall_stream *s);
+void stream_wake_handshake(squall_stream *s, int ok);
+
+/* stream_lua.c */
+int stream_busy(lua_State *L);
+int stream_call_back(lua_State *L, lua_CFunction fn);
+squall_stream *stream_check(lua_State *L, int idx);
+
+#endif

@@ -1,0 +1,447 @@
+/* stream_lua.c: the IOStream's Lua-facing methods (check the arguments,
+ * call the core, push the results) and squall_stream_open (stream_impl.h lists
+ * the files). */
+#include "stream_impl.h"
+
+#define CALL_BACK_KEY "squall.stream.call_back"
+
+squall_stream *stream_check(lua_State *L, int idx) {
+  squall_stream **p = squall_checkudata(L, idx, STREAM_MT);
+  return *p;
+}
+
+/* Callback style: when the last argument is a function, hand the call to
+ * the Lua helper iostream.lua registered (core.stream_call_back), which
+ * runs `fn` in a coroutine of its own and calls the callback later.
+ * Returns 1 when it did. Checked in C so the direct style pays nothing. */
+int stream_call_back(lua_State *L, lua_CFunction fn) {
+  int top = lua_gettop(L);
+  if (top < 2 || lua_type(L, top) != LUA_TFUNCTION)
+    return 0;
+  lua_getfield(L, LUA_REGISTRYINDEX, CALL_BACK_KEY);
+  if (lua_isnil(L, -1))
+    luaL_error(L, "callback style needs squall.iostream loaded");
+  lua_pushcfunction(L, fn);
+  lua_pushvalue(L, 1);
+  lua_pushvalue(L, top);
+  for (int i = 2; i < top; i++)
+    lua_pushvalue(L, i);
+  lua_call(L, top + 1, 0);
+  return 1;
+}
+
+static int l_stream_call_back(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_settop(L, 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, CALL_BACK_KEY);
+  return 0;
+}
+
+int stream_busy(lua_State *L) {
+  lua_pushnil(L);
+  squall_push_error(L, "busy", "a read is already pending on this stream");
+  return 2;
+}
+
+static size_t opt_max_bytes(lua_State *L, int idx) {
+  if (lua_isnoneornil(L, idx))
+    return SIZE_MAX;
+  lua_Number n = luaL_checknumber(L, idx);
+  luaL_argcheck(L, n >= 1 && n == (lua_Number)(uint64_t)n, idx,
+                "max_bytes must be a positive integer");
+  return (size_t)n;
+}
+
+/* stream:read_until(delimiter [, max_bytes]) */
+static int l_read_until(lua_State *L) {
+  squall_stream *s = stream_check(L, 1);
+  if (stream_call_back(L, l_read_until))
+    return 0;
+  size_t dlen;
+  const char *delim = luaL_checklstring(L, 2, &dlen);
+  luaL_argcheck(L, dlen > 0, 2, "the delimiter is empty");
+  size_t max_bytes = opt_max_bytes(L, 3);
+  if (s->read_kind != READ_NONE)
+    return stream_busy(L);
+  s->read_kind = READ_UNTIL;
+  s->delim = delim;
+  s->dlen = dlen;
+  s->max_bytes = max_bytes;
+  squall_buffer_reset_scan(&s->rbuf);
+  return stream_try_inline_read(L, s, "read_until");
+}
+
+/* stream:read_until_pattern(pattern [, max_bytes]) */
+static int l_read_until_pattern(lua_State *L) {
+  squall_stream *s = stream_check(L, 1);
+  if (stream_call_back(L, l_read_until_pattern))
+    return 0;
+  const char *pat = luaL_checkstring(L, 2);
+  size_t max_bytes = opt_max_bytes(L, 3);
+  /* A malformed pattern is misuse: raise here, not later in a callback. */
+  lua_getglobal(L, "string");
+  lua_getfield(L, -1, "find");
+  lua_pushliteral(L, "");
+  lua_pushvalue(L, 2);
+  lua_call(L, 2, 0);
+  lua_pop(L, 1);
+  if (s->read_kind != READ_NONE)
+    return stream_busy(L);
+  s->read_kind = READ_PATTERN;
+  s->delim = pat;
+  s->dlen = stream_pattern_max_len(pat);
+  squall_buffer_reset_scan(&s->rbuf);
+  s->max_bytes = max_bytes;
+  return stream_try_inline_read(L, s, "read_until_pattern");
+}
+
+/* stream:read_bytes(n [, partial]) */
+static int l_read_bytes(lua_State *L) {
+  squall_stream *s = stream_check(L, 1);
+  if (stream_call_back(L, l_read_bytes))
+    return 0;
+  lua_Number n = luaL_checknumber(L, 2);
+  luaL_argcheck(L, n >= 0 && n == (lua_Number)(uint64_t)n, 2,
+                "n must be a non-negative integer");
+  int partial = lua_toboolean(L, 3);
+  if (s->read_kind != READ_NONE)
+    return stream_busy(L);
+  if (n == 0) {
+    lua_pushliteral(L, "");
+    return 1;
+  }
+  s->read_kind = READ_BYTES;
+  s->read_n = (size_t)n;
+  s->partial = partial;
+  if (s->read_n > s->o.max_buffer_size && !partial) {
+    s->read_kind = READ_NONE;
+    stream_close_with(s, "buffer_full",
+                      "read_bytes asks for more than "
+                      "max_buffer_size bytes");
+    return stream_push_closed(L, s);
+  }
+  return stream_try_inline_read(L, s, "read_bytes");
+}
+
+/* stream:read_until_close(): everything until the peer closes. */
+static int l_read_until_close(lua_State *L) {
+  squall_stream *s = stream_check(L, 1);
+  if (s->read_kind != READ_NONE)
+    return stream_busy(L);
+  s->read_kind = READ_CLOSE;
+  return stream_try_inline_read(L, s, "read_until_close");
+}
+
+/* stream:write(data [, callback]): data is a string or an array of
+ * strings. With a callback (iostream.lua waits for it with flush in a
+ * coroutine of its own) the caller never waits here. */
+static int l_write(lua_State *L) {
+  squall_stream *s = stream_check(L, 1);
+  size_t total = 0;
+  int t = lua_type(L, 2);
+  int n = 0;
+  if (t == LUA_TTABLE) {
+    n = (int)lua_objlen(L, 2);
+    for (int i = 1; i <= n; i++) {
+      lua_rawgeti(L, 2, i);
+      if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
+        return luaL_error(L,
+                          "bad argument #1 to 'write' (item %d is %s, "
+                          "not a string)",
+                          i, luaL_typename(L, -1));
+      total += lua_objlen(L, -1);
+      lua_pop(L, 1);
+    }
+  } else if (t != LUA_TSTRING) {
+    return luaL_argerror(L, 2, "string or array of strings expected");
+  }
+  if (t == LUA_TSTRING)
+    total = lua_objlen(L, 2);
+  int refused = stream_write_refused(L, s, total);
+  if (refused)
+    return refused;
+  int err = 0;
+  if (t == LUA_TSTRING) {
+    err = squall_buffer_append(&s->wq, lua_tostring(L, 2), total);
+  } else {
+    for (int i = 1; i <= n && err == 0; i++) {
+      lua_rawgeti(L, 2, i);
+      size_t len;
+      const char *p = lua_tolstring(L, -1, &len);
+      err = squall_buffer_append(&s->wq, p, len);
+      lua_pop(L, 1);
+    }
+  }
+  if (err != 0)
+    return luaL_error(L, "out of memory queueing a write");
+  return stream_write_queued(L, s, total, lua_isnoneornil(L, 3));
+}
+
+squall_stream *squall_stream_check(lua_State *L, int idx) {
+  return stream_check(L, idx);
+}
+
+/* stream:flush(): wait until everything queued reached the kernel. */
+static int l_flush(lua_State *L) {
+  squall_stream *s = stream_check(L, 1);
+  if (stream_call_back(L, l_flush))
+    return 0;
+  squall_coro_check(L, "flush");
+  if (s->closed && !s->flush_close)
+    return stream_push_closed(L, s);
+  if (stream_flush_writes(s) != 0)
+    return stream_push_closed(L, s);
+  stream_settle_unsent(s);
+  if (stream_unsent(s) == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  return stream_wait_writer(L, s, WAIT_FLUSH, "flush");
+}
+
+/* stream:close(): flush what is queued, then close. A reader parked on
+ * the stream gets nil, closed now. Called again while the flush waits,
+ * it closes at once, as abort() does. */
+static int l_close(lua_State *L) {
+  squall_stream *s = stream_check(L, 1);
+  if (s->closed) {
+    /* Only a flush this program asked for is cut short: one that began
+     * when the peer half-closed still delivers what was written. */
+    if (s->close_called && s->flush_close && !s->closing)
+      stream_close_with(s, NULL, NULL);
+    s->close_called = 1;
+    return 0;
+  }
+  s->close_called = 1;
+  s->closed = 1; /* what the woken reader does next sees it closed */
+  if (s->reader_ref != LUA_NOREF) {
+    lua_State *LL = stream_loop_L(s);
+    if (LL != NULL)
+      stream_resume_reader(s, stream_push_closed(LL, s));
+  }
+  squall_buffer_free(&s->rbuf);
+  stream_close_flushing(s);
+  return 0;
+}
+
+/* stream:abort(): close now, dropping whatever is still queued. */
+static int l_abort(lua_State *L) {
+  squall_stream *s = stream_check(L, 1);
+  if (!s->closing)
+    stream_close_with(s, NULL, NULL);
+  return 0;
+}
+
+/* ---- the rest of the Lua surface -------------------------------------- */
+
+static int l_set_close_callback(lua_State *L) {
+  squall_stream *s = stream_check(L, 1);
+  if (!lua_isnil(L, 2))
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+  stream_unref(L, &s->close_cb_ref);
+  if (lua_isnil(L, 2))
+    return 0;
+  if (s->close_cb_run) {
+    /* Closed already: iostream.lua runs it on the next iteration, as
+     * Tornado does. */
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  lua_pushvalue(L, 2);
+  s->close_cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* stream:set_idle(flag): the handler is between requests, so a graceful
+ * shutdown may close this stream without losing a request. */
+static int l_set_idle(lua_State *L) {
+  stream_check(L, 1)->idle = lua_toboolean(L, 2);
+  return 0;
+}
+
+static int l_is_idle(lua_State *L) {
+  lua_pushboolean(L, stream_check(L, 1)->idle);
+  return 1;
+}
+
+static int l_closed(lua_State *L) {
+  lua_pushboolean(L, stream_check(L, 1)->closed);
+  return 1;
+}
+
+static int l_reading(lua_State *L) {
+  lua_pushboolean(L, stream_check(L, 1)->read_kind != READ_NONE);
+  return 1;
+}
+
+static int l_writing(lua_State *L) {
+  squall_stream *s = stream_check(L, 1);
+  lua_pushboolean(L,
+                  stream_unsent(s) > 0 && !s->closing); /* never, once closed */
+  return 1;
+}
+
+/* stream:get_write_buffer_size(): bytes queued that the kernel has not
+ * taken yet (asyncio's name); with TLS, counted after encryption. */
+static int l_get_write_buffer_size(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)stream_unsent(stream_check(L, 1)));
+  return 1;
+}
+
+/* stream:_error(): the error that closed the stream, or nil. */
+static int l_error(lua_State *L) {
+  squall_stream *s = stream_check(L, 1);
+  if (s->err_kind == NULL)
+    return 0;
+  squall_push_error(L, s->err_kind, s->err_msg ? s->err_msg : s->err_kind);
+  return 1;
+}
+
+static int l_set_timeout(lua_State *L) {
+  squall_stream *s = stream_check(L, 1);
+  if (lua_isnoneornil(L, 2)) {
+    s->timeout = 0;
+    return 0;
+  }
+  lua_Number t = luaL_checknumber(L, 2);
+  luaL_argcheck(L, t > 0, 2, "timeout must be positive (or nil for none)");
+  if (s->timers == NULL && !s->closing) {
+    s->timers = malloc(sizeof *s->timers);
+    if (s->timers == NULL)
+      return luaL_error(L, "out of memory");
+    uv_timer_init(&s->loop->uv, &s->timers->r);
+    uv_timer_init(&s->loop->uv, &s->timers->w);
+    s->timers->r.data = s->timers->w.data = s;
+    s->handles_open += 2;
+  }
+  s->timeout = t;
+  return 0;
+}
+
+static int l_set_nodelay(lua_State *L) {
+  squall_stream *s = stream_check(L, 1);
+  if (s->closed || !s->tcp_init)
+    return stream_push_closed(L, s);
+  int err = uv_tcp_nodelay(&s->tcp, lua_isnone(L, 2) || lua_toboolean(L, 2));
+  if (err != 0)
+    return squall_push_uv_error(L, err);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int l_fileno(lua_State *L) {
+  squall_stream *s = stream_check(L, 1);
+  uv_os_fd_t fd;
+  if (s->closing || !s->tcp_init ||
+      uv_fileno((uv_handle_t *)&s->tcp, &fd) != 0) {
+    lua_pushinteger(L, -1);
+    return 1;
+  }
+  lua_pushinteger(L, fd);
+  return 1;
+}
+
+static int sockname(lua_State *L, int peer) {
+  squall_stream *s = stream_check(L, 1);
+  if (s->closing || !s->tcp_init)
+    return stream_push_closed(L, s);
+  struct sockaddr_storage ss;
+  int len = sizeof ss;
+  int err = peer ? uv_tcp_getpeername(&s->tcp, (struct sockaddr *)&ss, &len)
+                 : uv_tcp_getsockname(&s->tcp, (struct sockaddr *)&ss, &len);
+  if (err != 0)
+    return squall_push_uv_error(L, err);
+  return squall_push_sockaddr(L, (struct sockaddr *)&ss);
+}
+
+static int l_getpeername(lua_State *L) {
+  return sockname(L, 1);
+}
+
+static int l_getsockname(lua_State *L) {
+  return sockname(L, 0);
+}
+
+static int l_gc(lua_State *L) {
+  squall_stream **p = luaL_checkudata(L, 1, STREAM_MT);
+  squall_stream *s = *p;
+  if (s == NULL)
+    return 0;
+  *p = NULL;
+  s->ud_alive = 0;
+  lua_State *RL = s->loop->finalizing ? NULL : L;
+  stream_unref(RL, &s->close_cb_ref);
+  stream_unref(RL, &s->delim_ref);
+  stream_unref(RL, &s->ctx_ref);
+  s->close_cb_run = 1;
+  if (!s->closing)
+    stream_close_with(s, NULL, NULL);
+  stream_maybe_free(s);
+  return 0;
+}
+
+static int l_tostring(lua_State *L) {
+  squall_stream *s = stream_check(L, 1);
+  lua_pushfstring(L, "squall.stream (%s): %p", s->closed ? "closed" : "open",
+                  (void *)s);
+  return 1;
+}
+
+/* core.io_bytes(): bytes read, bytes written by every stream so far. */
+static int l_io_bytes(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)squall_stream_bytes_read);
+  lua_pushnumber(L, (lua_Number)squall_stream_bytes_written);
+  return 2;
+}
+
+int squall_stream_open(lua_State *L) {
+  static const luaL_Reg methods[] = {
+      {"read_until", l_read_until},
+      {"read_until_pattern", l_read_until_pattern},
+      {"read_bytes", l_read_bytes},
+      {"read_until_close", l_read_until_close},
+      {"write", l_write},
+      {"flush", l_flush},
+      {"close", l_close},
+      {"abort", l_abort},
+      {"set_close_callback", l_set_close_callback},
+      {"closed", l_closed},
+      {"reading", l_reading},
+      {"writing", l_writing},
+      {"get_write_buffer_size", l_get_write_buffer_size},
+      {"_error", l_error},
+      {"set_timeout", l_set_timeout},
+      {"set_nodelay", l_set_nodelay},
+      {"fileno", l_fileno},
+      {"getpeername", l_getpeername},
+      {"getsockname", l_getsockname},
+      {"_start_tls", stream_l_start_tls},
+      {"_handshake", stream_l_handshake},
+      {"get_alpn_protocol", stream_l_get_alpn_protocol},
+      {"get_peer_certificate", stream_l_get_peer_certificate},
+      {"uses_tls", stream_l_uses_tls},
+      {"set_idle", l_set_idle},
+      {"is_idle", l_is_idle},
+      {NULL, NULL},
+  };
+  luaL_newmetatable(L, STREAM_MT);
+  squall_register_udata(L, STREAM_MT);
+  lua_newtable(L);
+  luaL_register(L, NULL, methods);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -3, "__index");
+  lua_setfield(L, -3, "stream_methods"); /* core.stream_methods */
+  lua_pushcfunction(L, l_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, l_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_setfield(L, -2, "stream_mt"); /* core.stream_mt */
+  lua_pushcfunction(L, l_stream_call_back);
+  lua_setfield(L, -2, "stream_call_back");
+  lua_pushcfunction(L, stream_l_tls_log);
+  lua_setfield(L, -2, "stream_tls_log");
+  lua_pushcfunction(L, l_io_bytes);
+  lua_setfield(L, -2, "io_bytes");
+  return 0;
+}

@@ -1,0 +1,276 @@
+/* stream_write.c: the IOStream's the write queue and the writers waiting on it
+ * (stream_impl.h lists the files). */
+#include "stream_impl.h"
+
+/* ---- writes ----------------------------------------------------------- */
+
+static void on_write(uv_write_t *req, int status);
+
+void stream_mark_dirty(squall_stream *s) {
+  if (s->dirty)
+    return;
+  s->dirty = 1;
+  s->next_dirty = s->loop->dirty;
+  s->loop->dirty = s;
+}
+
+/* Drop the hold for unsent bytes once everything reached the kernel. */
+void stream_settle_unsent(squall_stream *s) {
+  if (stream_unsent(s) == 0 && !s->in_flight) {
+    /* Drained: give the write buffers back until the next write. */
+    squall_buffer_free(&s->wq);
+    squall_buffer_free(&s->wflight);
+    squall_buffer_free(&s->wcipher);
+  }
+  if (s->held_unsent && stream_unsent(s) == 0) {
+    s->held_unsent = 0;
+    squall_stream_release(stream_loop_L(s), s);
+  }
+}
+
+/* Whether waiter `w` may go on: how many of the bytes up to its mark are
+ * still unsent. Under TLS stream_unsent() counts ciphertext, which is never
+ * shorter than its plaintext, so this errs on the side of waiting. */
+static int waiter_ready(const squall_stream *s, const struct write_waiter *w) {
+  uint64_t after = s->queued_total - w->mark; /* queued later by others */
+  uint64_t left = stream_unsent(s);
+  left = left > after ? left - after : 0;
+  return w->kind == WAIT_FLUSH ? left == 0 : left <= s->o.write_high_water;
+}
+
+/* Wake parked writers in order: each whose condition holds, up to the
+ * first that must still wait; every one of them, with the stream's error,
+ * once it closed for good. A woken coroutine may write and park again:
+ * it goes to the tail, and the loop looks at the head afresh. */
+void stream_wake_writers(squall_stream *s) {
+  while (s->wwait != NULL) {
+    if (s->closing || (s->closed && !s->flush_close))
+      stream_resume_first_writer(s, 0);
+    else if (waiter_ready(s, s->wwait))
+      stream_resume_first_writer(s, 1);
+    else
+      break;
+  }
+}
+
+/* Send what is queued: one try_write of everything, the rest handed to
+ * uv_write. Returns 0, or a libuv error (the stream is then closed). */
+int stream_flush_writes(squall_stream *s) {
+  stream_remove_dirty(s);
+  if (!s->connected || s->closing)
+    return 0;
+  squall_buffer *out = &s->wq;
+  if (s->tls != NULL) {
+    if (squall_tls_write(s->tls, &s->wq) != SQUALL_TLS_OK ||
+        squall_tls_drain(s->tls, &s->wcipher) != 0) {
+      stream_tls_failed(s, squall_tls_error(s->tls));
+      return UV_EPROTO;
+    }
+    if (s->flush_close && !s->shutdown_sent && squall_buffer_len(&s->wq) == 0 &&
+        squall_tls_handshake_done(s->tls)) {
+      s->shutdown_sent = 1;
+      squall_tls_shutdown(s->tls);
+      squall_tls_drain(s->tls, &s->wcipher);
+    }
+    out = &s->wcipher;
+  }
+  if (s->in_flight || squall_buffer_len(out) == 0)
+    return 0;
+  uv_buf_t b = uv_buf_init((char *)squall_buffer_head(out),
+                           (unsigned)squall_buffer_len(out));
+  int n = uv_try_write((uv_stream_t *)&s->tcp, &b, 1);
+  if (n == UV_EAGAIN || n == UV_ENOSYS)
+    n = 0;
+  if (n < 0) {
+    stream_close_with(s, squall_uv_error_kind(n), uv_strerror(n));
+    return n;
+  }
+  squall_stream_bytes_written += (uint64_t)n;
+  squall_buffer_consume(out, (size_t)n);
+  if (squall_buffer_len(out) > 0) {
+    squall_buffer_swap(out, &s->wflight);
+    b = uv_buf_init((char *)squall_buffer_head(&s->wflight),
+                    (unsigned)squall_buffer_len(&s->wflight));
+    if (s->wreq == NULL) {
+      s->wreq = malloc(sizeof *s->wreq);
+      if (s->wreq == NULL) {
+        stream_close_with(s, "io", "out of memory");
+        return UV_ENOMEM;
+      }
+      s->wreq->data = s;
+    }
+    int err = uv_write(s->wreq, (uv_stream_t *)&s->tcp, &b, 1, on_write);
+    if (err != 0) {
+      stream_close_with(s, squall_uv_error_kind(err), uv_strerror(err));
+      return err;
+    }
+    s->in_flight = 1;
+  }
+  return 0;
+}
+
+/* After bytes went out (or failed to): wake the writers whose bytes are
+ * out, then finish a close() that waited for them. */
+static void after_progress(squall_stream *s) {
+  stream_wake_writers(s);
+  if (s->flush_close && stream_unsent(s) == 0 && !s->closing)
+    stream_close_handles(s);
+  stream_settle_unsent(s);
+}
+
+static void on_write(uv_write_t *req, int status) {
+  squall_stream *s = req->data;
+  s->in_flight = 0;
+  if (status >= 0)
+    squall_stream_bytes_written += squall_buffer_len(&s->wflight);
+  squall_buffer_consume(&s->wflight, squall_buffer_len(&s->wflight));
+  if (status < 0) {
+    if (!s->closing)
+      stream_close_with(s, squall_uv_error_kind(status), uv_strerror(status));
+    squall_buffer_consume(&s->wq, squall_buffer_len(&s->wq));
+    squall_buffer_consume(&s->wcipher, squall_buffer_len(&s->wcipher));
+  } else {
+    stream_flush_writes(s);
+  }
+  after_progress(s);
+}
+
+/* The loop's hook: send every stream's gathered writes. */
+void stream_flush_dirty(squall_loop *loop, void *arg) {
+  (void)arg;
+  while (loop->dirty != NULL) {
+    squall_stream *s = loop->dirty;
+    if (s->need_pump) {
+      s->need_pump = 0;
+      stream_remove_dirty(s);
+      int r = stream_tls_pump(s);
+      if (r == SQUALL_TLS_OK && s->read_kind != READ_NONE)
+        stream_process_pending_read(s);
+      else if (r == SQUALL_TLS_EOF)
+        stream_on_eof(s, UV_EOF);
+      continue; /* stream_tls_pump marked it dirty again if it has output */
+    }
+    stream_flush_writes(s); /* takes it off the list */
+    after_progress(s);
+  }
+}
+
+static void on_write_timeout(uv_timer_t *t);
+
+/* Point the write timer at the earliest deadline among the waiters (they
+ * may differ: set_timeout can change between two writes). */
+void stream_arm_write_timer(squall_stream *s) {
+  if (s->timers == NULL || s->closing)
+    return;
+  uint64_t first = 0;
+  for (struct write_waiter *w = s->wwait; w != NULL; w = w->next)
+    if (w->deadline != 0 && (first == 0 || w->deadline < first))
+      first = w->deadline;
+  if (first == 0) {
+    uv_timer_stop(&s->timers->w);
+    return;
+  }
+  uint64_t now = uv_now(&s->loop->uv);
+  uv_timer_start(&s->timers->w, on_write_timeout, first > now ? first - now : 0,
+                 0);
+}
+
+/* Each waiter whose deadline passed gets `timeout`, in order; what it
+ * queued stays queued. Then those behind may go on. */
+static void on_write_timeout(uv_timer_t *t) {
+  squall_stream *s = t->data;
+  lua_State *L = stream_loop_L(s);
+  if (L == NULL)
+    return;
+  uint64_t now = uv_now(&s->loop->uv);
+  for (;;) {
+    struct write_waiter **link = &s->wwait;
+    while (*link != NULL && ((*link)->deadline == 0 || (*link)->deadline > now))
+      link = &(*link)->next;
+    if (*link == NULL)
+      break;
+    int ref = stream_unlink_waiter(s, link);
+    lua_pushnil(L);
+    squall_push_error(L, "timeout", "the stream's timeout ran out");
+    stream_resume_parked(s, ref, 2);
+  }
+  stream_arm_write_timer(s);
+  stream_wake_writers(s);
+}
+
+/* Park the calling coroutine at the tail of the writers' queue until
+ * waiter_ready holds for it (woken by stream_wake_writers), it times out, or
+ * the stream closes. */
+int stream_wait_writer(lua_State *L, squall_stream *s, int kind,
+                       const char *what) {
+  squall_coro_check(L, what);
+  struct write_waiter *w = malloc(sizeof *w);
+  if (w == NULL)
+    return luaL_error(L, "out of memory");
+  w->ref = squall_coro_park(L, what);
+  w->kind = kind;
+  w->mark = s->queued_total;
+  w->deadline = 0;
+  w->next = NULL;
+  if (s->timeout > 0 && s->timers != NULL)
+    w->deadline = uv_now(&s->loop->uv) + squall_timeout_ms(s->timeout);
+  *s->wwait_end = w;
+  s->wwait_end = &w->next;
+  squall_stream_hold(L, s, 1);
+  stream_arm_write_timer(s);
+  return lua_yield(L, 0);
+}
+
+/* Before queueing `total` bytes: 0 when they may be queued, else the
+ * results pushed (nil and closed, or buffer_full past
+ * max_write_buffer_size). */
+int stream_write_refused(lua_State *L, squall_stream *s, size_t total) {
+  if (s->closed)
+    return stream_push_closed(L, s);
+  if (s->o.max_write_buffer_size > 0 &&
+      stream_unsent(s) + total > s->o.max_write_buffer_size) {
+    lua_pushnil(L);
+    squall_push_error(L, "buffer_full",
+                      "the write would pass max_write_buffer_size");
+    return 2;
+  }
+  return 0;
+}
+
+/* After `total` bytes were appended to wq: count them, hold the stream
+ * for them, and send at once when past write_high_water, waiting there
+ * (when `may_wait` and the caller can) until the kernel took enough.
+ * The stream is argument 1. Returns the results of write(). */
+int stream_write_queued(lua_State *L, squall_stream *s, size_t total,
+                        int may_wait) {
+  s->queued_total += total;
+  if (total == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (!s->held_unsent) {
+    s->held_unsent = 1;
+    squall_stream_hold(L, s, 1);
+  }
+  stream_mark_dirty(s);
+  if (stream_unsent(s) > s->o.write_high_water) {
+    if (stream_flush_writes(s) != 0)
+      return stream_push_closed(L, s);
+    stream_settle_unsent(s);
+    if (stream_unsent(s) > s->o.write_high_water && may_wait &&
+        squall_coro_can_wait(L))
+      return stream_wait_writer(L, s, WAIT_HIGH_WATER, "write");
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+int squall_stream_write_bytes(lua_State *L, squall_stream *s, const char *p,
+                              size_t n) {
+  int refused = stream_write_refused(L, s, n);
+  if (refused)
+    return refused;
+  if (squall_buffer_append(&s->wq, p, n) != 0)
+    return luaL_error(L, "out of memory queueing a write");
+  return stream_write_queued(L, s, n, 1);
+}
