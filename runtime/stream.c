@@ -201,6 +201,7 @@ int stream_push_outcome(squall_stream *s, int ok) {
 
 /* Resume the parked reader with the `nres` results on the loop's thread. */
 void stream_resume_reader(squall_stream *s, int nres) {
+  stream_assert_flags(s);
   int ref = s->reader_ref;
   s->reader_ref = LUA_NOREF;
   stream_clear_read(s, stream_loop_L(s));
@@ -276,6 +277,7 @@ static void on_handle_closed(uv_handle_t *h) {
 
 /* Close the libuv handles; the stream is freed once they are done. */
 void stream_close_handles(squall_stream *s) {
+  stream_assert_flags(s);
   if (s->closing)
     return;
   s->closing = 1;

@@ -14,6 +14,7 @@
 
 #include "stream.h"
 
+#include <assert.h>
 #include <lauxlib.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -120,6 +121,22 @@ struct stream_timers {
   uv_timer_t r; /* a read or the handshake */
   uv_timer_t w; /* a write waiting under write_high_water */
 };
+
+/* The flag combinations that are legal, checked where libuv calls back
+ * and where a state changes (as libuv asserts its own): a stream closes
+ * its handles only once closed; a uv_write in flight has its request and
+ * a live handle; reading needs the TCP handle; a hold for unsent bytes is
+ * one of the holds; the TLS flags need a TLS layer; a parked reader has a
+ * read set up. */
+static inline void stream_assert_flags(const squall_stream *s) {
+  assert(!s->closing || s->closed);
+  assert(!s->in_flight || (s->wreq != NULL && s->handles_open > 0));
+  assert(!s->reading || s->tcp_init);
+  assert(!s->held_unsent || s->holds > 0);
+  assert(!(s->tls_eof || s->shutdown_sent || s->need_pump) || s->tls != NULL);
+  assert(s->reader_ref == LUA_NOREF || s->read_kind != READ_NONE);
+  (void)s;
+}
 
 /* Bytes every stream of this process read from and wrote to its sockets
  * (core.io_bytes, for squall.metrics). */

@@ -252,6 +252,7 @@ uint64_t squall_stream_bytes_read, squall_stream_bytes_written;
 static void on_read(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
   (void)buf;
   squall_stream *s = h->data;
+  stream_assert_flags(s);
   if (nread > 0)
     squall_stream_bytes_read += (uint64_t)nread;
   if (nread > 0 && s->tls != NULL) {
@@ -340,6 +341,7 @@ static void on_read_timeout(uv_timer_t *t) {
 /* Start the read set up in `s`: finish it from the buffer, fail it, or
  * park the calling coroutine until on_read finishes it. */
 int stream_try_inline_read(lua_State *L, squall_stream *s, const char *what) {
+  stream_assert_flags(s);
   size_t n = 0;
   enum read_outcome o = read_outcome(L, s, &n);
   if (o == OUTCOME_DATA) {

@@ -56,6 +56,7 @@ void stream_wake_writers(squall_stream *s) {
 /* Send what is queued: one try_write of everything, the rest handed to
  * uv_write. Returns 0, or a libuv error (the stream is then closed). */
 int stream_flush_writes(squall_stream *s) {
+  stream_assert_flags(s);
   stream_remove_dirty(s);
   if (!s->connected || s->closing)
     return 0;
@@ -120,6 +121,7 @@ static void after_progress(squall_stream *s) {
 
 static void on_write(uv_write_t *req, int status) {
   squall_stream *s = req->data;
+  stream_assert_flags(s);
   s->in_flight = 0;
   if (status >= 0)
     squall_stream_bytes_written += squall_buffer_len(&s->wflight);
