@@ -247,16 +247,6 @@ static void run_close_callback(squall_stream *s) {
 static void on_handle_closed(uv_handle_t *h) {
   squall_stream *s = h->data;
   if (h == (uv_handle_t *)&s->tcp) {
-    if (s->reset_done != NULL) {
-      /* A failed connect attempt, not the end of the stream. */
-      void (*done)(squall_stream *, void *) = s->reset_done;
-      s->reset_done = NULL;
-      s->handles_open--;
-      done(s, s->reset_arg);
-      if (s->closing)
-        stream_maybe_free(s);
-      return;
-    }
     s->tcp_init = 0;
     /* Whoever still waits learns the stream closed; then the callback. */
     lua_State *L = stream_loop_L(s);
@@ -381,15 +371,6 @@ int squall_stream_init_tcp(squall_stream *s) {
   s->tcp_init = 1;
   s->handles_open++;
   return 0;
-}
-
-void squall_stream_reset_tcp(squall_stream *s,
-                             void (*done)(squall_stream *, void *), void *arg) {
-  s->reset_done = done;
-  s->reset_arg = arg;
-  s->reading = 0;
-  s->tcp_init = 0; /* closing: stream_close_handles must not close it again */
-  uv_close((uv_handle_t *)&s->tcp, on_handle_closed);
 }
 
 void squall_stream_abort(squall_stream *s) {

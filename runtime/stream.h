@@ -50,12 +50,6 @@ int squall_stream_open_fd(squall_stream *s, int fd);
  * error. */
 int squall_stream_init_tcp(squall_stream *s);
 
-/* Close the TCP handle of a failed connect attempt; `done(s, arg)` runs
- * when libuv has finished with it, after which squall_stream_init_tcp may
- * be called again. */
-void squall_stream_reset_tcp(squall_stream *s,
-                             void (*done)(squall_stream *, void *), void *arg);
-
 /* The stream's TCP handle. */
 uv_tcp_t *squall_stream_tcp(squall_stream *s);
 

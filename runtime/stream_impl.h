@@ -113,8 +113,6 @@ struct squall_stream {
   unsigned idle : 1;          /* between requests (set_idle) */
   unsigned close_called : 1;  /* close() ran: a second one aborts */
   int handles_open;           /* libuv handles not yet closed */
-  void (*reset_done)(squall_stream *, void *);
-  void *reset_arg;
 };
 
 struct stream_timers {

@@ -433,6 +433,11 @@ typedef struct connector {
   uv_connect_t req;
   uv_timer_t timer;
   squall_loop *loop;
+  squall_stream_opts opts;
+  /* This attempt's stream: each address gets a stream of its own, as
+   * Tornado's connector makes one IOStream per attempt; a failed one is
+   * closed like any other stream, and the one that connects is returned.
+   * NULL between attempts. */
   squall_stream *s;
   struct addrinfo *res, *cur;
   struct sockaddr_storage src;
@@ -440,7 +445,7 @@ typedef struct connector {
   int co_ref;
   int last_err;
   int done;
-  int pending; /* getaddrinfo, connect or reset requests outstanding */
+  int pending; /* getaddrinfo or connect requests outstanding */
   int resolving;
   int timer_open;
   char host[256];
@@ -470,6 +475,7 @@ static void connect_finish(connector *c, int err, const char *kind,
   uv_close((uv_handle_t *)&c->timer, connector_timer_closed);
   lua_State *L = c->loop->finalizing ? NULL : c->loop->L;
   squall_stream *s = c->s;
+  c->s = NULL;
   if (L == NULL)
     return;
   lua_State *co = squall_coro_unpark(L, c->co_ref);
@@ -484,9 +490,11 @@ static void connect_finish(connector *c, int err, const char *kind,
     else
       squall_push_error(co, squall_uv_error_kind(err), uv_strerror(err));
     n = 2;
-    squall_stream_abort(s);
+    if (s != NULL)
+      squall_stream_abort(s);
   }
-  squall_stream_release(L, s);
+  if (s != NULL)
+    squall_stream_release(L, s);
   if (err == 0 && kind == NULL)
     squall_stream_connected(s);
   squall_coro_resume(L, co, n);
@@ -495,16 +503,13 @@ static void connect_finish(connector *c, int err, const char *kind,
 
 static void try_next_address(connector *c);
 
-static void after_reset(squall_stream *s, void *arg) {
-  (void)s;
-  connector *c = arg;
-  c->pending--;
-  if (c->done) {
-    connector_maybe_free(c);
+/* Close the failed attempt's stream (it is freed like any other). */
+static void drop_attempt(connector *c) {
+  if (c->s == NULL)
     return;
-  }
-  c->cur = c->cur->ai_next;
-  try_next_address(c);
+  squall_stream_abort(c->s);
+  squall_stream_release(c->loop->L, c->s);
+  c->s = NULL;
 }
 
 static void on_connected(uv_connect_t *req, int status) {
@@ -520,8 +525,9 @@ static void on_connected(uv_connect_t *req, int status) {
     return;
   }
   c->last_err = status;
-  c->pending++;
-  squall_stream_reset_tcp(c->s, after_reset, c);
+  drop_attempt(c);
+  c->cur = c->cur->ai_next;
+  try_next_address(c);
 }
 
 static int bind_source(connector *c, int family) {
@@ -548,12 +554,12 @@ static void try_next_address(connector *c) {
       continue;
     if (c->has_src_ip && c->src.ss_family != family)
       continue;
+    lua_State *L = c->loop->L;
+    c->s = squall_stream_new(L, c->loop, &c->opts);
+    squall_stream_hold(L, c->s, -1);
+    lua_pop(L, 1);
     int err = squall_stream_init_tcp(c->s);
-    if (err != 0) {
-      c->last_err = err;
-      break;
-    }
-    if (c->has_src_ip || c->src_port)
+    if (err == 0 && (c->has_src_ip || c->src_port))
       err = bind_source(c, family);
     if (err == 0)
       err = uv_tcp_connect(&c->req, squall_stream_tcp(c->s), c->cur->ai_addr,
@@ -563,9 +569,7 @@ static void try_next_address(connector *c) {
       return;
     }
     c->last_err = err;
-    c->pending++;
-    squall_stream_reset_tcp(c->s, after_reset, c);
-    return;
+    drop_attempt(c);
   }
   connect_finish(c, c->last_err ? c->last_err : UV_EADDRNOTAVAIL, NULL, NULL);
   connector_maybe_free(c);
@@ -610,7 +614,8 @@ static void close_connector_for_loop(squall_handle *h) {
     lua_State *L = c->loop->finalizing ? NULL : c->loop->L;
     if (L != NULL) {
       luaL_unref(L, LUA_REGISTRYINDEX, c->co_ref);
-      squall_stream_release(L, c->s);
+      if (c->s != NULL)
+        squall_stream_release(L, c->s);
     }
     if (c->resolving)
       uv_cancel((uv_req_t *)&c->gai);
@@ -695,9 +700,7 @@ static int l_connect(lua_State *L) {
   uv_timer_init(&loop->uv, &c->timer);
   c->timer_open = 1;
 
-  c->s = squall_stream_new(L, loop, &opts);
-  squall_stream_hold(L, c->s, -1);
-  lua_pop(L, 1);
+  c->opts = opts;
 
   char service[8];
   snprintf(service, sizeof service, "%d", (int)port);
@@ -710,8 +713,6 @@ static int l_connect(lua_State *L) {
       uv_getaddrinfo(&loop->uv, &c->gai, on_resolved, host, service, &hints);
   if (err != 0) {
     c->done = 1;
-    squall_stream_release(L, c->s);
-    squall_stream_abort(c->s);
     uv_close((uv_handle_t *)&c->timer, connector_timer_closed);
     return squall_push_uv_error(L, err);
   }
