@@ -163,19 +163,73 @@ static int l_close_fd(lua_State *L) {
   return 0;
 }
 
-/* --- fd watchers (add_handler) ---------------------------------------- */
+/* --- watchers: what fd, signal and path watchers share ------------------ */
 
-/* Owned by its Lua userdata, which the watcher anchors in the registry
+/* A watcher is owned by its Lua userdata, which it anchors in the registry
  * (self_ref) from start until the uv close callback has run; so the memory
- * outlives every libuv callback, and __gc never sees an open handle. */
+ * outlives every libuv callback, and __gc never sees an open handle. Each
+ * kind embeds this first and sets `handle` to its own libuv handle, whose
+ * data points at `h`. */
 typedef struct {
   squall_handle h;
-  uv_poll_t poll;
   squall_loop *loop;
-  int fd;
-  int fn_ref;
-  int self_ref;
+  uv_handle_t *handle;
+  int fn_ref;   /* the Lua function called on events */
+  int self_ref; /* the userdata, while open */
   int closing;
+} watcher;
+
+static void watcher_closed(uv_handle_t *h) {
+  watcher *w = (watcher *)h->data;
+  if (w->loop->finalizing) /* the registry goes with the state */
+    return;
+  lua_State *L = w->loop->L;
+  luaL_unref(L, LUA_REGISTRYINDEX, w->fn_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, w->self_ref);
+  w->fn_ref = w->self_ref = LUA_NOREF;
+}
+
+/* Stop watching; harmless when already closed. Also the loop's close. */
+static void watcher_close(squall_handle *h) {
+  watcher *w = (watcher *)h;
+  if (w->closing)
+    return;
+  w->closing = 1;
+  uv_close(w->handle, watcher_closed);
+}
+
+static void watcher_init(watcher *w, squall_loop *loop, uv_handle_t *handle) {
+  w->h.close = watcher_close;
+  w->loop = loop;
+  w->handle = handle;
+  w->fn_ref = w->self_ref = LUA_NOREF;
+  handle->data = &w->h;
+}
+
+/* Anchor the function at `fn_idx` and the userdata at the top of L. */
+static void watcher_anchor(lua_State *L, watcher *w, int fn_idx) {
+  lua_pushvalue(L, fn_idx);
+  w->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, -1);
+  w->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+/* A watcher whose start failed: close it and let libuv finish that now,
+ * before an error unwinds (the userdata must outlive the handle). */
+static void watcher_abandon(lua_State *L, watcher *w) {
+  lua_State *outer = w->loop->L;
+  w->loop->L = L;
+  watcher_close(&w->h);
+  uv_run(&w->loop->uv, UV_RUN_NOWAIT);
+  w->loop->L = outer;
+}
+
+/* --- fd watchers (add_handler) ---------------------------------------- */
+
+typedef struct {
+  watcher w;
+  uv_poll_t poll;
+  int fd;
 } fd_watch;
 
 static int to_uv_events(int events) {
@@ -189,7 +243,7 @@ static int to_uv_events(int events) {
 
 static void watch_cb(uv_poll_t *p, int status, int uv_events) {
   fd_watch *w = (fd_watch *)p->data;
-  lua_State *L = w->loop->L;
+  lua_State *L = w->w.loop->L;
   int events = 0;
   if (status < 0)
     events = EV_ERROR;
@@ -201,26 +255,10 @@ static void watch_cb(uv_poll_t *p, int status, int uv_events) {
     if (uv_events & UV_DISCONNECT)
       events |= EV_READ;
   }
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->fn_ref);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->w.fn_ref);
   lua_pushinteger(L, w->fd);
   lua_pushinteger(L, events);
-  squall_loop_call(w->loop, 2, "fd handler");
-}
-
-static void watch_closed(uv_handle_t *h) {
-  fd_watch *w = (fd_watch *)((squall_handle *)h->data);
-  lua_State *L = w->loop->L;
-  luaL_unref(L, LUA_REGISTRYINDEX, w->fn_ref);
-  luaL_unref(L, LUA_REGISTRYINDEX, w->self_ref);
-  w->fn_ref = w->self_ref = LUA_NOREF;
-}
-
-static void watch_close(squall_handle *h) {
-  fd_watch *w = (fd_watch *)h;
-  if (w->closing)
-    return;
-  w->closing = 1;
-  uv_close((uv_handle_t *)&w->poll, watch_closed);
+  squall_loop_call(w->w.loop, 2, "fd handler");
 }
 
 /* core.watch_fd(loop, fd, events, fn) -> watcher; fn(fd, events) */
@@ -231,39 +269,27 @@ static int l_watch_fd(lua_State *L) {
   luaL_checktype(L, 4, LUA_TFUNCTION);
   fd_watch *w = lua_newuserdata(L, sizeof *w);
   memset(w, 0, sizeof *w);
-  w->h.close = watch_close;
-  w->loop = loop;
   w->fd = fd;
-  w->fn_ref = w->self_ref = LUA_NOREF;
   int err = uv_poll_init(&loop->uv, &w->poll, fd);
   if (err != 0) {
-    w->closing = 1;
+    w->w.closing = 1; /* no handle was made: nothing to close */
     return luaL_error(L, "cannot watch fd %d: %s", fd, uv_strerror(err));
   }
-  w->poll.data = &w->h;
+  watcher_init(&w->w, loop, (uv_handle_t *)&w->poll);
   luaL_getmetatable(L, WATCH_MT);
   lua_setmetatable(L, -2);
+  watcher_anchor(L, &w->w, 4);
   err = uv_poll_start(&w->poll, to_uv_events(events), watch_cb);
   if (err != 0) {
-    w->closing = 1;
-    uv_close((uv_handle_t *)&w->poll, NULL);
-    /* The handle must finish closing before the userdata may be freed. */
-    lua_pushvalue(L, -1);
-    w->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    uv_run(&loop->uv, UV_RUN_NOWAIT);
-    luaL_unref(L, LUA_REGISTRYINDEX, w->self_ref);
+    watcher_abandon(L, &w->w);
     return luaL_error(L, "cannot watch fd %d: %s", fd, uv_strerror(err));
   }
-  lua_pushvalue(L, 4);
-  w->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_pushvalue(L, -1);
-  w->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   return 1;
 }
 
 static fd_watch *check_watch(lua_State *L) {
   fd_watch *w = luaL_checkudata(L, 1, WATCH_MT);
-  if (w->closing)
+  if (w->w.closing)
     luaL_error(L, "fd handler is removed");
   return w;
 }
@@ -281,19 +307,15 @@ static int l_watch_update(lua_State *L) {
 /* watcher:close(): stop watching; harmless when already closed. */
 static int l_watch_close(lua_State *L) {
   fd_watch *w = luaL_checkudata(L, 1, WATCH_MT);
-  watch_close(&w->h);
+  watcher_close(&w->w.h);
   return 0;
 }
 
 /* --- signals ------------------------------------------------------------ */
 
 typedef struct {
-  squall_handle h;
+  watcher w;
   uv_signal_t sig;
-  squall_loop *loop;
-  int fn_ref;
-  int self_ref;
-  int closing;
   const char *name;
 } sig_watch;
 
@@ -309,27 +331,11 @@ static const struct {
 
 static void signal_cb(uv_signal_t *s, int signum) {
   (void)signum;
-  sig_watch *w = (sig_watch *)((squall_handle *)s->data);
-  lua_State *L = w->loop->L;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->fn_ref);
+  sig_watch *w = (sig_watch *)s->data;
+  lua_State *L = w->w.loop->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->w.fn_ref);
   lua_pushstring(L, w->name);
-  squall_loop_call(w->loop, 1, "signal handler");
-}
-
-static void signal_closed(uv_handle_t *h) {
-  sig_watch *w = (sig_watch *)((squall_handle *)h->data);
-  lua_State *L = w->loop->L;
-  luaL_unref(L, LUA_REGISTRYINDEX, w->fn_ref);
-  luaL_unref(L, LUA_REGISTRYINDEX, w->self_ref);
-  w->fn_ref = w->self_ref = LUA_NOREF;
-}
-
-static void signal_close(squall_handle *h) {
-  sig_watch *w = (sig_watch *)h;
-  if (w->closing)
-    return;
-  w->closing = 1;
-  uv_close((uv_handle_t *)&w->sig, signal_closed);
+  squall_loop_call(w->w.loop, 1, "signal handler");
 }
 
 /* core.watch_signal(loop, "SIGTERM", fn) -> watcher; fn(name) */
@@ -349,26 +355,17 @@ static int l_watch_signal(lua_State *L) {
                       name);
   sig_watch *w = lua_newuserdata(L, sizeof *w);
   memset(w, 0, sizeof *w);
-  w->h.close = signal_close;
-  w->loop = loop;
   w->name = signals[i].name;
   uv_signal_init(&loop->uv, &w->sig);
-  w->sig.data = &w->h;
+  watcher_init(&w->w, loop, (uv_handle_t *)&w->sig);
   /* A signal handler alone does not keep the loop alive. */
   uv_unref((uv_handle_t *)&w->sig);
   luaL_getmetatable(L, SIGNAL_MT);
   lua_setmetatable(L, -2);
-  lua_pushvalue(L, 3);
-  w->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_pushvalue(L, -1);
-  w->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  watcher_anchor(L, &w->w, 3);
   int err = uv_signal_start(&w->sig, signal_cb, signals[i].num);
   if (err != 0) {
-    lua_State *outer = loop->L;
-    loop->L = L;
-    signal_close(&w->h);
-    uv_run(&loop->uv, UV_RUN_NOWAIT);
-    loop->L = outer;
+    watcher_abandon(L, &w->w);
     return luaL_error(L, "cannot watch %s: %s", name, uv_strerror(err));
   }
   return 1;
@@ -376,7 +373,7 @@ static int l_watch_signal(lua_State *L) {
 
 static int l_signal_close(lua_State *L) {
   sig_watch *w = luaL_checkudata(L, 1, SIGNAL_MT);
-  signal_close(&w->h);
+  watcher_close(&w->w.h);
   return 0;
 }
 
@@ -384,48 +381,25 @@ static int l_signal_close(lua_State *L) {
 
 #define PATH_MT "squall.path_watch"
 
-/* A watched file or directory (inotify through uv_fs_event). Owned by its
- * userdata, anchored while open, as fd watchers are. */
+/* A watched file or directory (inotify through uv_fs_event). */
 typedef struct {
-  squall_handle h;
+  watcher w;
   uv_fs_event_t ev;
-  squall_loop *loop;
-  int fn_ref;
-  int self_ref;
-  int closing;
 } path_watch;
 
 static void path_cb(uv_fs_event_t *e, const char *filename, int events,
                     int status) {
-  path_watch *w = (path_watch *)((squall_handle *)e->data);
-  if (w->closing)
+  path_watch *w = (path_watch *)e->data;
+  if (w->w.closing)
     return;
-  lua_State *L = w->loop->L;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->fn_ref);
+  lua_State *L = w->w.loop->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->w.fn_ref);
   if (filename != NULL)
     lua_pushstring(L, filename);
   else
     lua_pushnil(L);
   lua_pushinteger(L, status < 0 ? -1 : events);
-  squall_loop_call(w->loop, 2, "path watcher");
-}
-
-static void path_closed(uv_handle_t *h) {
-  path_watch *w = (path_watch *)((squall_handle *)h->data);
-  if (w->loop->finalizing)
-    return;
-  lua_State *L = w->loop->L;
-  luaL_unref(L, LUA_REGISTRYINDEX, w->fn_ref);
-  luaL_unref(L, LUA_REGISTRYINDEX, w->self_ref);
-  w->fn_ref = w->self_ref = LUA_NOREF;
-}
-
-static void path_close(squall_handle *h) {
-  path_watch *w = (path_watch *)h;
-  if (w->closing)
-    return;
-  w->closing = 1;
-  uv_close((uv_handle_t *)&w->ev, path_closed);
+  squall_loop_call(w->w.loop, 2, "path watcher");
 }
 
 /* core.watch_path(loop, path, fn) -> watcher | nil, err
@@ -437,24 +411,15 @@ static int l_watch_path(lua_State *L) {
   luaL_checktype(L, 3, LUA_TFUNCTION);
   path_watch *w = lua_newuserdata(L, sizeof *w);
   memset(w, 0, sizeof *w);
-  w->h.close = path_close;
-  w->loop = loop;
   uv_fs_event_init(&loop->uv, &w->ev);
-  w->ev.data = &w->h;
+  watcher_init(&w->w, loop, (uv_handle_t *)&w->ev);
   uv_unref((uv_handle_t *)&w->ev);
   luaL_getmetatable(L, PATH_MT);
   lua_setmetatable(L, -2);
-  lua_pushvalue(L, 3);
-  w->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_pushvalue(L, -1);
-  w->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  watcher_anchor(L, &w->w, 3);
   int err = uv_fs_event_start(&w->ev, path_cb, path, 0);
   if (err != 0) {
-    lua_State *outer = loop->L;
-    loop->L = L;
-    path_close(&w->h);
-    uv_run(&loop->uv, UV_RUN_NOWAIT);
-    loop->L = outer;
+    watcher_abandon(L, &w->w);
     return squall_push_uv_error(L, err);
   }
   return 1;
@@ -462,7 +427,7 @@ static int l_watch_path(lua_State *L) {
 
 static int l_path_close(lua_State *L) {
   path_watch *w = luaL_checkudata(L, 1, PATH_MT);
-  path_close(&w->h);
+  watcher_close(&w->w.h);
   return 0;
 }
 
