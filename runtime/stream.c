@@ -118,8 +118,11 @@ static void free_stream(squall_stream *s) {
   squall_buffer_free(&s->rbuf);
   squall_buffer_free(&s->wq);
   squall_buffer_free(&s->wflight);
-  squall_buffer_free(&s->wcipher);
-  squall_tls_free(s->tls);
+  if (s->tls != NULL) {
+    squall_buffer_free(&s->tls->wcipher);
+    squall_tls_free(s->tls->t);
+    free(s->tls);
+  }
   free(s->timers);
   free(s->wreq);
   free(s->err_msg);
@@ -133,7 +136,7 @@ void stream_maybe_free(squall_stream *s) {
 
 size_t stream_unsent(const squall_stream *s) {
   return squall_buffer_len(&s->wq) + squall_buffer_len(&s->wflight) +
-         squall_buffer_len(&s->wcipher);
+         (s->tls != NULL ? squall_buffer_len(&s->tls->wcipher) : 0);
 }
 
 void stream_set_error(squall_stream *s, const char *kind, const char *msg) {
@@ -253,7 +256,7 @@ static void on_handle_closed(uv_handle_t *h) {
     if (s->reader_ref != LUA_NOREF && L != NULL)
       stream_resume_reader(s, stream_push_closed(L, s));
     stream_wake_writers(s); /* closing: every one of them, with the error */
-    if (s->hs_ref != LUA_NOREF)
+    if (s->tls != NULL && s->tls->hs_ref != LUA_NOREF)
       stream_wake_handshake(s, 0);
     if (s->held_unsent) {
       s->held_unsent = 0;
@@ -321,7 +324,7 @@ void stream_close_flushing(squall_stream *s) {
     return;
   s->closed = 1;
   s->flush_close = 1; /* for TLS: close_notify follows the last record */
-  if (s->tls == NULL || squall_tls_handshake_done(s->tls))
+  if (s->tls == NULL || squall_tls_handshake_done(s->tls->t))
     stream_stop_reading(
         s); /* else the handshake must finish before the flush */
   if (s->connected && (stream_unsent(s) > 0 || s->tls != NULL) &&
@@ -351,7 +354,6 @@ squall_stream *squall_stream_new(lua_State *L, squall_loop *loop,
   s->delim_ref = s->reader_ref = LUA_NOREF;
   s->wwait_end = &s->wwait;
   s->close_cb_ref = s->self_ref = LUA_NOREF;
-  s->ctx_ref = s->hs_ref = LUA_NOREF;
   s->max_bytes = SIZE_MAX;
   s->ud_alive = 1;
   s->handles_open = 0;

@@ -66,11 +66,9 @@ struct squall_stream {
   squall_buffer wflight; /* handed to uv_write */
   struct squall_stream *next_dirty;
 
-  /* TLS, once start_tls ran: plaintext goes wq -> tls -> wcipher. */
-  squall_tls *tls;
-  squall_buffer wcipher; /* encrypted, not yet tried */
-  int ctx_ref;           /* keeps the context (and its ALPN list) alive */
-  int hs_ref;            /* a coroutine waiting for the handshake */
+  /* TLS, once start_tls ran (NULL before: a plain connection carries
+   * none of it). */
+  struct stream_tls *tls;
 
   /* The pending read. */
   int read_kind;
@@ -113,6 +111,14 @@ struct squall_stream {
   unsigned idle : 1;          /* between requests (set_idle) */
   unsigned close_called : 1;  /* close() ran: a second one aborts */
   int handles_open;           /* libuv handles not yet closed */
+};
+
+/* What only a TLS stream has: plaintext goes wq -> OpenSSL -> wcipher. */
+struct stream_tls {
+  squall_tls *t;
+  squall_buffer wcipher; /* encrypted, not yet tried */
+  int ctx_ref;           /* keeps the context (and its ALPN list) alive */
+  int hs_ref;            /* a coroutine waiting for the handshake */
 };
 
 struct stream_timers {

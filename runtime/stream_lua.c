@@ -373,7 +373,8 @@ static int l_gc(lua_State *L) {
   lua_State *RL = s->loop->finalizing ? NULL : L;
   stream_unref(RL, &s->close_cb_ref);
   stream_unref(RL, &s->delim_ref);
-  stream_unref(RL, &s->ctx_ref);
+  if (s->tls != NULL)
+    stream_unref(RL, &s->tls->ctx_ref);
   s->close_cb_run = 1;
   if (!s->closing)
     stream_close_with(s, NULL, NULL);

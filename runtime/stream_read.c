@@ -256,7 +256,7 @@ static void on_read(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
   if (nread > 0)
     squall_stream_bytes_read += (uint64_t)nread;
   if (nread > 0 && s->tls != NULL) {
-    if (squall_tls_feed(s->tls, buf->base, (size_t)nread) != 0) {
+    if (squall_tls_feed(s->tls->t, buf->base, (size_t)nread) != 0) {
       stream_close_with(s, "tls", "out of memory buffering TLS input");
       return;
     }
@@ -300,9 +300,9 @@ void stream_on_eof(squall_stream *s, ssize_t nread) {
   if (nread != UV_EOF)
     stream_set_error(s, squall_uv_error_kind((int)nread),
                      uv_strerror((int)nread));
-  else if (s->tls != NULL && !s->tls_eof && squall_tls_truncated(s->tls))
+  else if (s->tls != NULL && !s->tls_eof && squall_tls_truncated(s->tls->t))
     stream_tls_failed(
-        s, squall_tls_handshake_done(s->tls)
+        s, squall_tls_handshake_done(s->tls->t)
                ? "the peer closed the connection mid-record"
                : "the peer closed the connection during the handshake");
   if (s->read_kind != READ_NONE)
@@ -314,7 +314,7 @@ void stream_on_eof(squall_stream *s, ssize_t nread) {
 }
 
 void stream_start_reading(squall_stream *s) {
-  if (s->tls != NULL && !s->closing && squall_tls_pending(s->tls) > 0) {
+  if (s->tls != NULL && !s->closing && squall_tls_pending(s->tls->t) > 0) {
     /* No socket event will come for what OpenSSL already holds: decrypt
      * it from the loop's flush hook. */
     s->need_pump = 1;

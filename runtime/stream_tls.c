@@ -9,10 +9,10 @@
 /* Resume a coroutine waiting for the handshake: true, or nil and the
  * stream's error. */
 void stream_wake_handshake(squall_stream *s, int ok) {
-  if (s->hs_ref == LUA_NOREF)
+  if (s->tls == NULL || s->tls->hs_ref == LUA_NOREF)
     return;
-  int ref = s->hs_ref;
-  s->hs_ref = LUA_NOREF;
+  int ref = s->tls->hs_ref;
+  s->tls->hs_ref = LUA_NOREF;
   /* After close() the read timer bounds the flush instead. */
   if (s->timers != NULL && !s->closing && !s->flush_close)
     uv_timer_stop(&s->timers->r);
@@ -41,15 +41,15 @@ void stream_tls_failed(squall_stream *s, const char *msg) {
  * so the peer learns the reason instead of seeing the connection drop. */
 static void send_alert(squall_stream *s) {
   if (!s->connected || s->closing || s->in_flight ||
-      squall_tls_drain(s->tls, &s->wcipher) != 0 ||
-      squall_buffer_len(&s->wcipher) == 0)
+      squall_tls_drain(s->tls->t, &s->tls->wcipher) != 0 ||
+      squall_buffer_len(&s->tls->wcipher) == 0)
     return;
-  uv_buf_t b = uv_buf_init((char *)squall_buffer_head(&s->wcipher),
-                           (unsigned)squall_buffer_len(&s->wcipher));
+  uv_buf_t b = uv_buf_init((char *)squall_buffer_head(&s->tls->wcipher),
+                           (unsigned)squall_buffer_len(&s->tls->wcipher));
   int n = uv_try_write((uv_stream_t *)&s->tcp, &b, 1);
   if (n > 0) {
     squall_stream_bytes_written += (uint64_t)n;
-    squall_buffer_consume(&s->wcipher, (size_t)n);
+    squall_buffer_consume(&s->tls->wcipher, (size_t)n);
   }
 }
 
@@ -62,25 +62,25 @@ int stream_tls_pump(squall_stream *s) {
     return SQUALL_TLS_ERROR;
   size_t len = squall_buffer_len(&s->rbuf);
   size_t room = s->o.max_buffer_size > len ? s->o.max_buffer_size - len : 0;
-  int was_done = squall_tls_handshake_done(s->tls);
-  int r = squall_tls_read(s->tls, &s->rbuf, room);
+  int was_done = squall_tls_handshake_done(s->tls->t);
+  int r = squall_tls_read(s->tls->t, &s->rbuf, room);
   if (r == SQUALL_TLS_ERROR) {
     send_alert(s);
-    stream_tls_failed(s, squall_tls_error(s->tls));
+    stream_tls_failed(s, squall_tls_error(s->tls->t));
     stream_wake_handshake(s, 0);
     return r;
   }
   if (r == SQUALL_TLS_EOF)
     s->tls_eof = 1;
-  if (squall_tls_drain(s->tls, &s->wcipher) != 0) {
+  if (squall_tls_drain(s->tls->t, &s->tls->wcipher) != 0) {
     stream_tls_failed(s, "out of memory buffering TLS output");
     return SQUALL_TLS_ERROR;
   }
-  if (squall_buffer_len(&s->wcipher) > 0 ||
-      (!was_done && squall_tls_handshake_done(s->tls) &&
+  if (squall_buffer_len(&s->tls->wcipher) > 0 ||
+      (!was_done && squall_tls_handshake_done(s->tls->t) &&
        squall_buffer_len(&s->wq) > 0))
     stream_mark_dirty(s);
-  if (!was_done && squall_tls_handshake_done(s->tls))
+  if (!was_done && squall_tls_handshake_done(s->tls->t))
     stream_wake_handshake(s, 1);
   return r;
 }
@@ -102,17 +102,23 @@ int stream_l_start_tls(lua_State *L) {
   if (stream_unsent(s) > 0)
     return luaL_error(L, "start_tls: plaintext writes are still queued");
   char err[256];
-  s->tls = squall_tls_new(ctx, server_side, hostname, err, sizeof err);
-  if (s->tls == NULL) {
+  struct stream_tls *tls = calloc(1, sizeof *tls);
+  if (tls == NULL)
+    return luaL_error(L, "start_tls: out of memory");
+  tls->t = squall_tls_new(ctx, server_side, hostname, err, sizeof err);
+  if (tls->t == NULL) {
+    free(tls);
     lua_pushnil(L);
     squall_push_error(L, "tls", err);
     return 2;
   }
+  tls->ctx_ref = tls->hs_ref = LUA_NOREF;
+  s->tls = tls;
   lua_pushvalue(L, 2);
-  s->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  s->tls->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   size_t len = squall_buffer_len(&s->rbuf);
   if (len > 0) {
-    squall_tls_feed(s->tls, squall_buffer_head(&s->rbuf), len);
+    squall_tls_feed(s->tls->t, squall_buffer_head(&s->rbuf), len);
     squall_buffer_consume(&s->rbuf, len);
   }
   /* A client's hello goes out now; a server answers what it was fed. */
@@ -136,13 +142,13 @@ int stream_l_handshake(lua_State *L) {
     return luaL_error(L, "the stream does not use TLS");
   if (s->closed)
     return stream_push_closed(L, s);
-  if (squall_tls_handshake_done(s->tls)) {
+  if (squall_tls_handshake_done(s->tls->t)) {
     lua_pushboolean(L, 1);
     return 1;
   }
-  if (s->hs_ref != LUA_NOREF)
+  if (s->tls->hs_ref != LUA_NOREF)
     return stream_busy(L);
-  s->hs_ref = squall_coro_park(L, "the TLS handshake");
+  s->tls->hs_ref = squall_coro_park(L, "the TLS handshake");
   squall_stream_hold(L, s, 1);
   if (s->timeout > 0 && s->timers != NULL)
     uv_timer_start(&s->timers->r, on_handshake_timeout,
@@ -157,7 +163,7 @@ int stream_l_get_alpn_protocol(lua_State *L) {
     lua_pushnil(L);
     return 1;
   }
-  return squall_tls_push_alpn(L, s->tls);
+  return squall_tls_push_alpn(L, s->tls->t);
 }
 
 int stream_l_get_peer_certificate(lua_State *L) {
@@ -166,7 +172,7 @@ int stream_l_get_peer_certificate(lua_State *L) {
     lua_pushnil(L);
     return 1;
   }
-  return squall_tls_push_peer_certificate(L, s->tls);
+  return squall_tls_push_peer_certificate(L, s->tls->t);
 }
 
 int stream_l_uses_tls(lua_State *L) {

@@ -20,7 +20,8 @@ void stream_settle_unsent(squall_stream *s) {
     /* Drained: give the write buffers back until the next write. */
     squall_buffer_free(&s->wq);
     squall_buffer_free(&s->wflight);
-    squall_buffer_free(&s->wcipher);
+    if (s->tls != NULL)
+      squall_buffer_free(&s->tls->wcipher);
   }
   if (s->held_unsent && stream_unsent(s) == 0) {
     s->held_unsent = 0;
@@ -62,18 +63,18 @@ int stream_flush_writes(squall_stream *s) {
     return 0;
   squall_buffer *out = &s->wq;
   if (s->tls != NULL) {
-    if (squall_tls_write(s->tls, &s->wq) != SQUALL_TLS_OK ||
-        squall_tls_drain(s->tls, &s->wcipher) != 0) {
-      stream_tls_failed(s, squall_tls_error(s->tls));
+    if (squall_tls_write(s->tls->t, &s->wq) != SQUALL_TLS_OK ||
+        squall_tls_drain(s->tls->t, &s->tls->wcipher) != 0) {
+      stream_tls_failed(s, squall_tls_error(s->tls->t));
       return UV_EPROTO;
     }
     if (s->flush_close && !s->shutdown_sent && squall_buffer_len(&s->wq) == 0 &&
-        squall_tls_handshake_done(s->tls)) {
+        squall_tls_handshake_done(s->tls->t)) {
       s->shutdown_sent = 1;
-      squall_tls_shutdown(s->tls);
-      squall_tls_drain(s->tls, &s->wcipher);
+      squall_tls_shutdown(s->tls->t);
+      squall_tls_drain(s->tls->t, &s->tls->wcipher);
     }
-    out = &s->wcipher;
+    out = &s->tls->wcipher;
   }
   if (s->in_flight || squall_buffer_len(out) == 0)
     return 0;
@@ -130,7 +131,9 @@ static void on_write(uv_write_t *req, int status) {
     if (!s->closing)
       stream_close_with(s, squall_uv_error_kind(status), uv_strerror(status));
     squall_buffer_consume(&s->wq, squall_buffer_len(&s->wq));
-    squall_buffer_consume(&s->wcipher, squall_buffer_len(&s->wcipher));
+    if (s->tls != NULL)
+      squall_buffer_consume(&s->tls->wcipher,
+                            squall_buffer_len(&s->tls->wcipher));
   } else {
     stream_flush_writes(s);
   }
