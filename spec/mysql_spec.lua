@@ -28,10 +28,13 @@ end
 
 describe("squall.mysql", function()
   local srv
-  setup(function()
+  -- the server is up before the first spec (a busy machine may take a
+  -- while to start it)
+  setup(async(function()
     assert(os.execute("scripts/gen-test-certs " .. q(C)) == 0)
     srv = start_mariadb()
-  end)
+    connect(srv):close()
+  end, { timeout = 120 }))
   teardown(async(function() stop_mariadb(srv) end))
 
   it("maps every type, in the text and the binary protocol alike", async(function()
@@ -72,7 +75,7 @@ describe("squall.mysql", function()
     assert.same({ "ti", "tu", "si", "mi", "i", "iu", "bi", "bu", "y", "f", "d", "de", "dt",
       "dtt", "dt6", "ts", "tm", "tmn", "s", "b", "bits", "e", "j", "n" }, binary.columns)
     db:close()
-  end))
+  end, { timeout = 60 }))
 
   it("binds arguments by position: NULL, booleans, exact integers, binary strings",
     async(function()
@@ -89,7 +92,7 @@ describe("squall.mysql", function()
       "cdata or a string, got table", raised(function() db:query("SELECT ?", {}) end))
     assert.equal(2, db:query("SELECT ? + 1 AS n", 1)[1].n) -- still usable
     db:close()
-  end))
+  end, { timeout = 60 }))
 
   it("prepares a statement once per connection and reuses it", async(function()
     local db = connect(srv)
@@ -100,7 +103,7 @@ describe("squall.mysql", function()
     for k = 1, 50 do assert.equal(k, db:query("SELECT ? AS k", k)[1].k) end
     assert.equal(before + 1, prepares())
     db:close()
-  end))
+  end, { timeout = 60 }))
 
   it("returns OK results, server errors with code and SQLSTATE, and stays usable",
     async(function()
@@ -120,7 +123,7 @@ describe("squall.mysql", function()
     assert.equal(2, #db:query("SELECT * FROM t"))
     assert.is_true(db:ping())
     db:close()
-  end))
+  end, { timeout = 60 }))
 
   it("reads many rows, several results from a CALL, and packets over 16 MiB",
     async(function()
@@ -139,7 +142,7 @@ describe("squall.mysql", function()
     assert.equal(#big, echoed.n); assert.equal(big, echoed.v)
     assert.equal(1, db:query("SELECT 1 AS x")[1].x)
     db:close()
-  end))
+  end, { timeout = 60 }))
 
   it("commits, and rolls back when the function raises or returns nil, err",
     async(function()
@@ -166,7 +169,7 @@ describe("squall.mysql", function()
     assert.matches("boom", tostring(err))
     assert.equal(70, db:query("SELECT n FROM acct")[1].n)
     db:close()
-  end))
+  end, { timeout = 60 }))
 
   it("refuses a wrong password with code 1045", async(function()
     eventually(function() return mysql.connect(opts(srv)) end, "mariadbd", 60):close()
@@ -174,7 +177,7 @@ describe("squall.mysql", function()
     assert.is_nil(db)
     assert.equal("mysql", err.kind); assert.equal(1045, err.code)
     assert.matches("Access denied", tostring(err))
-  end))
+  end, { timeout = 60 }))
 
   it("connects over TLS (verified) and over the unix socket", async(function()
     local db = connect(srv, { ssl_options = { ca_certs = C .. "/ca.pem" },
@@ -190,7 +193,7 @@ describe("squall.mysql", function()
     local u = assert(mysql.connect(o))
     assert.matches("localhost", u:query("SELECT CURRENT_USER() AS u")[1].u)
     u:close()
-  end))
+  end, { timeout = 60 }))
 
   it("fails a query that outlives the timeout, and a result past max_buffer_size",
     async(function()
@@ -205,7 +208,7 @@ describe("squall.mysql", function()
     assert.is_nil(v); assert.equal("buffer_full", err.kind)
     assert.matches("max_buffer_size", tostring(err))
     assert.is_true(db:closed())
-  end))
+  end, { timeout = 60 }))
 
   describe("pool", function()
     it("queues callers in order, times out when every connection stays busy",
@@ -241,7 +244,7 @@ describe("squall.mysql", function()
       for k = 1, 2 do assert(hold[k]:result()) end
       assert.equal(1, pool:query("SELECT 1 AS one")[1].one)
       pool:close()
-    end))
+    end, { timeout = 60 }))
 
     it("resets a connection's session before the next user", async(function()
       local pool = mysql.pool(opts(srv, { size = 1 }))
@@ -259,7 +262,7 @@ describe("squall.mysql", function()
       assert.equal(0, pool:query("SELECT @@in_transaction AS t")[1].t)
       assert.equal(1, (pool:counts()))
       pool:close()
-    end))
+    end, { timeout = 60 }))
 
     it("gives a clear error while the server is down and recovers by itself",
       async(function()
@@ -288,7 +291,7 @@ describe("squall.mysql", function()
       assert.equal(2, r[1].x)
       pool:close()
       stop_mariadb(own)
-    end))
+    end, { timeout = 120 }))
   end)
 end)
 
