@@ -2,15 +2,16 @@
 local M = {}
 
 --- Run fn while capturing everything squall.log writes; returns the text.
--- squall.log writes through io.stderr at each call, so swapping it catches
--- every line (.luacheckrc allows it here).
+-- fn gets a function that returns the text captured so far, to wait on
+-- (eventually) for a line to appear. squall.log writes through io.stderr
+-- at each call, so swapping it catches every line (.luacheckrc allows it).
 function M.capture_log(fn)
   local chunks = {}
   local real = io.stderr
   io.stderr = { write = function(_, ...)
     for i = 1, select("#", ...) do chunks[#chunks + 1] = tostring((select(i, ...))) end
   end }
-  local ok, err = pcall(fn)
+  local ok, err = pcall(fn, function() return table.concat(chunks) end)
   io.stderr = real
   if not ok then error(err, 0) end
   return table.concat(chunks)

@@ -5,7 +5,7 @@ local testing = require "squall.testing"
 local helpers = require "helpers"
 
 local pair = helpers.stream_pair
-local async = testing.async
+local async, eventually = testing.async, helpers.eventually
 
 describe("squall.iostream", function()
   describe("read_until", function()
@@ -19,7 +19,7 @@ describe("squall.iostream", function()
         client:flush()
         if i % 70 == 1 then gen.sleep(0) end
       end
-      gen.sleep(0.05)
+      eventually(function() return got end, "the whole head")
       assert.equal(msg, got)
     end))
 
@@ -150,8 +150,7 @@ describe("squall.iostream", function()
       local server, client = pair()
       client:write("line1\nline2\n")
       client:close()
-      gen.sleep(0.05)
-      assert.is_true(server:closed())
+      eventually(function() return server:closed() end, "the server side to see the close")
       assert.equal("line1\n", server:read_until("\n"))
       assert.equal("line2\n", server:read_until("\n"))
       local r, err = server:read_until("\n")
@@ -180,16 +179,17 @@ describe("squall.iostream", function()
       client:set_close_callback(function() n_client = n_client + 1 end)
       client:close()
       client:close()
-      gen.sleep(0.05)
+      eventually(function() return n_client == 1 and server:closed() end, "both to see it")
       server:close()
-      gen.sleep(0.02)
+      eventually(function() return n_server == 1 end, "the server's callback")
       assert.equal(1, n_client)
       assert.equal(1, n_server)
       -- set on a stream closed already: called once, on a later iteration
       local late = 0
       server:set_close_callback(function() late = late + 1 end)
       assert.equal(0, late)
-      gen.sleep(0.01)
+      eventually(function() return late == 1 end, "the late callback")
+      gen.sleep(0.01) -- and only once
       assert.equal(1, late)
     end))
 
@@ -283,8 +283,7 @@ describe("squall.iostream", function()
         got = got + #assert(client:read_bytes(65536, true))
       end
       assert.equal(#big, got)
-      gen.sleep(0.01)
-      assert.is_true(wrote)
+      eventually(function() return wrote end, "the writer to be woken")
       assert.is_true(server:flush())
       assert.is_false(server:writing())
     end, { timeout = 10 }))

@@ -28,13 +28,10 @@ local function files(dir, pattern)
   return found
 end
 
--- Wait (letting the loop run) until fn() is true, at most `secs`.
+-- True once fn() is (helpers.eventually, within `secs`, default 10),
+-- false if it never is.
 local function eventually(fn, secs)
-  for _ = 1, (secs or 10) * 50 do
-    if fn() then return true end
-    gen.sleep(0.02)
-  end
-  return false
+  return (pcall(helpers.eventually, fn, nil, secs or 10))
 end
 
 -- A child that records "<task>.<pid>" in dir and idles until dir/stop.
@@ -217,21 +214,23 @@ describe("squall.process", function()
     local pf = assert(io.open(dir .. "/port"))
     local port = pf:read("*n")
     pf:close()
-    gen.sleep(0.3) -- let every child start accepting
-    local seen = {}
-    local clients = {}
-    for i = 1, 6 do
-      clients[i] = function()
-        local c = assert(iostream.connect("127.0.0.1", port))
-        local id = assert(c:read_until("\n"))
-        seen[id] = true
-        c:close()
+    -- rounds of 6 at once until two children have answered (a child that
+    -- has not started accepting yet only delays this)
+    local seen, n = {}, 0
+    local function round()
+      local clients = {}
+      for i = 1, 6 do
+        clients[i] = function()
+          local c = assert(iostream.connect("127.0.0.1", port))
+          local id = assert(c:read_until("\n"))
+          if not seen[id] then seen[id], n = true, n + 1 end
+          c:close()
+        end
       end
+      gen.multi(clients)
+      return n >= 2
     end
-    gen.multi(clients)
-    local n = 0
-    for _ in pairs(seen) do n = n + 1 end
-    assert.is_true(n >= 2, "only one child served")
+    assert.is_true(eventually(round, 20), "only one child served")
     assert.is_true(signal("TERM"))
     assert.equal(0, (wait()))
     os.execute("rm -rf " .. q(dir))

@@ -157,7 +157,11 @@ describe("squall.redis", function()
             return pool:with(function(r) return r:call("DEBUG", "SLEEP", "1") end)
           end)
         end
-        gen.sleep(0.05)
+        -- both connections taken by the holders
+        eventually(function()
+          local open, idle = pool:counts()
+          return open == 2 and idle == 0
+        end, "the holders to take both connections")
         local v, err = pool:call("PING")
         assert.is_nil(v)
         assert.equal("timeout", err.kind)

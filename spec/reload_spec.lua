@@ -60,12 +60,9 @@ local function ask(port, line)
   return r
 end
 
+-- True once fn() is (helpers.eventually, within 5 s), false if it never is.
 local function eventually(fn)
-  for _ = 1, 250 do
-    if fn() then return true end
-    gen.sleep(0.02)
-  end
-  return false
+  return (pcall(helpers.eventually, fn, nil, 5))
 end
 
 describe("squall.reload", function()
@@ -94,17 +91,19 @@ describe("squall.reload", function()
       reload.enable({ modules = { name } })
       local server, port = serve(name)
       assert.equal("good x\n", ask(port, "x"))
-      local log = helpers.capture_log(function()
+      local log = helpers.capture_log(function(so_far)
         write("local M = {}\nfunction M.handle_stream(\n  syntax error here\nreturn M\n")
-        assert.is_true(eventually(function() return false end) == false) -- let it try
+        helpers.eventually(function() return so_far():find("keeping the old code") end,
+          "the refused reload's log line")
       end)
       assert.matches("reload of " .. name .. " failed, keeping the old code", log)
       assert.matches(name .. "%.lua:%d+:", log)
       assert.equal("good y\n", ask(port, "y"))
       -- one that raises while loading is refused the same way
-      log = helpers.capture_log(function()
+      log = helpers.capture_log(function(so_far)
         write("error('refusing to load')\n")
-        gen.sleep(0.3)
+        helpers.eventually(function() return so_far():find("refusing to load") end,
+          "the refused reload's log line")
       end)
       assert.matches("refusing to load", log)
       assert.equal("good z\n", ask(port, "z"))

@@ -16,15 +16,17 @@ end
 
 describe("graceful shutdown", function()
   it("lets an in-flight request finish and refuses new connections", async(function()
+    local working = gen.Future()
     local server, port = serve(function(stream)
       local req = stream:read_until("\n")
+      working:set_result(true)
       gen.sleep(0.3) -- working on it when the shutdown begins
       stream:write("answer to " .. req)
       stream:close()
     end)
     local c = assert(iostream.connect("127.0.0.1", port))
     c:write("question\n")
-    gen.sleep(0.1)
+    working:result()
     local drained = gen.spawn(function() return server:close_gracefully(5) end)
     assert.is_true(server:draining())
     local late, err = iostream.connect("127.0.0.1", port)
