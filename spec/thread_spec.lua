@@ -85,9 +85,17 @@ describe("squall.thread", function()
         server:write(line)
       end
     end)
-    local flag = os.tmpname()
+    local flag, started = os.tmpname(), os.tmpname()
     os.remove(flag)
-    local work = gen.spawn(function() return pool:run("thread_work", "spin_until", flag) end)
+    os.remove(started)
+    local work = gen.spawn(function()
+      return pool:run("thread_work", "spin_until", flag, started)
+    end)
+    helpers.eventually(function()
+      local f = io.open(started)
+      if f then f:close() end
+      return f
+    end, "the worker to start", 20)
     -- while a worker spins, echo round trips go on
     for _ = 1, 20 do
       client:write("ping\n")
@@ -97,9 +105,10 @@ describe("squall.thread", function()
     helpers.spit(flag, "")
     assert.is_true(work:result())
     os.remove(flag)
+    os.remove(started)
     client:close()
     pool:close()
-  end, { timeout = 10 }))
+  end, { timeout = 30 }))
 
   it("thread.run uses a default pool, one worker per CPU", async(function()
     assert.equal("hi", thread.run("thread_work", "echo", "hi"))
