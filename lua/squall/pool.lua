@@ -62,6 +62,8 @@ end
 -- back. nil, err when connecting fails or `queue_timeout` passes (kind
 -- `timeout`).
 function Pool:acquire()
+  local loop = ioloop.current()
+  local deadline, woken
   while true do
     local idle = self._idle
     while #idle > 0 do
@@ -79,9 +81,18 @@ function Pool:acquire()
       end
       return c
     end
+    -- Wait in turn. A caller woken for a connection that someone else took
+    -- meanwhile goes back to the head of the line, with its first deadline.
+    deadline = deadline or loop:time() + self._queue_timeout
     local f = gen.Future()
-    self._waiters[#self._waiters + 1] = f
-    local ok, err = gen.with_timeout(self._queue_timeout, f)
+    if woken then
+      table.insert(self._waiters, 1, f)
+    else
+      self._waiters[#self._waiters + 1] = f
+    end
+    local left = deadline - loop:time()
+    local ok, err
+    if left > 0 then ok, err = gen.with_timeout(left, f) end
     if ok == nil then
       for i, w in ipairs(self._waiters) do
         if w == f then remove(self._waiters, i) break end
@@ -90,7 +101,7 @@ function Pool:acquire()
         "no connection came free within queue_timeout (%g s)", self._queue_timeout))
     end
     if err then return nil, err end
-    -- a connection was given back (or dropped): look again
+    woken = true -- a connection was given back (or dropped): look again
   end
 end
 
