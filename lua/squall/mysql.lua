@@ -189,14 +189,7 @@ end
 local Connection = {}
 Connection.__index = Connection
 
--- Fail for good: close the stream; every later call says why.
-local function broken(self, err)
-  if not self._broken then
-    self._broken = err
-    self.stream:close()
-  end
-  return nil, err
-end
+local broken = util.broken -- fail for good: every later call says why
 
 -- The next n bytes from the server. What the stream has (up to 64 KiB)
 -- is taken at once and packets are cut out of it here: a point select's

@@ -295,14 +295,7 @@ Redis.__index = function(self, key)
   return m
 end
 
--- Fail for good: the stream is closed, and every later call says why.
-local function broken(self, err)
-  if not self._broken then
-    self._broken = err
-    self.stream:close()
-  end
-  return nil, err
-end
+local broken = util.broken -- fail for good: every later call says why
 
 -- Read one reply. A reader or protocol failure breaks the connection, and
 -- so does a timeout once part of a reply was read (the next read would

@@ -29,6 +29,17 @@ function M.check_callable(fn, level, what)
   error(format("%s must be a function, got %s", what or "callback", M.describe(fn)), level + 1)
 end
 
+--- For a client connection over one stream (squall.redis, squall.mysql):
+-- fail for good with `err`. The stream is closed and `conn._broken`
+-- keeps err, which every later call returns. Returns nil, err.
+function M.broken(conn, err)
+  if not conn._broken then
+    conn._broken = err
+    conn.stream:close()
+  end
+  return nil, err
+end
+
 --- Raise unless port is an integer from 0 to 65535.
 function M.check_port(port, level)
   if type(port) ~= "number" or port < 0 or port > 65535 or port % 1 ~= 0 then
