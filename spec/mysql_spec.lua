@@ -4,6 +4,7 @@
 local ffi = require "ffi"
 local gen = require "squall.gen"
 local mysql = require "squall.mysql"
+local TCPServer = require "squall.tcpserver"
 local testing = require "squall.testing"
 local helpers = require "helpers"
 
@@ -308,6 +309,32 @@ describe("squall.mysql without a server", function()
     assert.equal("c76e2898612a4cf042c77fa8c4702c4c64c0c2c557c53c4d75595aaa6abae809",
       hex(mysql._sha2_scramble("secret", scramble)))
   end)
+
+  it("refuses to send the password in clear over plain TCP", async(function()
+    -- a scripted peer (no Debian server asks for this by default): the
+    -- greeting a real mariadbd sent (the fuzz corpus' first packet), then
+    -- an authentication switch to mysql_clear_password
+    local session = helpers.slurp("tests/fuzz/corpus/mysql/session")
+    local greeting = session:sub(1, 4 + session:byte(1) + session:byte(2) * 256)
+    local heard = gen.Future()
+    local server = TCPServer({ handle_stream = function(stream)
+      stream:write(greeting)
+      local head = stream:read_bytes(4)
+      local body = stream:read_bytes(head:byte(1) + head:byte(2) * 256)
+      local switch = "\254mysql_clear_password\0"
+      stream:write(string.char(#switch, 0, 0, 2) .. switch)
+      heard:set_result(body, stream:read_until_close())
+    end })
+    local sock, port = testing.bind_unused_port()
+    server:add_sockets({ sock })
+    local db, err = mysql.connect({ port = port, user = "squall", password = "secret" })
+    assert.is_nil(db)
+    assert.equal("mysql", err.kind)
+    assert.matches("in clear .* needs ssl_options or a unix socket", tostring(err))
+    local _, after = heard:result()
+    assert.is_nil(after:find("secret", 1, true)) -- the password never went out
+    server:stop()
+  end))
 
   it("raises at the caller's line for bad options", function()
     assert.matches("mysql.connect: unknown option prot",

@@ -583,11 +583,20 @@ local function sha2_scramble(password, scramble)
 end
 M._native_scramble, M._sha2_scramble = native_scramble, sha2_scramble
 
-local function auth_response(plugin, password, scramble)
+-- The answer to `plugin`'s challenge, or nil, why. The password goes in
+-- clear (mysql_clear_password) only over TLS or a unix socket, as
+-- libmysqlclient refuses it elsewhere.
+local function auth_response(plugin, password, scramble, secure)
   if plugin == "mysql_native_password" then return native_scramble(password, scramble) end
   if plugin == "caching_sha2_password" then return sha2_scramble(password, scramble) end
-  if plugin == "mysql_clear_password" then return password .. "\0" end
-  return nil
+  if plugin == "mysql_clear_password" then
+    if not secure then
+      return nil, "the server asked for the password in clear (mysql_clear_password); " ..
+        "that needs ssl_options or a unix socket"
+    end
+    return password .. "\0"
+  end
+  return nil, format("authentication plugin %q is not supported", plugin)
 end
 
 -- After the handshake response: OK, or an auth switch, or
@@ -610,11 +619,8 @@ local function finish_auth(self, plugin, password, scramble)
       plugin, data = nul_str(p, 2)
       scramble = sub(p, data)
       if byte(scramble, -1) == 0 then scramble = sub(scramble, 1, -2) end
-      local resp = auth_response(plugin, password, scramble)
-      if not resp then
-        return nil, core.error("mysql", format("authentication plugin %q is not supported",
-          plugin))
-      end
+      local resp, why = auth_response(plugin, password, scramble, self._secure)
+      if not resp then return nil, core.error("mysql", why) end
       local ok
       ok, err = send(self, resp)
       if not ok then return nil, err end
@@ -731,7 +737,7 @@ local function handshake(self, opts)
   end
 
   local password = opts.password or ""
-  local resp = auth_response(plugin, password, scramble)
+  local resp = auth_response(plugin, password, scramble, self._secure)
   if not resp then -- answer with the native hash; the server switches us
     plugin = "mysql_native_password"
     resp = native_scramble(password, scramble)
