@@ -311,7 +311,8 @@ local function update_builtins()
 end
 
 -- Event-loop lag: a timer every 0.5 s notes how late it ran. Started by
--- serve or push_influx (someone will read it), once per process.
+-- serve or push_influx (someone will read it), once per loop: a program has
+-- one; specs make one per test.
 local lag_loop -- the loop the sampling timer runs on
 local LAG_INTERVAL = 0.5
 local function start_lag()
