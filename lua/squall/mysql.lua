@@ -18,6 +18,7 @@ local core = require "squall.core"
 local ffi = require "ffi"
 local iostream = require "squall.iostream"
 local pool = require "squall.pool"
+local reader = require "squall.reader"
 local util = require "squall.util"
 
 local M = {}
@@ -191,41 +192,12 @@ Connection.__index = Connection
 
 local broken = util.broken -- fail for good: every later call says why
 
--- The next n bytes from the server. What the stream has (up to 64 KiB)
--- is taken at once and packets are cut out of it here: a point select's
--- four packets cost one read, not eight. The rest of a large payload is
--- read whole.
-local function take(self, n)
-  local buf, pos = self._buf, self._pos
-  local have = #buf - pos + 1
-  if have >= n then
-    self._pos = pos + n
-    return sub(buf, pos, pos + n - 1)
-  end
-  local stream = self.stream
-  if n - have > 65536 then
-    local rest, err = stream:read_bytes(n - have)
-    if not rest then return nil, err end
-    self._buf, self._pos = "", 1
-    if have == 0 then return rest end
-    return sub(buf, pos) .. rest
-  end
-  repeat
-    local data, err = stream:read_bytes(65536, true)
-    if not data then return nil, err end
-    if pos > #buf then buf = data else buf = sub(buf, pos) .. data end
-    pos = 1
-  until #buf >= n
-  self._buf, self._pos = buf, n + 1
-  return sub(buf, 1, n)
-end
-
 -- One packet's payload (a payload of 16 MiB - 1 bytes continues in the
 -- next packet). Counts what a result has read against max_buffer_size.
 local function read_packet(self)
   local parts
   while true do
-    local hdr, err = take(self, 4)
+    local hdr, err = self._reader:take(4)
     if not hdr then return broken(self, err) end
     local a, b, c, seq = byte(hdr, 1, 4)
     if seq ~= self._seq then
@@ -242,7 +214,7 @@ local function read_packet(self)
     end
     local body = ""
     if len > 0 then
-      body, err = take(self, len)
+      body, err = self._reader:take(len)
       if not body then return broken(self, err) end
     end
     if len < MAX_PAYLOAD then
@@ -788,7 +760,9 @@ end
 -- The protocol over a connected stream (or anything with its read_bytes,
 -- write, start_tls and close: the fuzz target replays recorded bytes).
 function M._over_stream(stream, opts)
-  local self = setmetatable({ stream = stream, _buf = "", _pos = 1, _seq = 0, _used = 0,
+  -- packets are cut out of one buffered read: a point select's four
+  -- packets cost one read, not eight
+  local self = setmetatable({ stream = stream, _reader = reader.new(stream), _seq = 0, _used = 0,
     _max_buffer = opts.max_buffer_size or 104857600, _stmts = {}, _nstmts = 0, _status = 0 },
     Connection)
   local ok, err = guarded(self, pcall(handshake, self, opts))

@@ -15,6 +15,7 @@ local core = require "squall.core"
 local ffi = require "ffi"
 local iostream = require "squall.iostream"
 local pool = require "squall.pool"
+local reader = require "squall.reader"
 local util = require "squall.util"
 
 local M = {}
@@ -145,32 +146,13 @@ function M.parse(s, pos)
   return v, rd.pos
 end
 
--- A reader over a stream: what read_reply needs. It takes what the stream
--- has (up to 64 KiB) at once and cuts replies out of that in Lua, so a
--- pipeline's replies cost one read, not two per reply. `started` says
--- whether any byte of the reply being read has come.
+-- A reader over a stream: what read_reply needs, cut out of a squall.reader
+-- buffer. `used` counts the bytes of the reply being read, against
+-- max_buffer_size: a reply larger than that fails rather than grow without
+-- end (an LRANGE of millions of small items as much as one huge value).
 local StreamReader = {}
 StreamReader.__index = StreamReader
-local s_read_bytes = iostream.methods.read_bytes
 
-function StreamReader:fill()
-  local data, err = s_read_bytes(self.stream, 65536, true)
-  if not data then
-    if self.pos <= #self.buf then self.started = true end
-    return nil, err
-  end
-  self.started = true
-  if self.pos > #self.buf then
-    self.buf = data
-  else
-    self.buf = sub(self.buf, self.pos) .. data
-  end
-  self.pos = 1
-  return true
-end
-
--- A reply larger than max_buffer_size fails rather than grow without end
--- (an LRANGE of millions of small items as much as one huge value).
 local function over(self, n)
   local used = self.used + n
   self.used = used
@@ -181,41 +163,23 @@ local function over(self, n)
 end
 
 function StreamReader:line()
-  while true do
-    local buf, pos = self.buf, self.pos
-    local e = find(buf, "\r\n", pos, true)
-    if e then
-      self.pos = e + 2
-      self.started = true
-      local err = over(self, e + 2 - pos)
-      if err then return nil, err end
-      return sub(buf, pos, e - 1)
-    end
-    if #buf - pos + 1 > self.max_line then
-      return nil, core.error("protocol", format("a reply line longer than %d bytes",
-        self.max_line))
-    end
-    local ok, err = self:fill()
-    if not ok then return nil, err end
-  end
+  local line, err = self.r:line(self.max_line, "a reply line")
+  if not line then return nil, err end
+  err = over(self, #line + 2)
+  if err then return nil, err end
+  return line
 end
 
 function StreamReader:bytes(n)
-  local buf, pos = self.buf, self.pos
-  local have = #buf - pos + 1
-  self.started = true
   local err = over(self, n)
   if err then return nil, err end
-  if have >= n then
-    self.pos = pos + n
-    return sub(buf, pos, pos + n - 1)
-  end
-  -- the rest of a large value: read it whole, then join once
-  local rest
-  rest, err = s_read_bytes(self.stream, n - have)
-  if not rest then return nil, err end
-  self.buf, self.pos = "", 1
-  return sub(buf, pos) .. rest
+  return self.r:take(n)
+end
+
+-- Whether any byte of the reply being read has come (a timeout before
+-- that leaves the connection usable).
+function StreamReader:started()
+  return self.used > 0 or self.r:buffered() > 0
 end
 
 -- ---- commands -------------------------------------------------------------
@@ -301,11 +265,11 @@ local broken = util.broken -- fail for good: every later call says why
 -- so does a timeout once part of a reply was read (the next read would
 -- start mid-reply); one before any byte of it (read_message) does not.
 local function read_one(self, timeout_ok)
-  local reader = self._reader
-  reader.started, reader.used = false, 0
-  local v, err = read_reply(reader, 0)
+  local rd = self._reader
+  rd.used = 0
+  local v, err = read_reply(rd, 0)
   if v == nil then
-    if err.kind == "timeout" and timeout_ok and not reader.started then return nil, err end
+    if err.kind == "timeout" and timeout_ok and not rd:started() then return nil, err end
     return broken(self, err)
   end
   return v
@@ -500,8 +464,8 @@ function M.connect(opts)
   if not stream then return nil, err end
   if opts.timeout then stream:set_timeout(opts.timeout) end
   local self = setmetatable({ stream = stream, _timeout = opts.timeout,
-    _reader = setmetatable({ stream = stream, max_line = 65536, buf = "", pos = 1, used = 0,
-      max = max }, StreamReader) }, Redis)
+    _reader = setmetatable({ r = reader.new(stream), max_line = 65536, used = 0, max = max },
+      StreamReader) }, Redis)
   if opts.password then
     local ok
     if opts.username then
