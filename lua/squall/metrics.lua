@@ -88,6 +88,8 @@ local function family(kind, name, help, labels, buckets, level)
     buckets = buckets, children = {}, keys = {} }, Family)
   registry[name] = f
   order[#order + 1] = name
+  -- a family without labels has its one child (and shows its zero) at once
+  if #labels == 0 then f:child(nil, level + 1) end
   return f
 end
 
@@ -183,20 +185,24 @@ end
 local Histogram = setmetatable({}, { __index = Family })
 Histogram.__index = Histogram
 
-function Histogram:observe(v, labels)
-  if type(v) ~= "number" then
-    error(format("%s: the value must be a number, got %s", self.name, util.describe(v)), 2)
-  end
-  local c = self:child(labels, 2)
-  local b, counts = self.buckets, c.counts
-  for i = 1, #b do
-    if v <= b[i] then
+-- Count v in a histogram child with upper bounds `buckets`.
+local function bump(c, buckets, v)
+  local counts = c.counts
+  for i = 1, #buckets do
+    if v <= buckets[i] then
       counts[i] = counts[i] + 1
       break
     end
   end
   c.sum = c.sum + v
   c.count = c.count + 1
+end
+
+function Histogram:observe(v, labels)
+  if type(v) ~= "number" then
+    error(format("%s: the value must be a number, got %s", self.name, util.describe(v)), 2)
+  end
+  bump(self:child(labels, 2), self.buckets, v)
 end
 
 --- A counter (a name ending in `_total`, by Prometheus' convention).
@@ -284,14 +290,7 @@ stats.rpc_observe = function(method, seconds, failed)
   end
   local calls = failed and c[2] or c[1]
   calls.value = calls.value + 1
-  local h, b = c[3], b_rpc_time.buckets
-  for i = 1, #b do
-    if seconds <= b[i] then
-      h.counts[i] = h.counts[i] + 1
-      break
-    end
-  end
-  h.sum, h.count = h.sum + seconds, h.count + 1
+  bump(c[3], b_rpc_time.buckets, seconds)
 end
 
 local function update_builtins()
@@ -354,19 +353,6 @@ function M.collect()
         samples[#samples + 1] = { "_count", f.labels, c.values, c.count }
       else
         samples[#samples + 1] = { "", f.labels, c.values, c.value }
-      end
-    end
-    -- a family without labels shows its zero before the first update
-    if #f.labels == 0 and #samples == 0 then
-      if f.kind == "histogram" then
-        for _, bound in ipairs(f.buckets) do
-          samples[#samples + 1] = { "_bucket", {}, {}, 0, le = bound }
-        end
-        samples[#samples + 1] = { "_bucket", {}, {}, 0, le = huge }
-        samples[#samples + 1] = { "_sum", {}, {}, 0 }
-        samples[#samples + 1] = { "_count", {}, {}, 0 }
-      else
-        samples[1] = { "", {}, {}, 0 }
       end
     end
     out[#out + 1] = { name = name, help = f.help, kind = f.kind, samples = samples }

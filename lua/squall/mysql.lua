@@ -933,9 +933,9 @@ function Connection:in_transaction()
   return band(self._status, SERVER_STATUS_IN_TRANS) ~= 0
 end
 
---- COM_PING: true, or nil, err.
-function Connection:ping()
-  local ok, err = command(self, COM_PING)
+-- A command answered by OK: true, or nil, err.
+local function simple(self, com)
+  local ok, err = command(self, com)
   if not ok then return nil, err end
   local res
   res, err = read_results(self, false)
@@ -943,18 +943,17 @@ function Connection:ping()
   return true
 end
 
+--- COM_PING: true, or nil, err.
+function Connection:ping()
+  return simple(self, COM_PING)
+end
+
 --- Reset the session (COM_RESET_CONNECTION): roll back, drop temporary
 -- tables, user variables and prepared statements, restore the session
 -- variables; the connection keeps its user, database and charset.
 function Connection:reset()
-  local ok, err = command(self, COM_RESET_CONNECTION)
-  if not ok then return nil, err end
-  -- the server dropped every prepared statement
-  self._stmts, self._nstmts = {}, 0
-  local res
-  res, err = read_results(self, false)
-  if not res then return nil, err end
-  return true
+  self._stmts, self._nstmts = {}, 0 -- the server drops every prepared statement
+  return simple(self, COM_RESET_CONNECTION)
 end
 
 --- Close the connection (COM_QUIT, then the socket).

@@ -62,6 +62,16 @@ local function integer(s)
   return n
 end
 
+-- A bulk or array length: the count, M.null for -1, or nil, err.
+local function length(rest, what)
+  local n = tonumber(rest)
+  if n == -1 then return M.null end
+  if not n or n < 0 or n % 1 ~= 0 or not find(rest, "^%d+$") then
+    return nil, core.error("protocol", "bad " .. what .. " length " .. rest)
+  end
+  return n
+end
+
 -- Read one reply with `rd` (rd:line() without its CRLF, rd:bytes(n)),
 -- either of which returns nil, err when it cannot go on. Returns the
 -- value, or nil, err: err.kind is "protocol" for bytes that break RESP,
@@ -79,11 +89,9 @@ local function read_reply(rd, depth)
     if n == nil then return nil, core.error("protocol", "bad integer reply " .. rest) end
     return n
   elseif t == 36 then -- "$"
-    local n = tonumber(rest)
-    if n == -1 then return M.null end
-    if not n or n < 0 or n % 1 ~= 0 or not find(rest, "^%d+$") then
-      return nil, core.error("protocol", "bad bulk length " .. rest)
-    end
+    local n
+    n, err = length(rest, "bulk")
+    if n == nil or n == M.null then return n, err end
     local data
     data, err = rd:bytes(n + 2)
     if not data then return nil, err end
@@ -92,11 +100,9 @@ local function read_reply(rd, depth)
     end
     return sub(data, 1, n)
   elseif t == 42 then -- "*"
-    local n = tonumber(rest)
-    if n == -1 then return M.null end
-    if not n or n < 0 or n % 1 ~= 0 or not find(rest, "^%d+$") then
-      return nil, core.error("protocol", "bad array length " .. rest)
-    end
+    local n
+    n, err = length(rest, "array")
+    if n == nil or n == M.null then return n, err end
     if depth >= MAX_DEPTH then
       return nil, core.error("protocol", "arrays nested deeper than " .. MAX_DEPTH)
     end
