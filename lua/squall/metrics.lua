@@ -521,6 +521,8 @@ local function handle_http(stream)
   stream:close()
 end
 
+M._handle_http = handle_http -- for tests/fuzz/http_fuzz.lua
+
 --- Answer `GET /metrics` on `port` (and `address`, default every
 -- interface) in the Prometheus text format. Under fork_processes call it
 -- in each worker: they share the port, and a scrape shows every worker.
