@@ -76,6 +76,14 @@ squall_stream *squall_stream_check(lua_State *L, int idx);
 int squall_stream_write_bytes(lua_State *L, squall_stream *s, const char *p,
                               size_t n);
 
+/* The fast paths lua/squall/iostream.lua calls through the FFI (declared
+ * there too; stream_lua.c says what they take). */
+int squall_stream_ffi_line(squall_stream **p, const char *delim, size_t dlen,
+                           double max_bytes);
+const char *squall_stream_ffi_head(squall_stream **p);
+void squall_stream_ffi_consume(squall_stream **p, size_t n);
+int squall_stream_ffi_write(squall_stream **p, const char *data, size_t n);
+
 /* Register the "squall.stream" metatable; adds core.stream_methods. */
 int squall_stream_open(lua_State *L);
 

@@ -3,6 +3,8 @@
  * the files). */
 #include "stream_impl.h"
 
+#include <limits.h>
+
 #define CALL_BACK_KEY "squall.stream.call_back"
 
 squall_stream *stream_check(lua_State *L, int idx) {
@@ -380,6 +382,64 @@ static int l_gc(lua_State *L) {
     stream_close_with(s, NULL, NULL);
   stream_maybe_free(s);
   return 0;
+}
+
+/* ---- the FFI fast paths ----------------------------------------------
+ *
+ * lua/squall/iostream.lua calls these through the FFI, so a handler's loop
+ * of read_until and write compiles into one trace instead of stopping at
+ * every lua_CFunction. They only take the common case, a line already
+ * buffered or a write that fits under write_high_water on a stream that
+ * already holds itself for unsent bytes, and change nothing otherwise:
+ * returning 0 sends the caller to the C method, which decides every other
+ * case (parking, errors, callbacks) in one place. `p` is the userdata's
+ * payload (the FFI passes a userdata as a pointer to it). */
+
+/* The length of the line read_until(delim, max_bytes) takes now, or 0
+ * (a line past 2 GiB goes the slow way: the FFI returns an int as a plain
+ * Lua number). */
+int squall_stream_ffi_line(squall_stream **p, const char *delim, size_t dlen,
+                           double max_bytes) {
+  squall_stream *s = *p;
+  if (s->read_kind != READ_NONE || s->tls != NULL || dlen == 0 ||
+      (s->closed && !s->eof) || !(s->reading || s->eof))
+    return 0;
+  if (!(max_bytes >= 1 && max_bytes <= 9007199254740992.0 &&
+        max_bytes == (double)(uint64_t)max_bytes))
+    return 0;
+  squall_buffer_reset_scan(&s->rbuf);
+  long at = squall_buffer_find(&s->rbuf, delim, dlen);
+  if (at < 0 || (double)((size_t)at + dlen) > max_bytes ||
+      (size_t)at + dlen > INT_MAX)
+    return 0;
+  return (int)((size_t)at + dlen);
+}
+
+/* The buffered bytes; valid until the stream's next C call. */
+const char *squall_stream_ffi_head(squall_stream **p) {
+  return squall_buffer_head(&(*p)->rbuf);
+}
+
+/* Take n bytes that squall_stream_ffi_line measured. */
+void squall_stream_ffi_consume(squall_stream **p, size_t n) {
+  squall_buffer_consume(&(*p)->rbuf, n);
+}
+
+/* Queue data[0, n) as write() would without waiting: 1 when it did. */
+int squall_stream_ffi_write(squall_stream **p, const char *data, size_t n) {
+  squall_stream *s = *p;
+  if (s->closed || !s->held_unsent || n == 0)
+    return 0;
+  size_t unsent = stream_unsent(s);
+  if (unsent + n > s->o.write_high_water ||
+      (s->o.max_write_buffer_size > 0 &&
+       unsent + n > s->o.max_write_buffer_size))
+    return 0;
+  if (squall_buffer_append(&s->wq, data, n) != 0)
+    return 0;
+  s->queued_total += n;
+  stream_mark_dirty(s);
+  return 1;
 }
 
 static int l_tostring(lua_State *L) {

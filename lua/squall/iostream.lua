@@ -17,7 +17,16 @@ local M = {}
 
 local methods = core.stream_methods
 local mt = core.stream_mt
-local c_error = methods._error
+-- The C methods as runtime/stream_lua.c made them, before this module
+-- wraps some: kept in core, so a second load of this module (hot reload)
+-- wraps them again instead of wrapping its own wrappers.
+local c = core.stream_c_methods
+if not c then
+  c = {}
+  for k, v in pairs(methods) do c[k] = v end
+  core.stream_c_methods = c
+end
+local c_error = c._error
 local create = coroutine.create
 local resume = core.resume
 local type, error = type, error
@@ -53,8 +62,8 @@ end
 -- runtime/stream.c hands a call whose last argument is a function here.
 core.stream_call_back(M.call_back)
 
-local c_read_until_close = methods.read_until_close
-local c_read_bytes = methods.read_bytes
+local c_read_until_close = c.read_until_close
+local c_read_bytes = c.read_bytes
 
 -- Stream every chunk to on_chunk as it arrives; "" once the peer closes.
 local function read_chunks(s, on_chunk)
@@ -89,18 +98,58 @@ function methods.read_until_close(s, on_chunk, callback)
   return read_chunks(s, on_chunk)
 end
 
-local c_write = methods.write
+-- The hot path through the FFI (runtime/stream_lua.c): a line already
+-- buffered, and a write that fits under write_high_water, are taken by
+-- calls the JIT compiles into the handler's loop; everything else (parking,
+-- errors, callbacks, TLS reads) goes to the C method, which decides it.
+local ffi = require "ffi"
+pcall(ffi.cdef, [[
+int squall_stream_ffi_line(void *p, const char *delim, size_t dlen, double max_bytes);
+const char *squall_stream_ffi_head(void *p);
+void squall_stream_ffi_consume(void *p, size_t n);
+int squall_stream_ffi_write(void *p, const char *data, size_t n);
+]])
+local C = ffi.C
+local fast = pcall(function() return C.squall_stream_ffi_write end)
+local ffi_string, getmetatable, select = ffi.string, getmetatable, select
+local NO_LIMIT = 2 ^ 53
+
+local read_until = c.read_until
+--- Read up to and including `delim`; see docs/api.md.
+function methods.read_until(s, delim, max_bytes, ...)
+  if fast and getmetatable(s) == mt and type(delim) == "string" and select("#", ...) == 0 then
+    local limit = max_bytes
+    if limit == nil then limit = NO_LIMIT end
+    if type(limit) == "number" then
+      local n = C.squall_stream_ffi_line(s, delim, #delim, limit)
+      if n > 0 then
+        local line = ffi_string(C.squall_stream_ffi_head(s), n)
+        C.squall_stream_ffi_consume(s, n)
+        return line
+      end
+    end
+  end
+  return read_until(s, delim, max_bytes, ...)
+end
+
+local write = c.write
 --- Queue data (a string or an array of strings) for writing; see docs/api.md.
 -- With a callback, it is called with (true) once the data reached the
 -- kernel, or (nil, err).
 function methods.write(s, data, callback)
-  if callback == nil then return c_write(s, data) end
+  if callback == nil then
+    if fast and type(data) == "string" and getmetatable(s) == mt and
+        C.squall_stream_ffi_write(s, data, #data) ~= 0 then
+      return true
+    end
+    return write(s, data)
+  end
   if type(callback) ~= "function" then
     error("write: callback must be a function", 2)
   end
   -- Passing the callback tells C not to wait past write_high_water: the
   -- callback, not the caller, learns when the bytes are out.
-  local ok, err = c_write(s, data, callback)
+  local ok, err = write(s, data, callback)
   if not ok then
     ioloop.current():add_callback(callback, nil, err)
     return
@@ -110,7 +159,7 @@ end
 
 -- Addresses a PROXY protocol header gave (weak: they go with the stream).
 local peer_addresses = setmetatable({}, { __mode = "k" })
-local c_getpeername = methods.getpeername
+local c_getpeername = c.getpeername
 
 --- Make getpeername() answer `host`, `port` from now on: the client a
 -- load balancer's PROXY header named (TCPServer does this with
@@ -128,7 +177,7 @@ function methods.getpeername(s)
   return c_getpeername(s)
 end
 
-local c_set_close_callback = methods.set_close_callback
+local c_set_close_callback = c.set_close_callback
 --- Call `fn()` once when the stream closes, whoever closed it (on the next
 -- loop iteration when it is closed already). nil removes it.
 function methods.set_close_callback(s, fn)
@@ -144,7 +193,7 @@ core.stream_tls_log(function(msg) log.debug("TLS: %s", msg) end)
 -- kept here under its old name.
 M.ssl_context = netutil.ssl_context
 
-local c_start_tls, c_handshake = methods._start_tls, methods._handshake
+local c_start_tls, c_handshake = c._start_tls, c._handshake
 
 --- Put TLS under this stream (STARTTLS): flush what was written in
 -- plaintext, then handshake. Data the peer sent after the plaintext part
