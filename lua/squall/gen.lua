@@ -35,8 +35,7 @@ end
 
 --- A Future: a result that arrives later.
 -- @type Future
-local Future = {}
-Future.__index = Future
+local Future = util.class()
 M.FutureClass = Future
 
 --- Create an unresolved Future.

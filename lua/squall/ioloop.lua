@@ -18,8 +18,7 @@ local M = {
   ERROR = 0x018,
 }
 
-local IOLoop = {}
-IOLoop.__index = IOLoop
+local IOLoop = util.class()
 M.IOLoop = IOLoop
 
 local now = core.time

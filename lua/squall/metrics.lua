@@ -39,8 +39,7 @@ local registry, order = {}, {} -- name -> family; names in registration order
 
 -- ---- families ---------------------------------------------------------------
 
-local Family = {}
-Family.__index = Family
+local Family = util.class()
 
 local function check_name(name, what, level)
   if type(name) ~= "string" or not name:find("^[%a_:][%w_:]*$") then
@@ -141,8 +140,7 @@ function Family:child(values, level)
 end
 
 --- Counter: `c:inc([by [, labels]])` (by defaults to 1; never negative).
-local Counter = setmetatable({}, { __index = Family })
-Counter.__index = Counter
+local Counter = Family:extend()
 
 function Counter:inc(by, labels)
   by = by or 1
@@ -161,8 +159,7 @@ function Family:get(labels)
 end
 
 --- Gauge: `g:set(v [, labels])`, `g:inc([by, labels])`, `g:dec([by, labels])`.
-local Gauge = setmetatable({}, { __index = Family })
-Gauge.__index = Gauge
+local Gauge = Family:extend()
 
 function Gauge:set(v, labels)
   if type(v) ~= "number" then
@@ -182,8 +179,7 @@ function Gauge:dec(by, labels)
 end
 
 --- Histogram: `h:observe(v [, labels])` (seconds, bytes...).
-local Histogram = setmetatable({}, { __index = Family })
-Histogram.__index = Histogram
+local Histogram = Family:extend()
 
 -- Count v in a histogram child with upper bounds `buckets`.
 local function bump(c, buckets, v)

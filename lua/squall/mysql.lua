@@ -187,8 +187,7 @@ end
 
 --- A connection (from mysql.connect or a pool).
 -- @type Connection
-local Connection = {}
-Connection.__index = Connection
+local Connection = util.class()
 
 local broken = util.broken -- fail for good: every later call says why
 
@@ -979,8 +978,7 @@ end
 -- `transaction`, and after a `query` that left a transaction open or was
 -- not a plain SELECT, INSERT, UPDATE, DELETE or REPLACE.
 -- @type Pool
-local Pool = setmetatable({}, { __index = pool.Pool })
-Pool.__index = Pool
+local Pool = pool.Pool:extend()
 
 local function reset(db) return db:reset() end
 

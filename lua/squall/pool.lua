@@ -42,8 +42,7 @@ function M.options(opts, who, level)
 end
 
 --- @type Pool
-local Pool = {}
-Pool.__index = Pool
+local Pool = util.class()
 
 --- A new pool. `connect()` makes a connection (or returns nil, err);
 -- `reset(conn)`, if given, readies a connection for its next user when

@@ -14,8 +14,7 @@ local setmetatable = setmetatable
 
 local CHUNK = 65536
 
-local Reader = {}
-Reader.__index = Reader
+local Reader = require("squall.util").class()
 
 --- A reader over `stream` (anything with read_bytes(n [, partial])).
 function M.new(stream)

@@ -119,8 +119,7 @@ local function read_reply(rd, depth)
 end
 
 -- A reader over a string, for parse().
-local StringReader = {}
-StringReader.__index = StringReader
+local StringReader = util.class()
 local INCOMPLETE = {}
 
 function StringReader:line()
@@ -156,8 +155,7 @@ end
 -- buffer. `used` counts the bytes of the reply being read, against
 -- max_buffer_size: a reply larger than that fails rather than grow without
 -- end (an LRANGE of millions of small items as much as one huge value).
-local StreamReader = {}
-StreamReader.__index = StreamReader
+local StreamReader = util.class()
 
 local function over(self, n)
   local used = self.used + n
@@ -245,9 +243,6 @@ end
 -- method, `r:pipeline(fn)`, `r:subscribe(...)`, `r:read_message()`,
 -- `r:close()`.
 -- @type Redis
-local Redis = {}
-local methods = {}
-
 -- A method for a command name: r:hset(...) is r:call("HSET", ...), and
 -- r:client_list() is r:call("CLIENT", "LIST").
 local function command_method(key)
@@ -256,13 +251,17 @@ local function command_method(key)
   return function(r, ...) return r:call(a, b, ...) end
 end
 
-Redis.__index = function(self, key)
-  local m = methods[key]
-  if m then return m end
-  if type(key) ~= "string" or not find(key, "^%a[%w_]*$") then return nil end
-  m = command_method(key)
-  methods[key] = m
-  return m
+local Redis = util.class()
+
+-- A command Redis has no method for becomes one when first asked for
+-- (after what every class inherits, such as `extend`).
+local inherited = getmetatable(Redis).__index
+getmetatable(Redis).__index = function(cls, key)
+  local v = inherited[key]
+  if v ~= nil or type(key) ~= "string" or not find(key, "^%a[%w_]*$") then return v end
+  v = command_method(key)
+  rawset(cls, key, v)
+  return v
 end
 
 local broken = util.broken -- fail for good: every later call says why
@@ -297,7 +296,7 @@ end
 -- the connection stays usable), or nil, err for I/O (`closed`,
 -- `timeout`, `protocol`; the connection is closed then, except after a
 -- timeout).
-function methods:call(name, ...)
+function Redis:call(name, ...)
   if type(name) ~= "string" then
     error("call: the command name must be a string, got " .. util.describe(name), 2)
   end
@@ -330,7 +329,7 @@ end }
 -- @treturn table the replies in order; an error reply stands in its place
 --   as an error value (`redis.is_error`)
 -- @return nil, err when the connection failed
-function methods:pipeline(fn)
+function Redis:pipeline(fn)
   util.check_callable(fn, 2, "pipeline's function")
   local parts, n = {}, 0
   -- p:call records a command; p:incr and the rest are commands, named as
@@ -371,26 +370,26 @@ end
 
 --- Subscribe to channels; returns the server's confirmations. The
 -- connection then only reads messages (read_message) and (un)subscribes.
-function methods:subscribe(...)
+function Redis:subscribe(...)
   local r, err = confirmations(self, "SUBSCRIBE", ...)
   if r then self._subscribed = true end
   return r, err
 end
 
 --- Subscribe to channel patterns; as subscribe.
-function methods:psubscribe(...)
+function Redis:psubscribe(...)
   local r, err = confirmations(self, "PSUBSCRIBE", ...)
   if r then self._subscribed = true end
   return r, err
 end
 
 --- Unsubscribe (from all channels when none are named).
-function methods:unsubscribe(...)
+function Redis:unsubscribe(...)
   return confirmations(self, "UNSUBSCRIBE", ...)
 end
 
 --- Unsubscribe from patterns.
-function methods:punsubscribe(...)
+function Redis:punsubscribe(...)
   return confirmations(self, "PUNSUBSCRIBE", ...)
 end
 
@@ -398,7 +397,7 @@ end
 -- "message", channel =, data =}` or `{kind = "pmessage", pattern =,
 -- channel =, data =}`; nil, err (kind `timeout`) when none came within
 -- `timeout` seconds (the connection stays subscribed).
-function methods:read_message(timeout)
+function Redis:read_message(timeout)
   if timeout ~= nil and (type(timeout) ~= "number" or timeout <= 0) then
     error("read_message: timeout must be a positive number", 2)
   end
@@ -422,13 +421,13 @@ function methods:read_message(timeout)
 end
 
 --- Close the connection.
-function methods:close()
+function Redis:close()
   self._broken = self._broken or core.error("closed", "the connection is closed")
   self.stream:close()
 end
 
 --- True once closed (by either side, or a failure).
-function methods:closed()
+function Redis:closed()
   return self._broken ~= nil or self.stream:closed()
 end
 
@@ -502,10 +501,9 @@ end
 -- `queue_timeout` seconds (default 10). The other options are
 -- redis.connect's. A subscribed connection is closed when given back.
 -- @type Pool
-local Pool = setmetatable({}, { __index = pool.Pool })
+local Pool = pool.Pool:extend()
 
 local function subscribed(r) return r._subscribed and "discard" or nil end
-Pool.__index = Pool
 
 function M.pool(opts)
   local size, qt, conn_opts = pool.options(opts, "redis.pool", 2)

@@ -52,8 +52,7 @@ end
 
 -- Methods by name, and the methods each handler file added (so a reload
 -- of the file replaces exactly those).
-local Router = {}
-Router.__index = Router
+local Router = util.class()
 
 local function new_router()
   return setmetatable({ methods = {}, by_file = {} }, Router)
@@ -165,8 +164,7 @@ end
 -- `conn:close`; `conn.id`, `conn.address`, `conn.data` (the application's),
 -- and on a server's side `conn.server`.
 -- @type Connection
-local Connection = {}
-Connection.__index = Connection
+local Connection = util.class()
 
 local next_conn_id = 0
 

@@ -11,19 +11,18 @@ local core = require "squall.core"
 local ioloop = require "squall.ioloop"
 local iostream = require "squall.iostream"
 local netutil = require "squall.netutil"
+local util = require "squall.util"
 
 local type, error, pairs, max = type, error, pairs, math.max
 local getmetatable, setmetatable = getmetatable, setmetatable
 local c_start_tls, c_handshake = core.stream_methods._start_tls, core.stream_methods._handshake
 
-local TCPClient = {}
-TCPClient.__index = TCPClient
+local TCPClient = util.class()
 
 --- Create a client. (Options for every connect may be given here.)
 function TCPClient.new(_, defaults)
   return setmetatable({ _defaults = defaults or {} }, TCPClient)
 end
-setmetatable(TCPClient, { __call = TCPClient.new })
 
 -- Connect to host:port (the work of both forms of connect).
 local function connect(host, port, opts, callback, level)

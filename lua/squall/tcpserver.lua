@@ -12,8 +12,7 @@ local iostream = require "squall.iostream"
 local stats = require "squall.stats"
 local util = require "squall.util"
 
-local TCPServer = {}
-TCPServer.__index = TCPServer
+local TCPServer = util.class()
 
 local type, tostring, error = type, tostring, error
 local create, running = coroutine.create, coroutine.running
@@ -24,15 +23,8 @@ local proxy -- squall.proxy, loaded by a server that speaks it
 local STREAM_OPTS = { "max_buffer_size", "read_chunk_size", "write_high_water",
   "max_write_buffer_size" }
 
---- Make a subclass: `local Echo = TCPServer:extend()`; instances are made by
--- calling it, `Echo(opts)`.
-function TCPServer:extend(fields)
-  local cls = fields or {}
-  cls.__index = cls
-  cls.__call = self.__call
-  cls.extend = self.extend
-  return setmetatable(cls, self)
-end
+-- A subclass is `local Echo = TCPServer:extend()` (squall.util's
+-- classes); instances are made by calling it, `Echo(opts)`.
 
 --- Create a server.
 -- @tparam[opt] table opts `handle_stream` (instead of a subclass method),
@@ -79,8 +71,6 @@ function TCPServer.new(cls, opts)
   return self
 end
 
-TCPServer.__call = TCPServer.new
-setmetatable(TCPServer, { __call = TCPServer.new })
 
 --- Override in a subclass (or pass `handle_stream` to the constructor).
 -- Runs in its own coroutine per connection; an error it raises is logged

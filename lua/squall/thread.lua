@@ -26,8 +26,7 @@ local type, error = type, error
 
 --- A pool of worker threads.
 -- @type Pool
-local Pool = {}
-Pool.__index = Pool
+local Pool = util.class()
 
 --- Make a pool of `size` workers (default: one per CPU). Calls queue in
 -- order while every worker is busy.

@@ -4,6 +4,38 @@
 local M = {}
 
 local type, tostring, error, format, select = type, tostring, error, string.format, select
+local setmetatable, getmetatable = setmetatable, getmetatable
+
+-- ---- classes ----------------------------------------------------------
+
+-- Every class made here has this as its root: `extend` and a default
+-- `new` come from it.
+local Object = {}
+Object.__index = Object
+
+local function call_new(cls, ...) return cls.new(cls, ...) end
+
+--- The one way squall builds objects. `local Pool = util.class()` makes a
+-- class: its instances are `setmetatable(t, Pool)`, so methods live in
+-- the class (`function Pool:get() ... end`); calling the class, `Pool(...)`,
+-- calls `Pool.new(Pool, ...)` (the default makes an empty instance); a
+-- subclass, `Pool:extend()` or `util.class(Pool)`, looks up in its base
+-- what it does not define itself. `fields` (a table) becomes the class.
+function M.class(base, fields)
+  local cls = fields or {}
+  cls.__index = cls
+  return setmetatable(cls, { __index = base or Object, __call = call_new })
+end
+
+--- A subclass of this class (every class made by util.class has it).
+function Object.extend(cls, fields)
+  return M.class(cls, fields)
+end
+
+--- An empty instance (a class usually defines its own `new`).
+function Object.new(cls)
+  return setmetatable({}, cls)
+end
 
 --- A table of the arguments with their count in `n` (nils kept).
 function M.pack(...)
