@@ -46,6 +46,29 @@ describe("squall.tcpserver", function()
     server:stop()
   end))
 
+  it("serves a subclass of a subclass: its own new and methods, the rest inherited",
+    async(function()
+      local Upper = Echo:extend()
+      function Upper.new(cls, prefix)
+        local self = TCPServer.new(cls)
+        self.prefix = prefix
+        return self
+      end
+      function Upper:handle_stream(stream)
+        local line = stream:read_until("\n")
+        stream:write(self.prefix .. line:upper())
+        Echo.handle_stream(self, stream) -- the base's loop for the rest
+      end
+      local server = Upper("> ")
+      assert.equal(Upper, getmetatable(server))
+      local port = start(server)
+      local client = assert(iostream.connect("127.0.0.1", port))
+      client:write("first\nsecond\n")
+      assert.equal("> FIRST\n", client:read_until("\n"))
+      assert.equal("second\n", client:read_until("\n"))
+      server:stop()
+    end))
+
   it("logs an error raised in handle_stream, closes that stream and goes on",
     async(function()
       local Faulty = TCPServer:extend()
