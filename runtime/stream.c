@@ -15,7 +15,8 @@
  * An unsatisfied read parks its coroutine (registry reference) and yields
  * from C; a satisfied one resumes it straight from libuv's read callback.
  *
- * Writes (stream_write.c) are gathered: write() appends to `wq` and
+ * Writes (stream_write.c) are gathered in a struct stream_writes made by
+ * the first write and freed once all is out: write() appends to `wq` and
  * returns. The queue goes out with one uv_try_write when the writing
  * coroutine next waits on this stream or when the loop iteration ends (the
  * loop's flush hook); what the kernel did not take moves to `wflight` and
@@ -110,21 +111,23 @@ static void free_stream(squall_stream *s) {
   stream_remove_dirty(s);
   /* Only when the loop was finalized with writers parked: their
    * coroutines went with the Lua state. */
-  while (s->wwait != NULL) {
-    struct write_waiter *w = s->wwait;
-    s->wwait = w->next;
-    free(w);
+  if (s->w != NULL) {
+    while (s->w->wwait != NULL) {
+      struct write_waiter *w = s->w->wwait;
+      s->w->wwait = w->next;
+      free(w);
+    }
+    squall_buffer_free(&s->w->wq);
+    squall_buffer_free(&s->w->wflight);
+    free(s->w);
   }
   squall_buffer_free(&s->rbuf);
-  squall_buffer_free(&s->wq);
-  squall_buffer_free(&s->wflight);
   if (s->tls != NULL) {
     squall_buffer_free(&s->tls->wcipher);
     squall_tls_free(s->tls->t);
     free(s->tls);
   }
   free(s->timers);
-  free(s->wreq);
   free(s->err_msg);
   free(s);
 }
@@ -135,8 +138,23 @@ void stream_maybe_free(squall_stream *s) {
 }
 
 size_t stream_unsent(const squall_stream *s) {
-  return squall_buffer_len(&s->wq) + squall_buffer_len(&s->wflight) +
-         (s->tls != NULL ? squall_buffer_len(&s->tls->wcipher) : 0);
+  size_t n = s->tls != NULL ? squall_buffer_len(&s->tls->wcipher) : 0;
+  if (s->w != NULL)
+    n += squall_buffer_len(&s->w->wq) + squall_buffer_len(&s->w->wflight);
+  return n;
+}
+
+/* The write state, made now if the stream has none; NULL when out of
+ * memory. */
+struct stream_writes *stream_writes(squall_stream *s) {
+  if (s->w == NULL) {
+    s->w = calloc(1, sizeof *s->w);
+    if (s->w == NULL)
+      return NULL;
+    s->w->wwait_end = &s->w->wwait;
+    s->w->req.data = s;
+  }
+  return s->w;
 }
 
 void stream_set_error(squall_stream *s, const char *kind, const char *msg) {
@@ -218,7 +236,7 @@ int stream_unlink_waiter(squall_stream *s, struct write_waiter **link) {
   int ref = w->ref;
   *link = w->next;
   if (*link == NULL)
-    s->wwait_end = link;
+    s->w->wwait_end = link;
   free(w);
   return ref;
 }
@@ -226,7 +244,7 @@ int stream_unlink_waiter(squall_stream *s, struct write_waiter **link) {
 /* Resume the oldest parked writer with true, or nil and the stream's
  * error. */
 void stream_resume_first_writer(squall_stream *s, int ok) {
-  int ref = stream_unlink_waiter(s, &s->wwait);
+  int ref = stream_unlink_waiter(s, &s->w->wwait);
   stream_arm_write_timer(s);
   stream_resume_parked(s, ref, stream_push_outcome(s, ok));
 }
@@ -352,7 +370,6 @@ squall_stream *squall_stream_new(lua_State *L, squall_loop *loop,
   s->loop = loop;
   s->o = *o;
   s->delim_ref = s->reader_ref = LUA_NOREF;
-  s->wwait_end = &s->wwait;
   s->close_cb_ref = s->self_ref = LUA_NOREF;
   s->max_bytes = SIZE_MAX;
   s->ud_alive = 1;

@@ -58,12 +58,10 @@ struct squall_stream {
   /* Made on first use, so an idle connection without a timeout does not
    * pay for them (memory per idle connection is a figure we track). */
   struct stream_timers *timers; /* read/handshake and write-wait timeouts */
-  uv_write_t *wreq;             /* the one uv_write in flight */
+  struct stream_writes *w;      /* what is being written; NULL when idle */
   squall_loop *loop;
   squall_stream_opts o;
-  squall_buffer rbuf;    /* received, not yet read */
-  squall_buffer wq;      /* written, not yet tried */
-  squall_buffer wflight; /* handed to uv_write */
+  squall_buffer rbuf; /* received, not yet read */
   struct squall_stream *next_dirty;
 
   /* TLS, once start_tls ran (NULL before: a plain connection carries
@@ -80,9 +78,6 @@ struct squall_stream {
   int delim_ref; /* keeps `delim` (a Lua string) alive while parked */
   int reader_ref;
 
-  struct write_waiter *wwait;      /* parked writers, oldest first */
-  struct write_waiter **wwait_end; /* where the next one is linked */
-  uint64_t queued_total;           /* bytes ever queued by write() */
   int close_cb_ref;
   int self_ref; /* the userdata, while `holds` > 0 */
   int holds;
@@ -113,6 +108,18 @@ struct squall_stream {
   int handles_open;           /* libuv handles not yet closed */
 };
 
+/* What a stream has while it writes: made by the first write, freed once
+ * every byte is out and no writer waits (stream_settle_unsent), so an idle
+ * connection carries none of it, as it carries no buffers. */
+struct stream_writes {
+  squall_buffer wq;                /* written, not yet tried */
+  squall_buffer wflight;           /* handed to uv_write */
+  struct write_waiter *wwait;      /* parked writers, oldest first */
+  struct write_waiter **wwait_end; /* where the next one is linked */
+  uint64_t queued_total; /* bytes queued by write() since it was made */
+  uv_write_t req;        /* the one uv_write in flight */
+};
+
 /* What only a TLS stream has: plaintext goes wq -> OpenSSL -> wcipher. */
 struct stream_tls {
   squall_tls *t;
@@ -134,7 +141,7 @@ struct stream_timers {
  * read set up. */
 static inline void stream_assert_flags(const squall_stream *s) {
   assert(!s->closing || s->closed);
-  assert(!s->in_flight || (s->wreq != NULL && s->handles_open > 0));
+  assert(!s->in_flight || (s->w != NULL && s->handles_open > 0));
   assert(!s->reading || s->tcp_init);
   assert(!s->held_unsent || s->holds > 0);
   assert(!(s->tls_eof || s->shutdown_sent || s->need_pump) || s->tls != NULL);
@@ -163,6 +170,7 @@ void stream_set_error(squall_stream *s, const char *kind, const char *msg);
 int stream_unlink_waiter(squall_stream *s, struct write_waiter **link);
 void stream_unref(lua_State *L, int *ref);
 size_t stream_unsent(const squall_stream *s);
+struct stream_writes *stream_writes(squall_stream *s);
 
 /* stream_read.c */
 void stream_on_eof(squall_stream *s, ssize_t nread);

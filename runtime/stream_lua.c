@@ -162,15 +162,18 @@ static int l_write(lua_State *L) {
   int refused = stream_write_refused(L, s, total);
   if (refused)
     return refused;
-  int err = 0;
-  if (t == LUA_TSTRING) {
-    err = squall_buffer_append(&s->wq, lua_tostring(L, 2), total);
+  if (total == 0)
+    return stream_write_queued(L, s, 0, 0);
+  struct stream_writes *w = stream_writes(s);
+  int err = w == NULL;
+  if (t == LUA_TSTRING && w != NULL) {
+    err = squall_buffer_append(&w->wq, lua_tostring(L, 2), total);
   } else {
     for (int i = 1; i <= n && err == 0; i++) {
       lua_rawgeti(L, 2, i);
       size_t len;
       const char *p = lua_tolstring(L, -1, &len);
-      err = squall_buffer_append(&s->wq, p, len);
+      err = squall_buffer_append(&w->wq, p, len);
       lua_pop(L, 1);
     }
   }
@@ -428,16 +431,16 @@ void squall_stream_ffi_consume(squall_stream **p, size_t n) {
 /* Queue data[0, n) as write() would without waiting: 1 when it did. */
 int squall_stream_ffi_write(squall_stream **p, const char *data, size_t n) {
   squall_stream *s = *p;
-  if (s->closed || !s->held_unsent || n == 0)
+  if (s->closed || !s->held_unsent || s->w == NULL || n == 0)
     return 0;
   size_t unsent = stream_unsent(s);
   if (unsent + n > s->o.write_high_water ||
       (s->o.max_write_buffer_size > 0 &&
        unsent + n > s->o.max_write_buffer_size))
     return 0;
-  if (squall_buffer_append(&s->wq, data, n) != 0)
+  if (squall_buffer_append(&s->w->wq, data, n) != 0)
     return 0;
-  s->queued_total += n;
+  s->w->queued_total += n;
   stream_mark_dirty(s);
   return 1;
 }

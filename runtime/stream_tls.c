@@ -78,7 +78,7 @@ int stream_tls_pump(squall_stream *s) {
   }
   if (squall_buffer_len(&s->tls->wcipher) > 0 ||
       (!was_done && squall_tls_handshake_done(s->tls->t) &&
-       squall_buffer_len(&s->wq) > 0))
+       s->w != NULL && squall_buffer_len(&s->w->wq) > 0))
     stream_mark_dirty(s);
   if (!was_done && squall_tls_handshake_done(s->tls->t))
     stream_wake_handshake(s, 1);

@@ -17,9 +17,16 @@ void stream_mark_dirty(squall_stream *s) {
 /* Drop the hold for unsent bytes once everything reached the kernel. */
 void stream_settle_unsent(squall_stream *s) {
   if (stream_unsent(s) == 0 && !s->in_flight) {
-    /* Drained: give the write buffers back until the next write. */
-    squall_buffer_free(&s->wq);
-    squall_buffer_free(&s->wflight);
+    /* Drained: give the write buffers back until the next write, and the
+     * whole write state once no writer waits on it. */
+    if (s->w != NULL) {
+      squall_buffer_free(&s->w->wq);
+      squall_buffer_free(&s->w->wflight);
+      if (s->w->wwait == NULL) {
+        free(s->w);
+        s->w = NULL;
+      }
+    }
     if (s->tls != NULL)
       squall_buffer_free(&s->tls->wcipher);
   }
@@ -33,7 +40,7 @@ void stream_settle_unsent(squall_stream *s) {
  * still unsent. Under TLS stream_unsent() counts ciphertext, which is never
  * shorter than its plaintext, so this errs on the side of waiting. */
 static int waiter_ready(const squall_stream *s, const struct write_waiter *w) {
-  uint64_t after = s->queued_total - w->mark; /* queued later by others */
+  uint64_t after = s->w->queued_total - w->mark; /* queued later by others */
   uint64_t left = stream_unsent(s);
   left = left > after ? left - after : 0;
   return w->kind == WAIT_FLUSH ? left == 0 : left <= s->o.write_high_water;
@@ -44,10 +51,10 @@ static int waiter_ready(const squall_stream *s, const struct write_waiter *w) {
  * once it closed for good. A woken coroutine may write and park again:
  * it goes to the tail, and the loop looks at the head afresh. */
 void stream_wake_writers(squall_stream *s) {
-  while (s->wwait != NULL) {
+  while (s->w != NULL && s->w->wwait != NULL) {
     if (s->closing || (s->closed && !s->flush_close))
       stream_resume_first_writer(s, 0);
-    else if (waiter_ready(s, s->wwait))
+    else if (waiter_ready(s, s->w->wwait))
       stream_resume_first_writer(s, 1);
     else
       break;
@@ -61,14 +68,15 @@ int stream_flush_writes(squall_stream *s) {
   stream_remove_dirty(s);
   if (!s->connected || s->closing)
     return 0;
-  squall_buffer *out = &s->wq;
+  squall_buffer *out = s->w != NULL ? &s->w->wq : NULL;
   if (s->tls != NULL) {
-    if (squall_tls_write(s->tls->t, &s->wq) != SQUALL_TLS_OK ||
+    if ((out != NULL && squall_tls_write(s->tls->t, out) != SQUALL_TLS_OK) ||
         squall_tls_drain(s->tls->t, &s->tls->wcipher) != 0) {
       stream_tls_failed(s, squall_tls_error(s->tls->t));
       return UV_EPROTO;
     }
-    if (s->flush_close && !s->shutdown_sent && squall_buffer_len(&s->wq) == 0 &&
+    if (s->flush_close && !s->shutdown_sent &&
+        (out == NULL || squall_buffer_len(out) == 0) &&
         squall_tls_handshake_done(s->tls->t)) {
       s->shutdown_sent = 1;
       squall_tls_shutdown(s->tls->t);
@@ -76,7 +84,7 @@ int stream_flush_writes(squall_stream *s) {
     }
     out = &s->tls->wcipher;
   }
-  if (s->in_flight || squall_buffer_len(out) == 0)
+  if (s->in_flight || out == NULL || squall_buffer_len(out) == 0)
     return 0;
   uv_buf_t b = uv_buf_init((char *)squall_buffer_head(out),
                            (unsigned)squall_buffer_len(out));
@@ -90,18 +98,16 @@ int stream_flush_writes(squall_stream *s) {
   squall_stream_bytes_written += (uint64_t)n;
   squall_buffer_consume(out, (size_t)n);
   if (squall_buffer_len(out) > 0) {
-    squall_buffer_swap(out, &s->wflight);
-    b = uv_buf_init((char *)squall_buffer_head(&s->wflight),
-                    (unsigned)squall_buffer_len(&s->wflight));
-    if (s->wreq == NULL) {
-      s->wreq = malloc(sizeof *s->wreq);
-      if (s->wreq == NULL) {
-        stream_close_with(s, "io", "out of memory");
-        return UV_ENOMEM;
-      }
-      s->wreq->data = s;
+    /* A TLS stream may have ciphertext (a handshake) and no write state. */
+    struct stream_writes *w = stream_writes(s);
+    if (w == NULL) {
+      stream_close_with(s, "io", "out of memory");
+      return UV_ENOMEM;
     }
-    int err = uv_write(s->wreq, (uv_stream_t *)&s->tcp, &b, 1, on_write);
+    squall_buffer_swap(out, &w->wflight);
+    b = uv_buf_init((char *)squall_buffer_head(&w->wflight),
+                    (unsigned)squall_buffer_len(&w->wflight));
+    int err = uv_write(&w->req, (uv_stream_t *)&s->tcp, &b, 1, on_write);
     if (err != 0) {
       stream_close_with(s, squall_uv_error_kind(err), uv_strerror(err));
       return err;
@@ -124,13 +130,14 @@ static void on_write(uv_write_t *req, int status) {
   squall_stream *s = req->data;
   stream_assert_flags(s);
   s->in_flight = 0;
+  struct stream_writes *w = s->w; /* kept while a write is in flight */
   if (status >= 0)
-    squall_stream_bytes_written += squall_buffer_len(&s->wflight);
-  squall_buffer_consume(&s->wflight, squall_buffer_len(&s->wflight));
+    squall_stream_bytes_written += squall_buffer_len(&w->wflight);
+  squall_buffer_consume(&w->wflight, squall_buffer_len(&w->wflight));
   if (status < 0) {
     if (!s->closing)
       stream_close_with(s, squall_uv_error_kind(status), uv_strerror(status));
-    squall_buffer_consume(&s->wq, squall_buffer_len(&s->wq));
+    squall_buffer_consume(&w->wq, squall_buffer_len(&w->wq));
     if (s->tls != NULL)
       squall_buffer_consume(&s->tls->wcipher,
                             squall_buffer_len(&s->tls->wcipher));
@@ -168,7 +175,8 @@ void stream_arm_write_timer(squall_stream *s) {
   if (s->timers == NULL || s->closing)
     return;
   uint64_t first = 0;
-  for (struct write_waiter *w = s->wwait; w != NULL; w = w->next)
+  for (struct write_waiter *w = s->w ? s->w->wwait : NULL; w != NULL;
+       w = w->next)
     if (w->deadline != 0 && (first == 0 || w->deadline < first))
       first = w->deadline;
   if (first == 0) {
@@ -188,8 +196,8 @@ static void on_write_timeout(uv_timer_t *t) {
   if (L == NULL)
     return;
   uint64_t now = uv_now(&s->loop->uv);
-  for (;;) {
-    struct write_waiter **link = &s->wwait;
+  while (s->w != NULL) {
+    struct write_waiter **link = &s->w->wwait;
     while (*link != NULL && ((*link)->deadline == 0 || (*link)->deadline > now))
       link = &(*link)->next;
     if (*link == NULL)
@@ -209,18 +217,19 @@ static void on_write_timeout(uv_timer_t *t) {
 int stream_wait_writer(lua_State *L, squall_stream *s, int kind,
                        const char *what) {
   squall_coro_check(L, what);
-  struct write_waiter *w = malloc(sizeof *w);
+  struct stream_writes *ws = stream_writes(s);
+  struct write_waiter *w = ws != NULL ? malloc(sizeof *w) : NULL;
   if (w == NULL)
     return luaL_error(L, "out of memory");
   w->ref = squall_coro_park(L, what);
   w->kind = kind;
-  w->mark = s->queued_total;
+  w->mark = ws->queued_total;
   w->deadline = 0;
   w->next = NULL;
   if (s->timeout > 0 && s->timers != NULL)
     w->deadline = uv_now(&s->loop->uv) + squall_timeout_ms(s->timeout);
-  *s->wwait_end = w;
-  s->wwait_end = &w->next;
+  *ws->wwait_end = w;
+  ws->wwait_end = &w->next;
   squall_stream_hold(L, s, 1);
   stream_arm_write_timer(s);
   return lua_yield(L, 0);
@@ -248,11 +257,11 @@ int stream_write_refused(lua_State *L, squall_stream *s, size_t total) {
  * The stream is argument 1. Returns the results of write(). */
 int stream_write_queued(lua_State *L, squall_stream *s, size_t total,
                         int may_wait) {
-  s->queued_total += total;
   if (total == 0) {
     lua_pushboolean(L, 1);
     return 1;
   }
+  s->w->queued_total += total;
   if (!s->held_unsent) {
     s->held_unsent = 1;
     squall_stream_hold(L, s, 1);
@@ -275,7 +284,9 @@ int squall_stream_write_bytes(lua_State *L, squall_stream *s, const char *p,
   int refused = stream_write_refused(L, s, n);
   if (refused)
     return refused;
-  if (squall_buffer_append(&s->wq, p, n) != 0)
+  if (n == 0)
+    return stream_write_queued(L, s, 0, 1);
+  if (stream_writes(s) == NULL || squall_buffer_append(&s->w->wq, p, n) != 0)
     return luaL_error(L, "out of memory queueing a write");
   return stream_write_queued(L, s, n, 1);
 }
