@@ -63,32 +63,42 @@ int squall_coro_resume(lua_State *L, lua_State *co, int nargs) {
   luaL_traceback(L, co, squall_host_describe(L, -1), 0);
   lua_replace(L, -3); /* the traceback replaces the error value */
   lua_pop(L, 1);      /* the description */
-  /* A handler set with core.on_error(co, fn) gets (co, traceback) instead
-   * of the generic report: TCPServer cleans up after its handlers this
-   * way, without an xpcall frame on every connection's stack. */
-  lua_getfield(L, LUA_REGISTRYINDEX, ON_ERROR_KEY);
+  /* A coroutine that is a key of a table given to core.on_error(tbl, fn)
+   * goes to fn(co, traceback) instead of the generic report: TCPServer
+   * cleans up after its handlers this way, without an xpcall frame on
+   * every connection's stack and without an entry per connection (its
+   * table of running handlers is the tbl). There are as many tables as
+   * servers, so the walk is short, and it happens only on an error. */
   lua_pushthread(co);
-  lua_xmove(co, L, 1);
-  lua_rawget(L, -2);
+  lua_xmove(co, L, 1); /* [tb, co] */
   lua_settop(co, 0);
-  if (lua_isfunction(L, -1)) {
-    lua_pushthread(co);
-    lua_xmove(co, L, 1);
-    lua_pushvalue(L, -4); /* the traceback */
-    if (squall_host_pcall(L, 2, 0) != 0)
-      squall_host_report(L, "coroutine error handler");
-    lua_pop(L, 2); /* the table, the traceback */
-    return status;
+  lua_getfield(L, LUA_REGISTRYINDEX, ON_ERROR_KEY); /* [tb, co, groups] */
+  lua_pushnil(L);
+  while (lua_next(L, -2) != 0) { /* [..., groups, tbl, fn] */
+    lua_pushvalue(L, -4);
+    lua_rawget(L, -3);
+    int mine = !lua_isnil(L, -1);
+    lua_pop(L, 1);
+    if (mine && lua_isfunction(L, -1)) {
+      lua_pushvalue(L, -4); /* co: [tb, co, groups, tbl, fn, co] */
+      lua_pushvalue(L, -6); /* the traceback */
+      if (squall_host_pcall(L, 2, 0) != 0)
+        squall_host_report(L, "coroutine error handler");
+      lua_pop(L, 4); /* tbl, groups, co, the traceback */
+      return status;
+    }
+    lua_pop(L, 1);
   }
-  lua_pop(L, 2);
+  lua_pop(L, 2); /* groups, co */
   squall_host_report(L, "coroutine");
   return status;
 }
 
-/* core.on_error(co, fn): when `co` dies of an error, call fn(co, traceback)
- * instead of logging it. The table is weak: a finished coroutine goes. */
+/* core.on_error(tbl, fn): when a coroutine that is a key of `tbl` dies of
+ * an error, call fn(co, traceback) instead of logging it; fn nil forgets
+ * tbl. Both are held weakly: the owner of tbl keeps fn too. */
 static int l_on_error(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TTHREAD);
+  luaL_checktype(L, 1, LUA_TTABLE);
   if (!lua_isnil(L, 2))
     luaL_checktype(L, 2, LUA_TFUNCTION);
   lua_settop(L, 2);
@@ -138,9 +148,9 @@ static int l_can_wait(lua_State *L) {
 int squall_coro_open(lua_State *L) {
   lua_pushcfunction(L, l_can_wait);
   lua_setfield(L, -2, "can_wait");
-  lua_newtable(L); /* coroutine -> error handler, weak keys */
+  lua_newtable(L); /* table of coroutines -> error handler, weak */
   lua_createtable(L, 0, 1);
-  lua_pushliteral(L, "k");
+  lua_pushliteral(L, "kv");
   lua_setfield(L, -2, "__mode");
   lua_setmetatable(L, -2);
   lua_setfield(L, LUA_REGISTRYINDEX, ON_ERROR_KEY);

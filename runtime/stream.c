@@ -27,6 +27,11 @@
  *
  * Under TLS (stream_tls.c) plaintext goes wq -> OpenSSL -> wcipher, and
  * ciphertext read lands in OpenSSL before the plaintext reaches rbuf.
+ *
+ * The hot path skips the Lua C API: lua/squall/iostream.lua takes a line
+ * already in rbuf, and queues a write that needs no decision, through the
+ * FFI functions at the end of stream_lua.c, so a handler's read/write loop
+ * runs as one compiled trace. Everything else goes to the C methods.
  */
 #include "stream_impl.h"
 

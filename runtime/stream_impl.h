@@ -1,14 +1,18 @@
+// clang-format off
 /* stream_impl.h: what the stream files share, and nobody else.
  *
  * runtime/stream*.c implement one object, squall_stream (stream.h is its
  * public face), split by concern:
  *   stream.c        options, lifetime, resuming parked coroutines, close,
- * construction stream_read.c   the read state machine stream_write.c  the write
- * queue and the writers waiting on it stream_tls.c    the TLS glue: the
- * handshake, pumping records, alerts stream_lua.c    the Lua-facing methods
- * (check, call, push) and squall_stream_open The struct, its flags and the
- * functions one file calls in another live here; everything else is static to
- * its file. */
+ *                   construction
+ *   stream_read.c   the read state machine
+ *   stream_write.c  the write queue and the writers waiting on it
+ *   stream_tls.c    the TLS glue: the handshake, pumping records, alerts
+ *   stream_lua.c    the Lua-facing methods (check, call, push),
+ *                   squall_stream_open, and the FFI fast paths
+ * The struct, its flags and the functions one file calls in another live
+ * here; everything else is static to its file. */
+// clang-format on
 #ifndef SQUALL_STREAM_IMPL_H
 #define SQUALL_STREAM_IMPL_H
 

@@ -1,4 +1,4 @@
-/* stream_read.c: the IOStream's the read state machine (stream_impl.h
+/* stream_read.c: the IOStream's read state machine (stream_impl.h
  * lists the files). */
 #include "stream_impl.h"
 

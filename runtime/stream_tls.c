@@ -1,4 +1,4 @@
-/* stream_tls.c: the IOStream's the TLS glue: the handshake, pumping records,
+/* stream_tls.c: the IOStream's TLS glue: the handshake, pumping records,
  * alerts (stream_impl.h lists the files). */
 #include "stream_impl.h"
 
@@ -77,8 +77,8 @@ int stream_tls_pump(squall_stream *s) {
     return SQUALL_TLS_ERROR;
   }
   if (squall_buffer_len(&s->tls->wcipher) > 0 ||
-      (!was_done && squall_tls_handshake_done(s->tls->t) &&
-       s->w != NULL && squall_buffer_len(&s->w->wq) > 0))
+      (!was_done && squall_tls_handshake_done(s->tls->t) && s->w != NULL &&
+       squall_buffer_len(&s->w->wq) > 0))
     stream_mark_dirty(s);
   if (!was_done && squall_tls_handshake_done(s->tls->t))
     stream_wake_handshake(s, 1);

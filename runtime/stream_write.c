@@ -1,4 +1,4 @@
-/* stream_write.c: the IOStream's the write queue and the writers waiting on it
+/* stream_write.c: the IOStream's write queue and the writers waiting on it
  * (stream_impl.h lists the files). */
 #include "stream_impl.h"
 

@@ -16,7 +16,7 @@ local TCPServer = util.class()
 
 local type, tostring, error = type, tostring, error
 local create, running = coroutine.create, coroutine.running
-local resume, on_error_of = core.resume, core.on_error
+local resume, on_error_in = core.resume, core.on_error
 local start_tls = iostream.methods._start_tls
 local proxy -- squall.proxy, loaded by a server that speaks it
 
@@ -150,14 +150,20 @@ function TCPServer:add_sockets(sockets)
       util.describe(sockets), 2)
   end
   local ctx = self._ssl_ctx
-  local function on_error(co, tb)
-    local stream = self._conns[co]
-    local host, port = stream:getpeername()
-    if not host then host, port = "?", "?" end -- closed before it raised
-    log.error("Error in handle_stream for %s:%s\n%s", tostring(host), tostring(port), tb)
-    stats.handler_errors = stats.handler_errors + 1
-    stream:close()
-    finished(self, co)
+  if not self._on_error then
+    -- A handler that raises comes here (runtime/coro.c finds it among the
+    -- keys of _conns, so a connection costs no entry of its own for it).
+    -- The server holds the function: core.on_error holds it weakly.
+    self._on_error = function(co, tb)
+      local stream = self._conns[co]
+      local host, port = stream:getpeername()
+      if not host then host, port = "?", "?" end -- closed before it raised
+      log.error("Error in handle_stream for %s:%s\n%s", tostring(host), tostring(port), tb)
+      stats.handler_errors = stats.handler_errors + 1
+      stream:close()
+      finished(self, co)
+    end
+    on_error_in(self._conns, self._on_error)
   end
   for _, sock in ipairs(sockets) do
     self._sockets[#self._sockets + 1] = sock
@@ -171,7 +177,6 @@ function TCPServer:add_sockets(sockets)
         self._nstreams = self._nstreams + 1
         stats.connections_accepted = stats.connections_accepted + 1
         stats.connections_open = stats.connections_open + 1
-        on_error_of(co, on_error)
         resume(co, self, stream, address)
       end, self._stream_opts)
   end
