@@ -5,7 +5,7 @@
 
 #include "host.h"
 
-#define ON_ERROR_KEY "squall.coro.on_error"
+#define ON_FINISH_KEY "squall.coro.on_finish"
 
 /* The coroutine squall_coro_resume is running now (innermost), or NULL.
  * A coroutine may wait only when it is this one: its yield then comes back
@@ -48,14 +48,56 @@ lua_State *squall_coro_unpark(lua_State *L, int ref) {
   return lua_tothread(L, -1);
 }
 
+/* A coroutine that is a key of a table given to core.on_finish(tbl, fn)
+ * goes to fn(co, traceback) when it finishes (traceback nil when it
+ * returned), and an error it raised skips the generic report. TCPServer
+ * learns this way that a handler ended, so its coroutine needs no frame
+ * of TCPServer's own under the handler (serve tail-calls handle_stream:
+ * a shallower stack that the JIT-compiled handler loop does not grow, a
+ * figure of memory per idle connection) nor an xpcall frame, and costs
+ * no table entry besides the one in its server's table of running
+ * handlers (the tbl). There are as many tables as servers, so the walk is
+ * short. With `has_tb` the traceback is on top of L. Returns 1 when a
+ * handler took it (the traceback is consumed), else 0 (it stays). */
+static int run_on_finish(lua_State *L, lua_State *co, int has_tb) {
+  int base = lua_gettop(L);
+  lua_getfield(L, LUA_REGISTRYINDEX, ON_FINISH_KEY); /* base+1: groups */
+  lua_pushnil(L);
+  while (lua_next(L, base + 1) != 0) { /* base+2: tbl, base+3: fn */
+    lua_pushthread(co);
+    lua_xmove(co, L, 1);
+    lua_rawget(L, base + 2);
+    int mine = !lua_isnil(L, -1);
+    lua_pop(L, 1);
+    if (mine && lua_isfunction(L, base + 3)) {
+      lua_pushthread(co);
+      lua_xmove(co, L, 1);
+      if (has_tb)
+        lua_pushvalue(L, base);
+      else
+        lua_pushnil(L);
+      if (squall_host_pcall(L, 2, 0) != 0)
+        squall_host_report(L, "coroutine finish handler");
+      lua_settop(L, base - has_tb); /* tbl, groups and the traceback */
+      return 1;
+    }
+    lua_pop(L, 1); /* fn; tbl stays as the key */
+  }
+  lua_settop(L, base);
+  return 0;
+}
+
 int squall_coro_resume(lua_State *L, lua_State *co, int nargs) {
   lua_State *outer = resumed_now;
   resumed_now = co;
   int status = lua_resume(co, nargs);
   resumed_now = outer;
   if (status == 0 || status == LUA_YIELD) {
-    /* Yielded values go to whoever resumes it next: nobody here. */
+    /* Yielded values go to whoever resumes it next: nobody here; a
+     * finished coroutine's results go nowhere. */
     lua_settop(co, 0);
+    if (status == 0)
+      run_on_finish(L, co, 0);
     return status;
   }
   /* The coroutine is dead; build the report on L from co's stack. */
@@ -63,46 +105,21 @@ int squall_coro_resume(lua_State *L, lua_State *co, int nargs) {
   luaL_traceback(L, co, squall_host_describe(L, -1), 0);
   lua_replace(L, -3); /* the traceback replaces the error value */
   lua_pop(L, 1);      /* the description */
-  /* A coroutine that is a key of a table given to core.on_error(tbl, fn)
-   * goes to fn(co, traceback) instead of the generic report: TCPServer
-   * cleans up after its handlers this way, without an xpcall frame on
-   * every connection's stack and without an entry per connection (its
-   * table of running handlers is the tbl). There are as many tables as
-   * servers, so the walk is short, and it happens only on an error. */
-  lua_pushthread(co);
-  lua_xmove(co, L, 1); /* [tb, co] */
   lua_settop(co, 0);
-  lua_getfield(L, LUA_REGISTRYINDEX, ON_ERROR_KEY); /* [tb, co, groups] */
-  lua_pushnil(L);
-  while (lua_next(L, -2) != 0) { /* [..., groups, tbl, fn] */
-    lua_pushvalue(L, -4);
-    lua_rawget(L, -3);
-    int mine = !lua_isnil(L, -1);
-    lua_pop(L, 1);
-    if (mine && lua_isfunction(L, -1)) {
-      lua_pushvalue(L, -4); /* co: [tb, co, groups, tbl, fn, co] */
-      lua_pushvalue(L, -6); /* the traceback */
-      if (squall_host_pcall(L, 2, 0) != 0)
-        squall_host_report(L, "coroutine error handler");
-      lua_pop(L, 4); /* tbl, groups, co, the traceback */
-      return status;
-    }
-    lua_pop(L, 1);
-  }
-  lua_pop(L, 2); /* groups, co */
-  squall_host_report(L, "coroutine");
+  if (!run_on_finish(L, co, 1))
+    squall_host_report(L, "coroutine");
   return status;
 }
 
-/* core.on_error(tbl, fn): when a coroutine that is a key of `tbl` dies of
- * an error, call fn(co, traceback) instead of logging it; fn nil forgets
- * tbl. Both are held weakly: the owner of tbl keeps fn too. */
-static int l_on_error(lua_State *L) {
+/* core.on_finish(tbl, fn): when a coroutine that is a key of `tbl`
+ * finishes, call fn(co, traceback), traceback nil when it returned; fn
+ * nil forgets tbl. Both are held weakly: the owner of tbl keeps fn too. */
+static int l_on_finish(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   if (!lua_isnil(L, 2))
     luaL_checktype(L, 2, LUA_TFUNCTION);
   lua_settop(L, 2);
-  lua_getfield(L, LUA_REGISTRYINDEX, ON_ERROR_KEY);
+  lua_getfield(L, LUA_REGISTRYINDEX, ON_FINISH_KEY);
   lua_insert(L, 1);
   lua_rawset(L, 1);
   return 0;
@@ -153,9 +170,9 @@ int squall_coro_open(lua_State *L) {
   lua_pushliteral(L, "kv");
   lua_setfield(L, -2, "__mode");
   lua_setmetatable(L, -2);
-  lua_setfield(L, LUA_REGISTRYINDEX, ON_ERROR_KEY);
-  lua_pushcfunction(L, l_on_error);
-  lua_setfield(L, -2, "on_error");
+  lua_setfield(L, LUA_REGISTRYINDEX, ON_FINISH_KEY);
+  lua_pushcfunction(L, l_on_finish);
+  lua_setfield(L, -2, "on_finish");
   lua_pushcfunction(L, l_resume);
   lua_setfield(L, -2, "resume");
   return 0;

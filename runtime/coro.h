@@ -24,8 +24,10 @@ int squall_coro_park(lua_State *L, const char *what);
 
 /* Resume the suspended coroutine `co` with the nargs values on top of its
  * own stack. Values it yields are dropped; an error it raises is reported
- * with its traceback through squall_host_report. Returns the lua_resume
- * status. `L` is the running thread, used only for reporting. */
+ * with its traceback through squall_host_report, unless its owner asked
+ * with core.on_finish to hear when it finishes (TCPServer does). Returns the
+ * lua_resume status. `L` is the running thread: the report and the finish
+ * handler run on it. */
 int squall_coro_resume(lua_State *L, lua_State *co, int nargs);
 
 /* Push the parked coroutine `ref` onto L and release its reference. The
@@ -34,7 +36,7 @@ int squall_coro_resume(lua_State *L, lua_State *co, int nargs);
  * caller pops it. */
 lua_State *squall_coro_unpark(lua_State *L, int ref);
 
-/* Add core.resume, core.on_error, core.can_wait to the table at the top of
+/* Add core.resume, core.on_finish, core.can_wait to the table at the top of
  * the stack. */
 int squall_coro_open(lua_State *L);
 

@@ -15,8 +15,8 @@ local util = require "squall.util"
 local TCPServer = util.class()
 
 local type, tostring, error = type, tostring, error
-local create, running = coroutine.create, coroutine.running
-local resume, on_error_in = core.resume, core.on_error
+local create = coroutine.create
+local resume, on_finish = core.resume, core.on_finish
 local start_tls = iostream.methods._start_tls
 local proxy -- squall.proxy, loaded by a server that speaks it
 
@@ -115,17 +115,18 @@ local function accept_proxied(server, stream, address)
   return address
 end
 
--- The coroutine body serving one connection. It calls handle_stream
--- directly: an error is caught where the coroutine dies (core.on_error),
--- so no xpcall frame sits on each connection's stack (memory per idle
--- connection is a figure we track).
+-- The coroutine body serving one connection. It tail-calls handle_stream,
+-- so no frame of ours sits under the handler: runtime/coro.c calls the
+-- server's on_finish when the coroutine ends, with the traceback when it
+-- raised. A shallower stack matters: a JIT-compiled handler loop entered
+-- with this frame below it grew most coroutines' stacks (about 200 bytes
+-- per idle connection; memory per idle connection is a figure we track).
 local function serve(server, stream, address)
   if server._proxy_timeout then
     address = accept_proxied(server, stream, address)
-    if not address then return finished(server, running()) end
+    if not address then return end
   end
-  server.handle_stream(server, stream, address)
-  finished(server, running())
+  return server.handle_stream(server, stream, address)
 end
 
 -- Misuse that would otherwise fail far from its cause: `Echo:listen()`
@@ -150,20 +151,22 @@ function TCPServer:add_sockets(sockets)
       util.describe(sockets), 2)
   end
   local ctx = self._ssl_ctx
-  if not self._on_error then
-    -- A handler that raises comes here (runtime/coro.c finds it among the
-    -- keys of _conns, so a connection costs no entry of its own for it).
-    -- The server holds the function: core.on_error holds it weakly.
-    self._on_error = function(co, tb)
-      local stream = self._conns[co]
-      local host, port = stream:getpeername()
-      if not host then host, port = "?", "?" end -- closed before it raised
-      log.error("Error in handle_stream for %s:%s\n%s", tostring(host), tostring(port), tb)
-      stats.handler_errors = stats.handler_errors + 1
-      stream:close()
+  if not self._on_finish then
+    -- Every handler's coroutine ends here (runtime/coro.c finds it among
+    -- the keys of _conns): `tb` is the traceback when it raised. The
+    -- server holds the function: core.on_finish holds it weakly.
+    self._on_finish = function(co, tb)
+      if tb then
+        local stream = self._conns[co]
+        local host, port = stream:getpeername()
+        if not host then host, port = "?", "?" end -- closed before it raised
+        log.error("Error in handle_stream for %s:%s\n%s", tostring(host), tostring(port), tb)
+        stats.handler_errors = stats.handler_errors + 1
+        stream:close()
+      end
       finished(self, co)
     end
-    on_error_in(self._conns, self._on_error)
+    on_finish(self._conns, self._on_finish)
   end
   for _, sock in ipairs(sockets) do
     self._sockets[#self._sockets + 1] = sock
