@@ -71,7 +71,6 @@ function TCPServer.new(cls, opts)
   return self
 end
 
-
 --- Override in a subclass (or pass `handle_stream` to the constructor).
 -- Runs in its own coroutine per connection; an error it raises is logged
 -- with its traceback and closes that stream only.
