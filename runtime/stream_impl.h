@@ -196,6 +196,7 @@ void stream_wake_writers(squall_stream *s);
 int stream_write_queued(lua_State *L, squall_stream *s, size_t total,
                         int may_wait);
 int stream_write_refused(lua_State *L, squall_stream *s, size_t total);
+int stream_write_too_big(const squall_stream *s, size_t n);
 
 /* stream_tls.c */
 int stream_l_get_alpn_protocol(lua_State *L);

@@ -45,11 +45,17 @@ int stream_busy(lua_State *L) {
   return 2;
 }
 
+/* A max_bytes a read accepts: a positive integer (below 2^64, so the
+ * conversion is defined). The C methods and the FFI path ask the same. */
+static int max_bytes_valid(lua_Number n) {
+  return n >= 1 && n < 18446744073709551616.0 && n == (lua_Number)(uint64_t)n;
+}
+
 static size_t opt_max_bytes(lua_State *L, int idx) {
   if (lua_isnoneornil(L, idx))
     return SIZE_MAX;
   lua_Number n = luaL_checknumber(L, idx);
-  luaL_argcheck(L, n >= 1 && n == (lua_Number)(uint64_t)n, idx,
+  luaL_argcheck(L, max_bytes_valid(n), idx,
                 "max_bytes must be a positive integer");
   return (size_t)n;
 }
@@ -165,8 +171,10 @@ static int l_write(lua_State *L) {
   if (total == 0)
     return stream_write_queued(L, s, 0, 0);
   struct stream_writes *w = stream_writes(s);
-  int err = w == NULL;
-  if (t == LUA_TSTRING && w != NULL) {
+  if (w == NULL)
+    return luaL_error(L, "out of memory queueing a write");
+  int err = 0;
+  if (t == LUA_TSTRING) {
     err = squall_buffer_append(&w->wq, lua_tostring(L, 2), total);
   } else {
     for (int i = 1; i <= n && err == 0; i++) {
@@ -407,8 +415,7 @@ int squall_stream_ffi_line(squall_stream **p, const char *delim, size_t dlen,
   if (s->read_kind != READ_NONE || s->tls != NULL || dlen == 0 ||
       (s->closed && !s->eof) || !(s->reading || s->eof))
     return 0;
-  if (!(max_bytes >= 1 && max_bytes <= 9007199254740992.0 &&
-        max_bytes == (double)(uint64_t)max_bytes))
+  if (!max_bytes_valid(max_bytes))
     return 0;
   squall_buffer_reset_scan(&s->rbuf);
   long at = squall_buffer_find(&s->rbuf, delim, dlen);
@@ -433,10 +440,8 @@ int squall_stream_ffi_write(squall_stream **p, const char *data, size_t n) {
   squall_stream *s = *p;
   if (s->closed || !s->held_unsent || s->w == NULL || n == 0)
     return 0;
-  size_t unsent = stream_unsent(s);
-  if (unsent + n > s->o.write_high_water ||
-      (s->o.max_write_buffer_size > 0 &&
-       unsent + n > s->o.max_write_buffer_size))
+  if (stream_unsent(s) + n > s->o.write_high_water ||
+      stream_write_too_big(s, n))
     return 0;
   if (squall_buffer_append(&s->w->wq, data, n) != 0)
     return 0;

@@ -235,14 +235,19 @@ int stream_wait_writer(lua_State *L, squall_stream *s, int kind,
   return lua_yield(L, 0);
 }
 
+/* Whether queueing `n` more bytes would pass max_write_buffer_size. */
+int stream_write_too_big(const squall_stream *s, size_t n) {
+  return s->o.max_write_buffer_size > 0 &&
+         stream_unsent(s) + n > s->o.max_write_buffer_size;
+}
+
 /* Before queueing `total` bytes: 0 when they may be queued, else the
  * results pushed (nil and closed, or buffer_full past
  * max_write_buffer_size). */
 int stream_write_refused(lua_State *L, squall_stream *s, size_t total) {
   if (s->closed)
     return stream_push_closed(L, s);
-  if (s->o.max_write_buffer_size > 0 &&
-      stream_unsent(s) + total > s->o.max_write_buffer_size) {
+  if (stream_write_too_big(s, total)) {
     lua_pushnil(L);
     squall_push_error(L, "buffer_full",
                       "the write would pass max_write_buffer_size");

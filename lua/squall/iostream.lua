@@ -112,7 +112,7 @@ int squall_stream_ffi_write(void *p, const char *data, size_t n);
 local C = ffi.C
 local fast = pcall(function() return C.squall_stream_ffi_write end)
 local ffi_string, getmetatable, select = ffi.string, getmetatable, select
-local NO_LIMIT = 2 ^ 53
+local NO_LIMIT = 2 ^ 53 -- stands for "no max_bytes": no line is that long
 
 local read_until = c.read_until
 --- Read up to and including `delim`; see docs/api.md.
