@@ -149,6 +149,10 @@ static int l_resume(lua_State *L) {
     return 1;
   }
   int nargs = lua_gettop(L) - 1;
+  /* lua_xmove does not grow the target's stack: a new coroutine has
+   * room for a few dozen values, and an RPC request may bring thousands. */
+  if (!lua_checkstack(co, nargs + LUA_MINSTACK))
+    return luaL_error(L, "resume: too many arguments (%d)", nargs);
   lua_xmove(L, co, nargs);
   squall_coro_resume(L, co, nargs);
   lua_pushboolean(L, 1);

@@ -692,8 +692,16 @@ static int l_decode(lua_State *L) {
   lua_Number pos = luaL_optnumber(L, 2, 1);
   luaL_argcheck(L, pos >= 1 && pos == floor(pos), 2,
                 "pos must be a positive integer");
-  if ((size_t)pos > len + 1)
-    pos = (lua_Number)len + 1;
+  /* Compared as a double, before any conversion: a pos past what size_t
+   * holds (2^64, 1e300, inf) has no defined conversion. */
+  if (pos > (lua_Number)len + 1) {
+    lua_pushnil(L);
+    squall_push_error(L, "msgpack",
+                      lua_pushfstring(L, "pos %f is past the end of the %d bytes",
+                                      pos, (int)len));
+    lua_remove(L, -2); /* the formatted message */
+    return 2;
+  }
   size_t off = (size_t)pos - 1, used;
   if (decode_onto(L, (const unsigned char *)s + off, len - off, &used) != 0)
     return 2;
@@ -921,9 +929,9 @@ static int l_unpacker_feed(lua_State *L) {
 
 enum take_mode { TAKE_VALUE, TAKE_ITEMS, TAKE_RPC };
 
-/* Push the items of the short array at d->pos (its header already read
- * as `n` items) as values, MessagePack nil as nil, after their count;
- * an array too long to spread goes as -1 and its table. */
+/* Push the items of the short array at d->pos as values, MessagePack nil
+ * as nil, after their count; an array too long to spread goes as -1 and
+ * its table; anything else that is not an array as -2 alone. */
 static int spread_params(dec *d, int depth) {
   const unsigned char *p = d->p + d->pos;
   uint64_t m = 0;
@@ -933,9 +941,14 @@ static int spread_params(dec *d, int depth) {
   } else if (d->len - d->pos >= 3 && p[0] == 0xdc) {
     m = be(p + 1, 2);
     hlen = 2;
+  } else if (d->len - d->pos >= 5 && p[0] == 0xdd) {
+    m = be(p + 1, 4);
+    hlen = 4;
   } else {
-    lua_pushnumber(d->L, -1);
-    return dec_value(d, depth);
+    /* not an array: invalid MessagePack-RPC, for the caller to refuse
+     * (the value is not decoded; the scan already checked its bytes) */
+    lua_pushnumber(d->L, -2);
+    return 0;
   }
   if (m > 64 || !lua_checkstack(d->L, (int)m + 2)) {
     lua_pushnumber(d->L, -1);
@@ -1029,9 +1042,9 @@ static int l_unpacker_next_items(lua_State *L) {
 
 /* u:next_rpc() -> as next_items, but a MessagePack-RPC request or
  * notification comes as 4, kind, msgid (nil for a notification), method,
- * nparams, params... (MessagePack nil as nil; nparams -1 and the value
- * when the params are not an array of at most 64): what squall.rpc
- * dispatches, with no table built per message. */
+ * nparams, params... (MessagePack nil as nil; nparams -1 and the table
+ * for an array of more than 64, -2 alone when the params are not an
+ * array): what squall.rpc dispatches, with no table built per message. */
 static int l_unpacker_next_rpc(lua_State *L) {
   return take_value(L, TAKE_RPC);
 }

@@ -184,6 +184,22 @@ describe("squall.msgpack", function()
     assert.equal(2, select("#", msgpack.values({ 1, msgpack.null, 3 }, 2)))
   end)
 
+  it("values refuses more items than a call can take, before looking at any", function()
+    -- keys 1, 2, 4, ... 2^29: #t is a border near 2^29, and a loop to it
+    -- froze the loop for seconds (issue 21)
+    local sparse = {}
+    for k = 0, 29 do sparse[2 ^ k] = k end
+    local holey = msgpack.decode(msgpack.encode(msgpack.map(sparse)))
+    assert.is_true(#holey > msgpack.MAX_VALUES)
+    local ok, err = pcall(msgpack.values, holey)
+    assert.is_false(ok)
+    assert.matches("more than a call can take", err)
+    local big = {}
+    for i = 1, msgpack.MAX_VALUES + 1 do big[i] = i end
+    assert.is_false((pcall(msgpack.values, big)))
+    assert.equal(msgpack.MAX_VALUES, select("#", msgpack.values(big, 2)))
+  end)
+
   it("decodes from a position and returns the next one", function()
     local s = msgpack.encode("a") .. msgpack.encode({ 1 }) .. msgpack.encode(7)
     local a, p = msgpack.decode(s)
@@ -191,6 +207,14 @@ describe("squall.msgpack", function()
     local c, p3 = msgpack.decode(s, p2)
     assert.equal("a", a); assert.same({ 1 }, b); assert.equal(7, c)
     assert.equal(#s + 1, p3)
+    -- past the end: nil, err, whatever the number (2^64 has no size_t)
+    for _, pos in ipairs({ #s + 2, 2 ^ 53, 2 ^ 64, 1e300, math.huge }) do
+      local v, err = msgpack.decode(s, pos)
+      assert.is_nil(v)
+      assert.equal("msgpack", err.kind)
+      assert.matches("past the end", tostring(err))
+    end
+    assert.equal("truncated", tostring(select(2, msgpack.decode(s, #s + 1))):match("truncated"))
   end)
 
   describe("unpacker", function()
@@ -276,6 +300,11 @@ describe("squall.msgpack", function()
       u:feed(msgpack.encode_array(0, 1, "f", many))
       local _, _, _, _, c2, t = u:next_rpc()
       assert.equal(-1, c2); assert.equal(70, #t)
+      -- params that are not an array at all: -2, nothing decoded
+      u:feed(msgpack.encode_array(0, 2, "f", { a = 1 }) .. msgpack.encode_array(2, "g", 5))
+      local n3, _, _, _, c3, t3 = u:next_rpc()
+      assert.equal(4, n3); assert.equal(-2, c3); assert.is_nil(t3)
+      assert.equal(-2, select(5, u:next_rpc()))
     end)
 
     it("refuses a container whose items pass max_size before they all arrive", function()

@@ -225,6 +225,67 @@ describe("squall.rpc", function()
       server:stop()
     end))
 
+    it("closes a request whose params are a map, at once, and serves everyone else",
+      async(function()
+      -- keys 1, 2, 4, ... 2^29 once made the server loop to a border near
+      -- 2^30: three such 319-byte requests froze every client for 18 s
+      local server, port = serve(nil, { sum = function(_, a, b) return a + b end })
+      local keys = {}
+      for k = 0, 59 do keys[2 ^ (k % 30) + math.floor(k / 30)] = k end
+      local bytes = msgpack.encode({ 0, 1, "m", msgpack.map(keys) })
+      local other = assert(rpc.connect("127.0.0.1", port))
+      local log = helpers.capture_log(function()
+        local hostile = {}
+        for i = 1, 3 do hostile[i] = raw(port, bytes) end
+        for i = 1, 3 do
+          local rest = hostile[i]:read_until_close()
+          assert.equal("", rest or "") -- nothing answered: closed
+        end
+        assert.equal(5, other:call("sum", 2, 3))
+      end)
+      assert.matches("the params of m are not an array", log)
+      other:close()
+      server:stop()
+    end))
+
+    it("answers a request with more parameters than a call takes; the close path runs",
+      async(function()
+      local closed = gen.Future()
+      local server, port = serve(nil, { count = function(_, ...) return select("#", ...) end })
+      local c = assert(rpc.connect("127.0.0.1", port))
+      local many = {}
+      for i = 1, 9000 do many[i] = i end
+      local r, err = c:call("count", unpack(many, 1, 7000))
+      assert.equal(7000, r, err and tostring(err))
+      -- 9000 parameters: an error answer, the connection goes on
+      local s = raw(port, msgpack.encode({ 0, 1, "count", many }) ..
+        msgpack.encode({ 0, 2, "count", { 1, 2 } }))
+      local u = msgpack.unpacker()
+      local got = {}
+      while #got < 2 do
+        u:feed(assert(s:read_bytes(4096, true)))
+        local msg = u:next()
+        while msg do
+          got[#got + 1] = msg
+          msg = u:next()
+        end
+      end
+      assert.equal(1, got[1][2])
+      assert.matches("too many parameters for count: 9000", got[1][3])
+      assert.same({ 1, 2, msgpack.null, 2 }, got[2])
+      local conns = {}
+      for conn in server:connections() do conns[#conns + 1] = conn end
+      assert.equal(2, #conns)
+      server.on_close = function(conn)
+        if not closed:done() then closed:set_result(conn.id) end
+      end
+      s:close()
+      closed:result()
+      c:close()
+      eventually(function() return server:connections()() == nil end, "no connection left")
+      server:stop()
+    end))
+
     it("logs a response to an unknown msgid and keeps the connection", async(function()
       local server, port = serve(nil, { sum = function(_, a, b) return a + b end })
       local s
@@ -292,6 +353,31 @@ describe("squall.rpc", function()
     for i = 1, 12 do assert.is_true(results[i]) end
     assert.equal(3, peak)
     c:close()
+    server:stop()
+  end))
+
+  it("notices a client that goes away while its connection is paused at max_pending",
+    async(function()
+    local release = gen.Future()
+    local closed = gen.Future()
+    local started = 0
+    local server, port = serve({ max_pending = 2 }, {
+      hold = function()
+        started = started + 1
+        release:result()
+        return true
+      end,
+    })
+    server.on_close = function(conn) closed:set_result(conn.id) end
+    local s = assert(iostream.connect("127.0.0.1", port))
+    for i = 1, 5 do s:write(msgpack.encode({ 0, i, "hold", {} })) end
+    eventually(function() return started == 2 end, "two requests running")
+    s:close()
+    -- the handlers still wait; the server sees the client gone all the same
+    assert.is_number(closed:result())
+    assert.is_nil(server:connections()())
+    assert.equal(2, started)
+    release:set_result(true)
     server:stop()
   end))
 

@@ -69,10 +69,23 @@ M.write_array = c_write_array
 -- @return nil, err (kind `msgpack`) when the bytes are invalid or truncated
 M.decode = c_decode
 
+--- The most values a Lua call can take at once: LuaJIT's `unpack`
+-- refuses more than its C stack allows (LUAI_MAXCSTACK, 8000 slots, less
+-- the few the call itself uses).
+M.MAX_VALUES = 7900
+
 --- The items i..j (default 1..#t) of a decoded array as values, with
--- msgpack.null as nil (in place: those items of `t` become nil).
+-- msgpack.null as nil (in place: those items of `t` become nil). Raises
+-- when that is more than `msgpack.MAX_VALUES` items, before touching any:
+-- `#t` of a table with holes can be any border, 2^29 for keys 1, 2, 4,
+-- ... 2^29.
 function M.values(t, i, j)
+  if type(t) ~= "table" then error("msgpack.values: expected a table, got " .. type(t), 2) end
   i, j = i or 1, j or #t
+  if j - i + 1 > M.MAX_VALUES then
+    error(("msgpack.values: %d items are more than a call can take (at most %d)")
+      :format(j - i + 1, M.MAX_VALUES), 2)
+  end
   for k = i, j do
     if t[k] == M.null then t[k] = nil end
   end

@@ -287,7 +287,8 @@ local function serve(conn, msgid, method, ...)
   else
     local ok, r, e = xpcall(fn, traceback, conn, ...)
     if not ok then
-      log.error("rpc: %s raised: %s", method, tostring(r))
+      -- (r as it is: the log's format survives a __tostring that raises)
+      log.error("rpc: %s raised: %s", method, r)
       stats.handler_errors = stats.handler_errors + 1
       err = "internal error"
     elseif r == nil and e ~= nil then
@@ -353,6 +354,19 @@ local function protocol_error(conn, why)
   return false
 end
 
+-- A request or notification with more parameters than a call can take:
+-- answered with an error (a notification is logged); the connection goes on.
+local MAX_PARAMS = msgpack.MAX_VALUES - 8 -- room for serve's own arguments
+local function too_many_params(conn, msgid, method, n)
+  local why = format("too many parameters for %s: %d (at most %d)", method, n, MAX_PARAMS)
+  if msgid == nil then
+    log.warn("rpc: connection %d: dropping a notification: %s", conn.id, why)
+    return true
+  end
+  send(conn, RESPONSE, msgid, why, nil)
+  return true
+end
+
 -- One message, as the unpacker's next_rpc gives it; true to read on,
 -- false when it is incomplete or broke the protocol.
 local function dispatch(conn, n, kind, b, c, d, ...)
@@ -366,9 +380,13 @@ local function dispatch(conn, n, kind, b, c, d, ...)
       return protocol_error(conn, "a request is not [0, msgid, method, params]" ..
         " nor a notification [2, method, params]")
     end
-    local params = ... -- only read when not spread (d == -1)
-    if d == -1 and type(params) ~= "table" then
+    if d == -2 then
       return protocol_error(conn, "the params of " .. c .. " are not an array")
+    end
+    local params = ... -- only read when not spread (d == -1)
+    if d == -1 and #params > MAX_PARAMS then
+      -- valid MessagePack-RPC, but more arguments than a Lua call takes
+      return too_many_params(conn, b, c, #params)
     end
     if kind == REQUEST then conn._inflight = conn._inflight + 1 end
     if d == -1 then
@@ -411,25 +429,48 @@ local function dispatch(conn, n, kind, b, c, d, ...)
   return true
 end
 
--- Read messages until the stream closes; then fail the calls still waiting.
-local function read_loop(conn)
+-- Read and dispatch messages until the stream closes or breaks.
+local function read_messages(conn)
   local stream = conn.stream
   local unpacker = msgpack.unpacker({ max_size = conn._max_message_size })
   local feed, next_rpc = unpacker.feed, unpacker.next_rpc
   s_set_idle(stream, true)
+  -- While paused at max_pending the reader waits on _slot, not on the
+  -- stream: a peer that goes away meanwhile must wake it too.
+  stream:set_close_callback(function()
+    local slot = conn._slot
+    if slot then
+      conn._slot = nil
+      slot:set_result()
+    end
+  end)
   while true do
     local chunk = s_read_bytes(stream, 65536, true)
     if not chunk then break end
     feed(unpacker, chunk)
     while not conn._broken do
       if not dispatch(conn, next_rpc(unpacker)) then break end
-      -- Backpressure: past max_pending running requests, read no more.
-      while conn._inflight >= conn._max_pending and not s_closed(stream) do
+      -- Backpressure: past max_pending running requests, read no more. A
+      -- peer gone meanwhile gets no answers: what it sent past the bound
+      -- is dropped, never run beyond max_pending.
+      while conn._inflight >= conn._max_pending do
+        if s_closed(stream) then return end
         conn._slot = conn._slot or gen.Future()
         conn._slot:result()
       end
     end
     if conn._broken or s_closed(stream) then break end
+  end
+end
+
+-- Read messages until the stream closes; then fail the calls still
+-- waiting. Whatever went wrong, the connection ends here and closes.
+local function read_loop(conn)
+  local stream = conn.stream
+  local ok, why = xpcall(read_messages, traceback, conn)
+  if not ok then
+    log.error("rpc: connection %d failed: %s", conn.id, why)
+    conn._close_error = conn._close_error or rpc_error("closed", "the connection failed")
   end
   stream:close()
   local err = conn._close_error or stream.error or rpc_error("closed", "the connection closed")
