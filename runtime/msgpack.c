@@ -697,7 +697,8 @@ static int l_decode(lua_State *L) {
   if (pos > (lua_Number)len + 1) {
     lua_pushnil(L);
     squall_push_error(L, "msgpack",
-                      lua_pushfstring(L, "pos %f is past the end of the %d bytes",
+                      lua_pushfstring(L,
+                                      "pos %f is past the end of the %d bytes",
                                       pos, (int)len));
     lua_remove(L, -2); /* the formatted message */
     return 2;

@@ -187,17 +187,17 @@ describe("squall.msgpack", function()
   it("values refuses more items than a call can take, before looking at any", function()
     -- keys 1, 2, 4, ... 2^29: #t is a border near 2^29, and a loop to it
     -- froze the loop for seconds (issue 21)
-    local sparse = {}
-    for k = 0, 29 do sparse[2 ^ k] = k end
-    local holey = msgpack.decode(msgpack.encode(msgpack.map(sparse)))
+    local keys = {}
+    for k = 0, 29 do keys[2 ^ k] = k end
+    local holey = msgpack.decode(msgpack.encode(msgpack.map(keys)))
     assert.is_true(#holey > msgpack.MAX_VALUES)
     local ok, err = pcall(msgpack.values, holey)
     assert.is_false(ok)
     assert.matches("more than a call can take", err)
-    local big = {}
-    for i = 1, msgpack.MAX_VALUES + 1 do big[i] = i end
-    assert.is_false((pcall(msgpack.values, big)))
-    assert.equal(msgpack.MAX_VALUES, select("#", msgpack.values(big, 2)))
+    local long = {}
+    for i = 1, msgpack.MAX_VALUES + 1 do long[i] = i end
+    assert.is_false((pcall(msgpack.values, long)))
+    assert.equal(msgpack.MAX_VALUES, select("#", msgpack.values(long, 2)))
   end)
 
   it("decodes from a position and returns the next one", function()
