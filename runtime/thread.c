@@ -9,10 +9,15 @@
  * back; the loop learns of finished jobs through a uv_async_t, never by
  * polling, and calls each job's Lua callback on the loop's thread.
  *
- * Lifetime: the pool is owned by its userdata. Closing it (the loop
- * closing, or the collector) tells the threads to stop once their current
- * job is done, joins them, closes their states and frees the jobs left;
- * the async handle is freed in its close callback.
+ * Lifetime: the pool is shared by the loop's side (its userdata and the
+ * async handle) and its threads. Closing it (pool:close(), the loop
+ * closing, or the collector) drops the jobs not yet started and tells the
+ * threads to end after their current one, without waiting for them: a job
+ * may run for minutes, and the loop must not. Each thread closes its own
+ * state as it ends. The pool's memory goes with whichever side finishes
+ * last: the loop's, once the async handle is closed and the userdata
+ * collected, or the last thread's. A thread wakes the loop only while the
+ * async handle is not closing (checked under the mutex).
  */
 #include "thread.h"
 
@@ -37,8 +42,8 @@ typedef struct job {
   char *module, *func;
   char *data; /* arguments in, then (ok, results...) out, as MessagePack */
   size_t len;
-  int failed; /* the worker could not even run it: data is a message */
-  int cb_ref; /* the Lua callback, on the loop's thread */
+  int failed;    /* the worker could not even run it: data is a message */
+  lua_Number id; /* the caller's, handed back to the pool's callback */
 } job;
 
 typedef struct pool {
@@ -49,20 +54,34 @@ typedef struct pool {
   pthread_cond_t cv;
   job *todo, **todo_end; /* waiting for a worker, in order */
   job *done, **done_end; /* finished, for the loop */
-  int started, stopping, closed, in_flight, async_open, ud_alive;
+  /* Under mu: */
+  int threads_live;  /* started and not yet ended */
+  int stopping;      /* no new job: threads end after their current one */
+  int async_closing; /* threads must not wake the loop any more */
+  int loop_done;     /* the async handle closed and the userdata gone */
+  /* The loop's thread only: */
+  int in_flight, async_open, ud_alive;
+  int cb_ref;         /* on_done(id, ok, bytes), until the pool stops */
   char *path, *cpath; /* the host's package paths, for every worker */
-  pthread_t *threads;
 } pool;
 
 /* What a worker runs for each job (a chunk compiled once per state). */
 static const char WORKER_CHUNK[] =
     "local mp = require 'squall.msgpack'\n"
+    "local core = require 'squall.core'\n"
     "local unpack, pcall, select = unpack, pcall, select\n"
     "local function pack(...) return { n = select('#', ...), ... } end\n"
+    /* util.check_main_thread reads these: a worker may not start threads,
+     * run a loop or listen (the main script required as a module would
+     * start them all again in every worker) */
+    "core.in_worker = true\n"
     "return function(module, func, data)\n"
     "  local args = mp.decode(data)\n"
     "  local function run()\n"
-    "    local m = require(module)\n"
+    "    core.worker_loading = module\n"
+    "    local ok, m = pcall(require, module)\n"
+    "    core.worker_loading = nil\n"
+    "    if not ok then error(m, 0) end\n"
     "    local f = type(m) == 'table' and m[func]\n"
     "    if type(f) ~= 'function' then\n"
     "      error(('%s.%s is not a function'):format(module, func), 0)\n"
@@ -128,6 +147,8 @@ static void run_job(lua_State *L, job *j) {
   lua_gc(L, LUA_GCSTEP, 0);
 }
 
+static void free_pool(pool *p);
+
 static void *worker_main(void *arg) {
   pool *p = arg;
   const char *err = NULL;
@@ -167,25 +188,30 @@ static void *worker_main(void *arg) {
     pthread_mutex_lock(&p->mu);
     *p->done_end = j;
     p->done_end = &j->next;
+    if (!p->async_closing)
+      uv_async_send(&p->async);
     pthread_mutex_unlock(&p->mu);
-    uv_async_send(&p->async);
   }
   if (L != NULL)
     lua_close(L);
   squall_msgpack_thread_exit();
+  pthread_mutex_lock(&p->mu);
+  int last = --p->threads_live == 0 && p->loop_done;
+  pthread_mutex_unlock(&p->mu);
+  if (last)
+    free_pool(p);
   return NULL;
 }
 
-static void free_job(lua_State *L, job *j) {
-  if (L != NULL && j->cb_ref != LUA_NOREF)
-    luaL_unref(L, LUA_REGISTRYINDEX, j->cb_ref);
+static void free_job(job *j) {
   free(j->module);
   free(j->func);
   free(j->data);
   free(j);
 }
 
-/* On the loop's thread: call back every finished job, in order. */
+/* On the loop's thread: call back every finished job, in order (none
+ * once the pool stopped: Lua failed those calls when it closed it). */
 static void on_async(uv_async_t *a) {
   pool *p = a->data;
   lua_State *L = p->loop->finalizing ? NULL : p->loop->L;
@@ -193,24 +219,31 @@ static void on_async(uv_async_t *a) {
   job *list = p->done;
   p->done = NULL;
   p->done_end = &p->done;
+  int stopping = p->stopping;
   pthread_mutex_unlock(&p->mu);
   while (list != NULL) {
     job *j = list;
     list = j->next;
-    if (--p->in_flight == 0)
+    if (p->in_flight > 0 && --p->in_flight == 0)
       uv_unref((uv_handle_t *)&p->async); /* idle: do not hold the loop */
-    if (L != NULL) {
-      lua_rawgeti(L, LUA_REGISTRYINDEX, j->cb_ref);
+    if (L != NULL && !stopping) {
+      lua_rawgeti(L, LUA_REGISTRYINDEX, p->cb_ref);
+      lua_pushnumber(L, j->id);
       lua_pushboolean(L, !j->failed);
       lua_pushlstring(L, j->data, j->len);
-      squall_loop_call(p->loop, 2, "thread callback");
+      squall_loop_call(p->loop, 3, "thread callback");
     }
-    free_job(L, j);
+    free_job(j);
   }
 }
 
 static void free_pool(pool *p) {
-  free(p->threads);
+  for (job *lists[2] = {p->todo, p->done}, **l = lists; l < lists + 2; l++)
+    while (*l != NULL) {
+      job *j = *l;
+      *l = j->next;
+      free_job(j);
+    }
   free(p->path);
   free(p->cpath);
   pthread_mutex_destroy(&p->mu);
@@ -218,54 +251,87 @@ static void free_pool(pool *p) {
   free(p);
 }
 
-static void async_closed(uv_handle_t *h) {
-  pool *p = h->data;
-  p->async_open = 0;
-  if (!p->ud_alive)
+/* The loop's side is finished with the pool once its async handle is
+ * closed and its userdata collected; the last thread may still run. */
+static void loop_side_done(pool *p) {
+  if (p->async_open || p->ud_alive)
+    return;
+  pthread_mutex_lock(&p->mu);
+  p->loop_done = 1;
+  int last = p->threads_live == 0;
+  pthread_mutex_unlock(&p->mu);
+  if (last)
     free_pool(p);
 }
 
-/* Stop the threads (after their current job), join them, and drop what
- * was never run or never called back. */
-static void close_pool(squall_handle *h) {
-  pool *p = (pool *)h;
-  if (p->closed)
-    return;
-  p->closed = 1;
+static void async_closed(uv_handle_t *h) {
+  pool *p = h->data;
+  p->async_open = 0;
+  loop_side_done(p);
+}
+
+/* Take no more jobs and drop those not started; the threads end after
+ * their current job, unwaited. Lua fails every call still waiting. */
+static void stop_pool(pool *p) {
   pthread_mutex_lock(&p->mu);
+  if (p->stopping) {
+    pthread_mutex_unlock(&p->mu);
+    return;
+  }
   p->stopping = 1;
+  job *todo = p->todo;
+  p->todo = NULL;
+  p->todo_end = &p->todo;
   pthread_cond_broadcast(&p->cv);
   pthread_mutex_unlock(&p->mu);
-  for (int i = 0; i < p->started; i++)
-    pthread_join(p->threads[i], NULL);
+  while (todo != NULL) {
+    job *j = todo;
+    todo = j->next;
+    free_job(j);
+  }
   lua_State *L = p->loop->finalizing ? NULL : p->loop->L;
-  for (job *lists[2] = {p->todo, p->done}, **l = lists; l < lists + 2; l++)
-    while (*l != NULL) {
-      job *j = *l;
-      *l = j->next;
-      free_job(L, j);
-    }
-  p->todo = p->done = NULL;
+  if (L != NULL)
+    luaL_unref(L, LUA_REGISTRYINDEX, p->cb_ref);
+  p->cb_ref = LUA_NOREF;
+  if (p->in_flight > 0) {
+    p->in_flight = 0;
+    uv_unref((uv_handle_t *)&p->async);
+  }
+}
+
+/* Stop, and close the async handle (the loop closing, or the collector). */
+static void close_pool(squall_handle *h) {
+  pool *p = (pool *)h;
+  stop_pool(p);
+  if (!p->async_open)
+    return;
+  pthread_mutex_lock(&p->mu);
+  if (p->async_closing) {
+    pthread_mutex_unlock(&p->mu);
+    return;
+  }
+  p->async_closing = 1;
+  pthread_mutex_unlock(&p->mu);
   uv_close((uv_handle_t *)&p->async, async_closed);
 }
 
 static pool *check_pool(lua_State *L) {
   pool **pp = squall_checkudata(L, 1, POOL_MT);
-  if (*pp == NULL || (*pp)->closed)
+  if (*pp == NULL || (*pp)->stopping)
     luaL_error(L, "the thread pool is closed");
   return *pp;
 }
 
-/* pool:submit(module, func, args_bytes, callback): callback(ok, bytes)
- * runs on the loop once a worker is done (bytes: (ok, results...) as
- * MessagePack, or a message when not ok). */
+/* pool:submit(module, func, args_bytes, id): the pool's on_done(id, ok,
+ * bytes) runs on the loop once a worker is done (bytes: (ok, results...)
+ * as MessagePack, or a message when not ok). */
 static int l_submit(lua_State *L) {
   pool *p = check_pool(L);
   size_t mlen, flen, n;
   const char *module = luaL_checklstring(L, 2, &mlen);
   const char *func = luaL_checklstring(L, 3, &flen);
   const char *data = luaL_checklstring(L, 4, &n);
-  luaL_checktype(L, 5, LUA_TFUNCTION);
+  lua_Number id = luaL_checknumber(L, 5);
   job *j = calloc(1, sizeof *j);
   if (j == NULL)
     return luaL_error(L, "out of memory");
@@ -273,13 +339,11 @@ static int l_submit(lua_State *L) {
   j->func = dup_bytes(func, flen);
   j->data = dup_bytes(data, n);
   j->len = n;
+  j->id = id;
   if (j->module == NULL || j->func == NULL || j->data == NULL) {
-    j->cb_ref = LUA_NOREF;
-    free_job(L, j);
+    free_job(j);
     return luaL_error(L, "out of memory");
   }
-  lua_pushvalue(L, 5);
-  j->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   if (p->in_flight++ == 0)
     uv_ref((uv_handle_t *)&p->async);
   pthread_mutex_lock(&p->mu);
@@ -293,7 +357,7 @@ static int l_submit(lua_State *L) {
 static int l_pool_close(lua_State *L) {
   pool **pp = squall_checkudata(L, 1, POOL_MT);
   if (*pp != NULL)
-    close_pool(&(*pp)->h);
+    stop_pool(*pp);
   return 0;
 }
 
@@ -305,18 +369,19 @@ static int l_pool_gc(lua_State *L) {
   *pp = NULL;
   p->ud_alive = 0;
   close_pool(&p->h);
-  if (!p->async_open)
-    free_pool(p);
+  loop_side_done(p);
   return 0;
 }
 
-/* core.thread_pool(loop, size, path, cpath) -> pool */
+/* core.thread_pool(loop, size, path, cpath, on_done) -> pool, where
+ * on_done(id, ok, bytes) runs for each job submitted with `id` */
 static int l_thread_pool(lua_State *L) {
   squall_loop *loop = squall_loop_check(L, 1);
   int size = (int)luaL_checkinteger(L, 2);
   luaL_argcheck(L, size >= 1 && size <= 256, 2, "size must be from 1 to 256");
   const char *path = luaL_checkstring(L, 3);
   const char *cpath = luaL_checkstring(L, 4);
+  luaL_checktype(L, 5, LUA_TFUNCTION);
   pool **pp = lua_newuserdata(L, sizeof *pp);
   *pp = NULL;
   luaL_getmetatable(L, POOL_MT);
@@ -331,10 +396,9 @@ static int l_thread_pool(lua_State *L) {
   p->ud_alive = 1;
   p->path = dup_bytes(path, strlen(path));
   p->cpath = dup_bytes(cpath, strlen(cpath));
-  p->threads = calloc((size_t)size, sizeof *p->threads);
   pthread_mutex_init(&p->mu, NULL);
   pthread_cond_init(&p->cv, NULL);
-  if (p->path == NULL || p->cpath == NULL || p->threads == NULL) {
+  if (p->path == NULL || p->cpath == NULL) {
     free_pool(p);
     return luaL_error(L, "out of memory");
   }
@@ -342,13 +406,25 @@ static int l_thread_pool(lua_State *L) {
   p->async.data = p;
   p->async_open = 1;
   uv_unref((uv_handle_t *)&p->async);
+  lua_pushvalue(L, 5);
+  p->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   *pp = p;
-  for (int i = 0; i < size; i++) {
-    if (pthread_create(&p->threads[i], NULL, worker_main, p) != 0)
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  int started = 0;
+  for (; started < size; started++) {
+    pthread_t t;
+    pthread_mutex_lock(&p->mu);
+    int failed = pthread_create(&t, &attr, worker_main, p);
+    if (!failed)
+      p->threads_live++;
+    pthread_mutex_unlock(&p->mu);
+    if (failed)
       break;
-    p->started++;
   }
-  if (p->started == 0) {
+  pthread_attr_destroy(&attr);
+  if (started == 0) {
     close_pool(&p->h);
     return luaL_error(L, "could not start any worker thread");
   }

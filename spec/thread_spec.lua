@@ -110,6 +110,85 @@ describe("squall.thread", function()
     pool:close()
   end, { timeout = 30 }))
 
+  it("close() fails every running and queued call with closed, without waiting",
+    async(function()
+    local pool = thread.pool({ size = 1 })
+    local flag, started = os.tmpname(), os.tmpname()
+    os.remove(flag)
+    os.remove(started)
+    local calls = {
+      gen.spawn(function() return pool:run("thread_work", "spin_until", flag, started) end),
+    }
+    helpers.eventually(function() return helpers.number_in(started) or io.open(started) end,
+      "the worker to start", 20)
+    for i = 2, 4 do
+      calls[i] = gen.spawn(function() return pool:run("thread_work", "echo", i) end)
+    end
+    pool:close() -- the worker still spins: close must not wait for it
+    for i = 1, 4 do
+      local v, err = calls[i]:result()
+      assert.is_nil(v)
+      assert.equal("closed", err.kind)
+      assert.matches("thread pool was closed", tostring(err))
+    end
+    local v, err = pool:run("thread_work", "echo", 5)
+    assert.is_nil(v)
+    assert.equal("closed", err.kind)
+    pool:close() -- twice is harmless
+    helpers.spit(flag, "") -- let the worker end
+    os.remove(started)
+  end, { timeout = 30 }))
+
+  it("a worker that loads the main script as a module fails that call, saying why",
+    async(function()
+    -- app.lua calls thread.run on its own module: each worker would run its
+    -- top level again, start a pool, and so on (1,059 threads in 3 s)
+    local dir = helpers.tmpdir()
+    helpers.spit(dir .. "/app.lua", [[
+local ioloop = require "squall.ioloop"
+local thread = require "squall.thread"
+local M = {}
+function M.fib(n) if n < 2 then return n end return M.fib(n - 1) + M.fib(n - 2) end
+ioloop.current():run_sync(function()
+  local v, err = thread.run("app", "fib", 20)
+  print(v, err and err.kind, err)
+end)
+return M
+]])
+    helpers.spit(dir .. "/serve.lua", [[
+local TCPServer = require "squall.tcpserver"
+local M = {}
+function M.f() return 1 end
+TCPServer({ handle_stream = function() end }):listen(0, "127.0.0.1")
+return M
+]])
+    helpers.spit(dir .. "/main.lua", [[
+local ioloop = require "squall.ioloop"
+local thread = require "squall.thread"
+ioloop.current():run_sync(function()
+  local v, err = thread.pool({ size = 2 }):run("serve", "f")
+  print(v, err and err.kind, err)
+end)
+]])
+    local status, out, err = helpers.spawn(("cd %s && ulimit -u 4000; timeout 30 %s app.lua")
+      :format(helpers.q(dir), helpers.q(helpers.squall)))()
+    assert.equal(0, status, err)
+    assert.matches("^nil\tthread\t", out)
+    -- (its run_sync is the first thing that cannot run there)
+    assert.matches('IOLoop:start: not in a worker thread of squall.thread. It ran while ' ..
+      'module "app" loaded for thread.run: is "app" the main script%?', out)
+    status, out, err = helpers.spawn(("cd %s && timeout 30 %s main.lua")
+      :format(helpers.q(dir), helpers.q(helpers.squall)))()
+    assert.equal(0, status, err)
+    assert.matches("netutil.bind_sockets: not in a worker thread", out)
+    os.execute("rm -rf " .. helpers.q(dir))
+  end, { timeout = 60 }))
+
+  it("raises at the caller's line for an unknown option", function()
+    assert.matches("thread.pool: unknown option sise",
+      helpers.raised(function() thread.pool({ sise = 2 }) end))
+  end)
+
   it("thread.run uses a default pool, one worker per CPU", async(function()
     assert.equal("hi", thread.run("thread_work", "echo", "hi"))
   end))

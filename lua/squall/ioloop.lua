@@ -330,6 +330,7 @@ end
 
 --- Run the loop until stop() is called.
 function IOLoop:start()
+  util.check_main_thread("IOLoop:start", 2)
   if self._closed then error("the IOLoop is closed", 2) end
   if self._running then error("the IOLoop is already running", 2) end
   self._running = true

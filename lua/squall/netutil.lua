@@ -21,6 +21,7 @@ local FAMILIES = { inet = 4, inet6 = 6, [4] = 4, [6] = 6, unspec = nil }
 -- @treturn table a list of sockets (`fileno`, `getsockname`, `close`)
 -- @return nil, err (kinds `resolve`, `address_in_use`, `io`)
 function M.bind_sockets(port, address, opts)
+  util.check_main_thread("netutil.bind_sockets", 2)
   util.check_port(port, 2)
   if address ~= nil and type(address) ~= "string" then
     error("address must be a string or nil, got " .. type(address), 2)

@@ -22,31 +22,52 @@ local util = require "squall.util"
 local M = {}
 
 local encode_array, decode = msgpack.encode_array, msgpack.decode
-local type, error = type, error
+local type, error, pairs, tostring = type, error, pairs, tostring
 
 --- A pool of worker threads.
 -- @type Pool
 local Pool = util.class()
 
+local POOL_KEYS = { size = true }
+
+local function closed_error()
+  return core.error("closed", "the thread pool was closed before the call finished")
+end
+
 --- Make a pool of `size` workers (default: one per CPU). Calls queue in
 -- order while every worker is busy.
 -- @tparam[opt] table opts `size`
 function M.pool(opts)
+  util.check_main_thread("thread.pool", 2)
   opts = opts or {}
   if type(opts) ~= "table" then error("thread.pool: opts must be a table", 2) end
+  for k in pairs(opts) do
+    if not POOL_KEYS[k] then error("thread.pool: unknown option " .. tostring(k), 2) end
+  end
   local size = opts.size or process.cpu_count()
   if type(size) ~= "number" or size < 1 or size > 256 or size % 1 ~= 0 then
     error("thread.pool: size must be an integer from 1 to 256, got " .. util.describe(size), 2)
   end
   local loop = ioloop.current()
-  return setmetatable({ size = size,
-    _c = core.thread_pool(loop:core_loop(), size, package.path, package.cpath) }, Pool)
+  -- Calls waiting for a worker, by id. The runtime calls back with an id
+  -- (never holding the pool), so a pool nobody uses is collected.
+  local waiting = {}
+  local c = core.thread_pool(loop:core_loop(), size, package.path, package.cpath,
+    function(id, ran, bytes)
+      local f = waiting[id]
+      if f then
+        waiting[id] = nil
+        f:set_result(ran, bytes)
+      end
+    end)
+  return setmetatable({ size = size, _c = c, _waiting = waiting, _next_id = 0 }, Pool)
 end
 
 --- Run require(module)[func](...) in a worker and wait for its results
 -- (inside a coroutine).
--- @return its results, or nil, err (kind `thread`, with the worker's
---   error message)
+-- @return its results, or nil, err: kind `thread` (with the worker's
+--   error message), or `closed` when the pool was closed before the call
+--   finished (or before it was made)
 function Pool:run(module, func, ...)
   if type(module) ~= "string" then
     error("run: module must be a string, got " .. util.describe(module), 2)
@@ -60,11 +81,14 @@ function Pool:run(module, func, ...)
     error("run: the arguments cannot be copied to a worker (nil, booleans, numbers, " ..
       "strings and tables of those only): " .. tostring(args), 2)
   end
+  if self._closed then return nil, closed_error() end
+  local id = self._next_id + 1
+  self._next_id = id
   local done = gen.Future()
-  self._c:submit(module, func, args, function(ran, bytes)
-    done:set_result(ran, bytes)
-  end)
+  self._waiting[id] = done
+  self._c:submit(module, func, args, id)
   local ran, bytes = done:result()
+  if ran == nil then return nil, bytes end -- closed
   if not ran then return nil, core.error("thread", bytes) end
   local r = decode(bytes) -- (ok, results...)
   if r[1] ~= true then
@@ -73,9 +97,18 @@ function Pool:run(module, func, ...)
   return msgpack.values(r, 2)
 end
 
---- Stop the workers once their current calls are done.
+--- Close the pool: calls not yet started are dropped, workers end once
+-- their current call is done (never waited for), and every call still
+-- waiting gets `nil, err` (kind `closed`) now; later calls get it at once.
 function Pool:close()
+  if self._closed then return end
+  self._closed = true
   self._c:close()
+  local waiting = self._waiting
+  for id, f in pairs(waiting) do
+    waiting[id] = nil
+    f:set_result(nil, closed_error())
+  end
 end
 
 -- The default pool, made on first use: one worker per CPU.
@@ -83,6 +116,7 @@ local default
 
 --- Run on the default pool (one worker per CPU); see Pool:run.
 function M.run(module, func, ...)
+  util.check_main_thread("thread.run", 2)
   if not default or default._loop ~= ioloop.current() then
     default = M.pool()
     default._loop = ioloop.current()

@@ -72,6 +72,20 @@ function M.broken(conn, err)
   return nil, err
 end
 
+--- Raise when called in a worker thread of squall.thread, where `what`
+-- (starting threads, running an IOLoop, listening) cannot be done: most
+-- often the main script was given to thread.run as a module, and loading
+-- it there would start the whole program again in every worker.
+function M.check_main_thread(what, level)
+  local core = require "squall.core"
+  if not core.in_worker then return end
+  local loading = core.worker_loading
+  local why = loading and format(" It ran while module %q loaded for thread.run: is %q " ..
+    "the main script? Put the functions workers run in a module of their own that " ..
+    "starts nothing when loaded.", loading, loading) or ""
+  error(format("%s: not in a worker thread of squall.thread.%s", what, why), level + 1)
+end
+
 --- Raise unless port is an integer from 0 to 65535.
 function M.check_port(port, level)
   if type(port) ~= "number" or port < 0 or port > 65535 or port % 1 ~= 0 then
