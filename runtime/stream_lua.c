@@ -302,6 +302,13 @@ static int l_get_write_buffer_size(lua_State *L) {
   return 1;
 }
 
+/* stream:get_read_buffer_size(): bytes received and not yet read (a
+ * client that sent nothing finds there what the peer sent unasked). */
+static int l_get_read_buffer_size(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)squall_buffer_len(&stream_check(L, 1)->rbuf));
+  return 1;
+}
+
 /* stream:_error(): the error that closed the stream, or nil. */
 static int l_error(lua_State *L) {
   squall_stream *s = stream_check(L, 1);
@@ -479,6 +486,7 @@ int squall_stream_open(lua_State *L) {
       {"reading", l_reading},
       {"writing", l_writing},
       {"get_write_buffer_size", l_get_write_buffer_size},
+      {"get_read_buffer_size", l_get_read_buffer_size},
       {"_error", l_error},
       {"set_timeout", l_set_timeout},
       {"set_nodelay", l_set_nodelay},

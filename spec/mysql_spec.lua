@@ -106,6 +106,25 @@ describe("squall.mysql", function()
     db:close()
   end, { timeout = 60 }))
 
+  it("keeps every column of the same name with compact_arrays", async(function()
+    local db = connect(srv)
+    local rows = assert(db:query("SELECT 1 AS id, 2 AS id"))
+    assert.equal(2, rows[1].id) -- keyed by name: the last wins
+    db:close()
+    db = connect(srv, { compact_arrays = true })
+    for _, res in ipairs({ assert(db:query("SELECT 1 AS id, NULL AS x, 2 AS id")),
+      assert(db:query("SELECT ? AS id, NULL AS x, 2 AS id", 1)) }) do
+      assert.same({ 1, mysql.null, 2 }, res[1])
+      assert.same({ "id", "x", "id" }, res.columns)
+    end
+    db:close()
+    local pool = mysql.pool(opts(srv, { compact_arrays = true, size = 1 }))
+    assert.same({ { 1, 2 } }, { assert(pool:query("SELECT 1 AS a, 2 AS a"))[1] })
+    pool:close()
+    assert.matches("compact_arrays must be a boolean",
+      raised(function() mysql.connect({ compact_arrays = 1 }) end))
+  end))
+
   it("returns OK results, server errors with code and SQLSTATE, and stays usable",
     async(function()
     local db = connect(srv)
@@ -202,8 +221,8 @@ describe("squall.mysql", function()
     local v, err = db:query("SELECT SLEEP(3)")
     assert.is_nil(v); assert.equal("timeout", err.kind)
     assert.is_true(db:closed())
-    v, err = db:query("SELECT 1")
-    assert.is_nil(v); assert.equal("timeout", err.kind)
+    v, err = db:query("SELECT 1") -- a failed connection: closed, the timeout its cause
+    assert.is_nil(v); assert.equal("closed", err.kind); assert.equal("timeout", err.cause.kind)
     db = connect(srv, { max_buffer_size = 100000 })
     v, err = db:query("SELECT REPEAT('x', 1000) AS s FROM seq_1_to_1000")
     assert.is_nil(v); assert.equal("buffer_full", err.kind)

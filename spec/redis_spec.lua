@@ -121,6 +121,32 @@ describe("squall.redis", function()
       sub:close(); pub:close()
     end))
 
+  it("keeps messages published before a confirmation; unsubscribing all runs commands again",
+    async(function()
+      local sub = connect(srv)
+      local pub = connect(srv)
+      assert(sub:subscribe("a", "b"))
+      assert(sub:psubscribe("p*"))
+      assert.equal(1, pub:publish("a", "first"))
+      -- the message waits in the stream before the next confirmation
+      eventually(function() return sub.stream:get_read_buffer_size() > 0 end, "the message")
+      local conf = assert(sub:subscribe("c"))
+      assert.same({ { "subscribe", "c", 4 } }, conf)
+      assert.same({ kind = "message", channel = "a", data = "first" }, sub:read_message(5))
+      pub:publish("b", "second")
+      eventually(function() return sub.stream:get_read_buffer_size() > 0 end, "the message")
+      assert.same({ "pong", "" }, sub:call("PING"))
+      assert.same({ kind = "message", channel = "b", data = "second" }, sub:read_message(5))
+      -- no channel named: every channel the connection holds, in any order
+      conf = assert(sub:unsubscribe())
+      assert.equal(3, #conf)
+      assert.equal(1, conf[3][3]) -- the pattern is left
+      assert.has_error(function() sub:get("x") end)
+      assert.same({ { "punsubscribe", "p*", 0 } }, sub:punsubscribe())
+      assert.equal("OK", sub:set("after", "1"))
+      sub:close(); pub:close()
+    end))
+
   it("selects a database", async(function()
     local r0, r3 = connect(srv), connect(srv, { db = 3 })
     r3:set("where", "three")

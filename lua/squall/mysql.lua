@@ -16,6 +16,7 @@
 local bit = require "bit"
 local core = require "squall.core"
 local ffi = require "ffi"
+local gen = require "squall.gen"
 local iostream = require "squall.iostream"
 local pool = require "squall.pool"
 local reader = require "squall.reader"
@@ -30,6 +31,7 @@ local sub, byte, char, find, format, rep = string.sub, string.byte, string.char,
   string.format, string.rep
 local concat = table.concat
 local band, bor, bxor, rshift = bit.band, bit.bor, bit.bxor, bit.rshift
+local now = core.time
 
 --- What SQL NULL is: the same NULL light userdata as msgpack.null,
 -- redis.null and cjson.null.
@@ -148,17 +150,7 @@ local function nul_str(s, i)
   return sub(s, i, e - 1), e + 1
 end
 
--- A decimal integer's text: a number when exact, else int64/uint64 cdata.
 local int64_t, uint64_t = ffi.typeof("int64_t"), ffi.typeof("uint64_t")
-local function integer(s, unsigned)
-  if #s < 16 then return tonumber(s) end
-  local n = tonumber(s)
-  if n and n < TWO53 and n > -TWO53 then return n end
-  local neg = byte(s, 1) == 45
-  local v = ffi.new(unsigned and uint64_t or int64_t, 0)
-  for k = neg and 2 or 1, #s do v = v * 10 + (byte(s, k) - 48) end
-  return neg and -v or v
-end
 
 -- ---- writing fields --------------------------------------------------------
 
@@ -191,6 +183,22 @@ local Connection = util.class()
 
 local broken = util.broken -- fail for good: every later call says why
 
+-- What building a result costs in memory beyond its bytes on the wire,
+-- counted against max_buffer_size with them: a row's table and a slot per
+-- value, a result's table. (A server sending endless "more results" of
+-- 7-byte OK packets, or rows of 1-byte values, built 5 to 30 times its
+-- wire bytes in Lua objects: 253 MB of RSS under a 50 MB limit.)
+local ROW_COST, VALUE_COST, RESULT_COST = 64, 32, 256
+
+local function charge(self, n)
+  local used = self._used + n
+  self._used = used
+  if used > self._max_buffer then
+    return core.error("buffer_full", format(
+      "mysql: the result passed max_buffer_size (%d bytes)", self._max_buffer))
+  end
+end
+
 -- One packet's payload (a payload of 16 MiB - 1 bytes continues in the
 -- next packet). Counts what a result has read against max_buffer_size.
 local function read_packet(self)
@@ -205,12 +213,8 @@ local function read_packet(self)
     end
     self._seq = band(seq + 1, 0xff)
     local len = a + b * 256 + c * 65536
-    local used = self._used + len + 4
-    self._used = used
-    if used > self._max_buffer then
-      return broken(self, core.error("buffer_full", format(
-        "mysql: the result passed max_buffer_size (%d bytes)", self._max_buffer)))
-    end
+    err = charge(self, len + 4)
+    if err then return broken(self, err) end
     local body = ""
     if len > 0 then
       body, err = self._reader:take(len)
@@ -249,9 +253,15 @@ local function send(self, payload)
   return true
 end
 
--- A new command: sequence ids start again at 0.
+-- A new command: sequence ids start again at 0. Bytes the server sent
+-- unasked (a second OK...) would be read as this command's answer: the
+-- connection is broken instead.
 local function command(self, payload)
-  if self._broken then return nil, self._broken end
+  if self._broken then return util.closed(self) end
+  local n = self._reader:unread()
+  if n > 0 then
+    return broken(self, protocol_error(format("the server sent %d bytes nobody asked for", n)))
+  end
   self._seq, self._used = 0, 0
   return send(self, payload)
 end
@@ -310,12 +320,23 @@ local function parse_column(p)
     flags = u16(p, i + 7), decimals = byte(p, i + 9), raw = p }
 end
 
--- Text protocol values: every value arrives as its text.
+-- Text protocol values: every value arrives as its text. A number that
+-- does not read as one (or an integer past 64 bits) is the server's
+-- fault: a protocol error, never a value silently wrong or missing.
+local decimal_integer = util.decimal_integer
 local function text_value(col, s)
   local t = col.type
-  if INTEGER[t] then return integer(s, band(col.flags, UNSIGNED_FLAG) ~= 0) end
-  if t == T_FLOAT or t == T_DOUBLE then return tonumber(s) end
-  return s
+  local v = s
+  if INTEGER[t] then
+    v = decimal_integer(s, band(col.flags, UNSIGNED_FLAG) ~= 0)
+  elseif t == T_FLOAT or t == T_DOUBLE then
+    v = tonumber(s)
+  end
+  if v == nil then
+    error(protocol_error(format("column %s (type %d) holds %q, not a number", col.name, t,
+      sub(s, 1, 40))))
+  end
+  return v
 end
 
 -- Binary protocol dates and times, as MySQL's text format gives them
@@ -422,21 +443,27 @@ local function read_columns(self, n, cached)
   return cols
 end
 
+-- The columns' names, and their positions (compact_arrays' keys), made
+-- once per set of columns (a cached statement's are reused).
 local function names_of(cols)
   local names = cols.names
   if not names then
-    names = {}
-    for k = 1, #cols do names[k] = cols[k].name end
+    names, cols.positions = {}, {}
+    for k = 1, #cols do names[k], cols.positions[k] = cols[k].name, k end
     cols.names = names
   end
   return names
 end
 
--- Rows until the end packet. Returns rows, status; or nil, err.
+-- Rows until the end packet, each keyed by column name, or with
+-- compact_arrays an array in column order. Returns rows, status; or nil,
+-- err. A row with more or fewer values than columns is a protocol error.
 local function read_rows(self, cols, binary)
   local rows, nrows = {}, 0
   local ncols = #cols
   local names = names_of(cols)
+  local keys = self._compact and cols.positions or names
+  local row_cost = ROW_COST + VALUE_COST * ncols
   while true do
     local p, err = read_packet(self)
     if not p then return nil, err end
@@ -451,26 +478,34 @@ local function read_rows(self, cols, binary)
       rows.columns = cnames
       return rows, status
     end
+    err = charge(self, row_cost)
+    if err then return broken(self, err) end
     local row = {}
+    local i
     if binary then
       -- 0x00, then a NULL bitmap with a 2-bit offset
-      local i = 2 + rshift(ncols + 9, 3)
+      i = 2 + rshift(ncols + 9, 3)
+      if i - 1 > #p then return broken(self, protocol_error("a binary row ends in its bitmap")) end
       for k = 1, ncols do
         local pos = k + 1
         if band(byte(p, 2 + rshift(pos, 3)), bit.lshift(1, band(pos, 7))) ~= 0 then
-          row[names[k]] = null
+          row[keys[k]] = null
         else
-          row[names[k]], i = binary_value(cols[k], p, i)
+          row[keys[k]], i = binary_value(cols[k], p, i)
         end
       end
     else
-      local i = 1
+      i = 1
       for k = 1, ncols do
         local v
         v, i = lenenc_str(p, i)
         if i == nil then return broken(self, protocol_error("a text row ends inside a value")) end
-        if v == nil then row[names[k]] = null else row[names[k]] = text_value(cols[k], v) end
+        if v == nil then row[keys[k]] = null else row[keys[k]] = text_value(cols[k], v) end
       end
+    end
+    if i ~= #p + 1 then
+      return broken(self, protocol_error(format("a row has more values than its %d columns",
+        ncols)))
     end
     nrows = nrows + 1
     rows[nrows] = row
@@ -481,6 +516,8 @@ end
 local function read_result(self, binary, cached)
   local p, err = read_packet(self)
   if not p then return nil, err end
+  err = charge(self, RESULT_COST)
+  if err then return broken(self, err) end
   local first = byte(p, 1)
   if first == 0x00 then
     local ok = parse_ok(p)
@@ -570,10 +607,15 @@ local function auth_response(plugin, password, scramble, secure)
   return nil, format("authentication plugin %q is not supported", plugin)
 end
 
+-- Authentication takes at most a switch and caching_sha2_password's
+-- exchanges (public key, then the encrypted password): a server asking
+-- again and again is refused, not answered for ever.
+local MAX_AUTH_ROUNDS = 8
+
 -- After the handshake response: OK, or an auth switch, or
 -- caching_sha2_password's more-data exchanges.
 local function finish_auth(self, plugin, password, scramble)
-  while true do
+  for _ = 1, MAX_AUTH_ROUNDS do
     local p, err = read_packet(self)
     if not p then return nil, err end
     local first = byte(p, 1)
@@ -626,13 +668,14 @@ local function finish_auth(self, plugin, password, scramble)
       return nil, protocol_error("unexpected packet during authentication")
     end
   end
+  return nil, protocol_error(format("more than %d authentication round trips", MAX_AUTH_ROUNDS))
 end
 
 -- ---- connecting -------------------------------------------------------------
 
 local CONNECT_KEYS = { host = true, port = true, path = true, user = true, password = true,
   database = true, charset = true, timeout = true, ssl_options = true,
-  server_hostname = true, max_buffer_size = true }
+  server_hostname = true, max_buffer_size = true, compact_arrays = true }
 
 local function check_opts(opts, who, level)
   if type(opts) ~= "table" then error(who .. ": opts must be a table", level + 1) end
@@ -653,6 +696,14 @@ local function check_opts(opts, who, level)
       opts.charset), level + 1)
   end
   if opts.port ~= nil then util.check_port(opts.port, level + 1) end
+  if opts.compact_arrays ~= nil and type(opts.compact_arrays) ~= "boolean" then
+    error(format("%s: compact_arrays must be a boolean, got %s", who,
+      util.describe(opts.compact_arrays)), level + 1)
+  end
+  if opts.timeout ~= nil and (type(opts.timeout) ~= "number" or opts.timeout <= 0) then
+    error(format("%s: timeout must be a positive number, got %s", who,
+      util.describe(opts.timeout)), level + 1)
+  end
 end
 
 local function handshake(self, opts)
@@ -733,16 +784,19 @@ end
 --- Connect (inside a coroutine) and authenticate.
 -- @tparam table opts `host` ("127.0.0.1"), `port` (3306) or `path` (a unix
 --   socket), `user`, `password`, `database`, `charset` ("utf8mb4"),
---   `timeout` (seconds, for connecting and for each wait after),
---   `ssl_options` (TLS, as iostream's), `server_hostname`,
---   `max_buffer_size` (the largest result, default 100 MiB)
+--   `timeout` (seconds: for the whole connect, TLS and authentication
+--   included, then for each wait after), `ssl_options` (TLS, as
+--   iostream's), `server_hostname`, `max_buffer_size` (the largest result,
+--   default 100 MiB: its bytes and an estimate of the tables built for
+--   it), `compact_arrays` (rows as arrays in column order)
 -- @treturn Connection
 -- @return nil, err: I/O kinds as iostream.connect, `mysql` (a wrong
---   password: err.code 1045), `tls`, `protocol`
+--   password: err.code 1045), `tls`, `protocol`, `timeout`
 function M.connect(opts)
   opts = opts or {}
   check_opts(opts, "mysql.connect", 2)
   local max_buffer = opts.max_buffer_size or 104857600
+  local deadline = opts.timeout and now() + opts.timeout
   local stream, err
   local sopts = { max_buffer_size = max_buffer + 65536, timeout = opts.timeout }
   if opts.path then
@@ -753,18 +807,32 @@ function M.connect(opts)
   if not stream then return nil, err end
   stream:set_nodelay(true)
   if opts.timeout then stream:set_timeout(opts.timeout) end
-  return M._over_stream(stream, opts)
+  return M._over_stream(stream, opts, deadline)
 end
 
 -- The protocol over a connected stream (or anything with its read_bytes,
 -- write, start_tls and close: the fuzz target replays recorded bytes).
-function M._over_stream(stream, opts)
+-- With a deadline (core.time()), the handshake must be done by then.
+function M._over_stream(stream, opts, deadline)
   -- packets are cut out of one buffered read: a point select's four
   -- packets cost one read, not eight
   local self = setmetatable({ stream = stream, _reader = reader.new(stream), _seq = 0, _used = 0,
-    _max_buffer = opts.max_buffer_size or 104857600, _stmts = {}, _nstmts = 0, _status = 0 },
-    Connection)
-  local ok, err = guarded(self, pcall(handshake, self, opts))
+    _max_buffer = opts.max_buffer_size or 104857600, _stmts = {}, _nstmts = 0, _status = 0,
+    _compact = opts.compact_arrays == true }, Connection)
+  local finished, ok, err = false, nil, nil
+  local function run()
+    ok, err = guarded(self, pcall(handshake, self, opts))
+    finished = true
+  end
+  if deadline then
+    gen.with_timeout(math.max(0, deadline - now()), run)
+  else
+    run()
+  end
+  if not finished then
+    err = core.error("timeout", format("mysql: connecting took longer than timeout (%g s)",
+      opts.timeout))
+  end
   if not ok then
     broken(self, err)
     return nil, err
@@ -960,8 +1028,7 @@ function Connection:close()
   if not self._broken then
     self._seq = 0
     send(self, COM_QUIT)
-    self._broken = core.error("closed", "the connection is closed")
-    self.stream:close()
+    util.close_connection(self)
   end
 end
 

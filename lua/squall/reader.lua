@@ -27,6 +27,13 @@ function Reader:buffered()
   return #self.buf - self.pos + 1
 end
 
+--- How many bytes the peer sent that nobody has read yet: those in this
+-- buffer and those the stream holds. A client about to send a command
+-- expects none (a reply nobody asked for would be taken as the answer).
+function Reader:unread()
+  return #self.buf - self.pos + 1 + self.stream:get_read_buffer_size()
+end
+
 -- Add what the stream has to the buffer (waits for at least one byte).
 local function fill(self)
   local data, err = self.stream:read_bytes(CHUNK, true)

@@ -12,7 +12,6 @@
 -- place as an error value (`redis.is_error(v)`). See docs/api.md (squall.redis).
 -- @module squall.redis
 local core = require "squall.core"
-local ffi = require "ffi"
 local iostream = require "squall.iostream"
 local pool = require "squall.pool"
 local reader = require "squall.reader"
@@ -47,20 +46,8 @@ function M.is_error(v)
   return getmetatable(v) == error_mt
 end
 
-local int64_t = ffi.typeof("int64_t")
-
-local function integer(s)
-  local n = tonumber(s)
-  if not n or not find(s, "^%-?%d+$") then return nil end
-  if n > 9007199254740992 or n < -9007199254740992 then
-    -- beyond 2^53 a double is not exact: parse it as int64
-    local neg = sub(s, 1, 1) == "-"
-    local v = ffi.new(int64_t, 0)
-    for i = neg and 2 or 1, #s do v = v * 10 + (byte(s, i) - 48) end
-    return neg and -v or v
-  end
-  return n
-end
+-- An integer reply: exact (int64 cdata beyond 2^53), nil past int64.
+local integer = util.decimal_integer
 
 -- A bulk or array length: the count, M.null for -1, or nil, err.
 local function length(rest, what)
@@ -280,8 +267,19 @@ local function read_one(self, timeout_ok)
   return v
 end
 
+-- Send a request. Bytes the server sent unasked (an extra reply, a
+-- message on a connection that never subscribed) would be read as this
+-- command's answer: the connection is broken instead. A subscribed
+-- connection gets messages at any time; those are kept for read_message.
 local function send(self, parts)
-  if self._broken then return nil, self._broken end
+  if self._broken then return util.closed(self) end
+  if not self._subscribed then
+    local n = self._reader.r:unread()
+    if n > 0 then
+      return broken(self, core.error("protocol", format(
+        "redis: the server sent %d bytes nobody asked for", n)))
+    end
+  end
   local ok, err = self.stream:write(parts)
   if not ok then return broken(self, err) end
   return true
@@ -292,6 +290,74 @@ local function result(v)
   return v
 end
 
+-- A published message as read_message gives it, or nil for any other reply.
+local function message(v)
+  if type(v) ~= "table" then return nil end
+  if v[1] == "message" then
+    return { kind = "message", channel = v[2], data = v[3] }
+  elseif v[1] == "pmessage" then
+    return { kind = "pmessage", pattern = v[2], channel = v[3], data = v[4] }
+  end
+end
+
+-- The reply to a command just sent. On a subscribed connection messages
+-- may come first: they are kept, in order, for read_message.
+local function read_answer(self)
+  while true do
+    local v, err = read_one(self)
+    local msg = v ~= nil and self._subscribed and message(v)
+    if not msg then return v, err end
+    local q = self._messages or {}
+    self._messages = q
+    q[#q + 1] = msg
+  end
+end
+
+local SUBSCRIPTION_SET = { subscribe = "_channels", unsubscribe = "_channels",
+  psubscribe = "_patterns", punsubscribe = "_patterns" }
+-- call()'s names for them, checked per command without a string made
+local SUBSCRIPTION_COMMAND = {}
+for k in pairs(SUBSCRIPTION_SET) do
+  SUBSCRIPTION_COMMAND[k], SUBSCRIPTION_COMMAND[k:upper()] = true, true
+end
+
+-- (P)(UN)SUBSCRIBE: one confirmation per channel named, or, for an
+-- unsubscribe naming none, per channel held (at least one). Each says how
+-- many subscriptions remain, which says whether the connection is still
+-- subscribed. Messages published meanwhile are kept for read_message.
+local function confirmations(self, name, ...)
+  local n = select("#", ...)
+  local set_name = SUBSCRIPTION_SET[name:lower()]
+  local set = self[set_name]
+  if n == 0 then
+    for _ in pairs(set) do n = n + 1 end
+    if n == 0 then n = 1 end
+  end
+  local parts = {}
+  request(parts, name, ...)
+  local ok, err = send(self, parts)
+  if not ok then return nil, err end
+  local got = {}
+  while #got < n do
+    local v
+    v, err = read_answer(self)
+    if v == nil then return nil, err end
+    if M.is_error(v) then return nil, core.error("redis", v.message) end
+    if type(v) == "table" and type(v[3]) == "number" then
+      got[#got + 1] = v
+      local kind = type(v[1]) == "string" and v[1]:lower()
+      if SUBSCRIPTION_SET[kind] and type(v[2]) == "string" then
+        self[SUBSCRIPTION_SET[kind]][v[2]] = (kind:find("^p?subscribe$") and true) or nil
+      end
+      self._subscribed = v[3] > 0
+    else
+      return broken(self, core.error("protocol", "redis: " .. name ..
+        " was answered with something other than its confirmation"))
+    end
+  end
+  return got
+end
+
 --- Run a command: the reply, or nil, err (kind `redis` for an error reply;
 -- the connection stays usable), or nil, err for I/O (`closed`,
 -- `timeout`, `protocol`; the connection is closed then, except after a
@@ -300,7 +366,8 @@ function Redis:call(name, ...)
   if type(name) ~= "string" then
     error("call: the command name must be a string, got " .. util.describe(name), 2)
   end
-  if self._subscribed and not name:match("SUBSCRIBE$") and name ~= "PING" then
+  if SUBSCRIPTION_COMMAND[name] then return confirmations(self, name:upper(), ...) end
+  if self._subscribed and name:upper() ~= "PING" then
     error("call: this connection is subscribed; only (P)(UN)SUBSCRIBE and PING may run", 2)
   end
   local parts = {}
@@ -308,7 +375,7 @@ function Redis:call(name, ...)
   local ok, err = send(self, parts)
   if not ok then return nil, err end
   local v
-  v, err = read_one(self)
+  v, err = read_answer(self)
   if v == nil then return nil, err end
   return result(v)
 end
@@ -352,43 +419,24 @@ function Redis:pipeline(fn)
   return replies
 end
 
-local function confirmations(self, name, ...)
-  local parts = {}
-  request(parts, name, ...)
-  local ok, err = send(self, parts)
-  if not ok then return nil, err end
-  local got = {}
-  for i = 1, math.max(1, select("#", ...)) do
-    local v
-    v, err = read_one(self)
-    if v == nil then return nil, err end
-    if M.is_error(v) then return nil, core.error("redis", v.message) end
-    got[i] = v
-  end
-  return got
-end
-
 --- Subscribe to channels; returns the server's confirmations. The
 -- connection then only reads messages (read_message) and (un)subscribes.
 function Redis:subscribe(...)
-  local r, err = confirmations(self, "SUBSCRIBE", ...)
-  if r then self._subscribed = true end
-  return r, err
+  return confirmations(self, "SUBSCRIBE", ...)
 end
 
 --- Subscribe to channel patterns; as subscribe.
 function Redis:psubscribe(...)
-  local r, err = confirmations(self, "PSUBSCRIBE", ...)
-  if r then self._subscribed = true end
-  return r, err
+  return confirmations(self, "PSUBSCRIBE", ...)
 end
 
---- Unsubscribe (from all channels when none are named).
+--- Unsubscribe (from all channels when none are named); once no
+-- subscription is left the connection runs commands again.
 function Redis:unsubscribe(...)
   return confirmations(self, "UNSUBSCRIBE", ...)
 end
 
---- Unsubscribe from patterns.
+--- Unsubscribe from patterns (from all when none are named).
 function Redis:punsubscribe(...)
   return confirmations(self, "PUNSUBSCRIBE", ...)
 end
@@ -401,29 +449,23 @@ function Redis:read_message(timeout)
   if timeout ~= nil and (type(timeout) ~= "number" or timeout <= 0) then
     error("read_message: timeout must be a positive number", 2)
   end
-  if self._broken then return nil, self._broken end
+  local q = self._messages
+  if q and #q > 0 then return table.remove(q, 1) end
+  if self._broken then return util.closed(self) end
   local stream = self.stream
   while true do
     stream:set_timeout(timeout or self._timeout)
     local v, err = read_one(self, true)
     stream:set_timeout(self._timeout)
     if v == nil then return nil, err end
-    if type(v) == "table" and v[1] == "message" then
-      return { kind = "message", channel = v[2], data = v[3] }
-    elseif type(v) == "table" and v[1] == "pmessage" then
-      return { kind = "pmessage", pattern = v[2], channel = v[3], data = v[4] }
-    end
-    -- confirmations of (un)subscribes are not messages: read on
-    if type(v) == "table" and v[1] == "unsubscribe" and v[3] == 0 then
-      self._subscribed = false
-    end
+    local msg = message(v)
+    if msg then return msg end
   end
 end
 
 --- Close the connection.
 function Redis:close()
-  self._broken = self._broken or core.error("closed", "the connection is closed")
-  self.stream:close()
+  util.close_connection(self)
 end
 
 --- True once closed (by either side, or a failure).
@@ -434,6 +476,12 @@ end
 local CONNECT_KEYS = { host = true, port = true, path = true, password = true,
   username = true, db = true, timeout = true, ssl_options = true, server_hostname = true,
   max_buffer_size = true }
+
+local function check_keys(opts, who, level)
+  for k in pairs(opts) do
+    if not CONNECT_KEYS[k] then error(who .. ": unknown option " .. tostring(k), level + 1) end
+  end
+end
 
 --- Connect (inside a coroutine), authenticate and select the database.
 -- @tparam table opts `host` ("127.0.0.1"), `port` (6379) or `path` (a
@@ -447,9 +495,7 @@ local CONNECT_KEYS = { host = true, port = true, path = true, password = true,
 function M.connect(opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("redis.connect: opts must be a table", 2) end
-  for k in pairs(opts) do
-    if not CONNECT_KEYS[k] then error("redis.connect: unknown option " .. tostring(k), 2) end
-  end
+  check_keys(opts, "redis.connect", 2)
   local max = opts.max_buffer_size or 104857600
   if type(max) ~= "number" or max < 1 then
     error("redis.connect: max_buffer_size must be a positive number, got " ..
@@ -469,6 +515,7 @@ function M.connect(opts)
   if not stream then return nil, err end
   if opts.timeout then stream:set_timeout(opts.timeout) end
   local self = setmetatable({ stream = stream, _timeout = opts.timeout,
+    _channels = {}, _patterns = {},
     _reader = setmetatable({ r = reader.new(stream), max_line = 65536, used = 0, max = max },
       StreamReader) }, Redis)
   if opts.password then
@@ -507,6 +554,7 @@ local function subscribed(r) return r._subscribed and "discard" or nil end
 
 function M.pool(opts)
   local size, qt, conn_opts = pool.options(opts, "redis.pool", 2)
+  check_keys(conn_opts, "redis.pool", 2)
   local p = pool.new({ size = size, queue_timeout = qt,
     connect = function() return M.connect(conn_opts) end })
   return setmetatable(p, Pool)

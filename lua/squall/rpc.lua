@@ -205,6 +205,15 @@ local function params_of(...)
   return t
 end
 
+-- What a call on a closed connection gets: kind closed, with the error
+-- that ended the connection as its cause (none after close()).
+local function closed(conn)
+  if not conn._broken then
+    conn._broken = conn.stream.error or rpc_error("closed", "the connection closed")
+  end
+  return util.closed(conn)
+end
+
 --- Call `method` on the peer and wait for its answer (inside a coroutine).
 -- @return the result (nil for a nil result)
 -- @return nil, err: kind `remote` (`err.remote` is the peer's error
@@ -214,9 +223,7 @@ function Connection:call(method, ...)
   if type(method) ~= "string" then
     error("call: method must be a string, got " .. util.describe(method), 2)
   end
-  if self.stream:closed() then
-    return nil, self._close_error or rpc_error("closed", "the connection is closed")
-  end
+  if self.stream:closed() then return closed(self) end
   local msgid = self._next_msgid
   self._next_msgid = (msgid + 1) % 4294967296
   local fut = gen.Future()
@@ -248,12 +255,13 @@ function Connection:notify(method, ...)
   if type(method) ~= "string" then
     error("notify: method must be a string, got " .. util.describe(method), 2)
   end
+  if self.stream:closed() then return closed(self) end
   return send(self, NOTIFY, method, params_of(...))
 end
 
 --- Close the connection; calls waiting on it get `closed`.
 function Connection:close()
-  self.stream:close()
+  util.close_connection(self)
 end
 
 --- True once the connection closed.
@@ -343,9 +351,8 @@ end
 
 -- A message broke the protocol: log it once and close.
 local function protocol_error(conn, why)
-  conn._broken = true
-  if not conn._close_error then
-    conn._close_error = rpc_error("protocol", why)
+  if not conn._broken then
+    conn._broken = rpc_error("protocol", why)
     log.warn("rpc: closing connection %d (%s:%s): %s", conn.id,
       tostring(conn.address and conn.address.host), tostring(conn.address and conn.address.port),
       why)
@@ -470,13 +477,14 @@ local function read_loop(conn)
   local ok, why = xpcall(read_messages, traceback, conn)
   if not ok then
     log.error("rpc: connection %d failed: %s", conn.id, why)
-    conn._close_error = conn._close_error or rpc_error("closed", "the connection failed")
+    conn._broken = conn._broken or rpc_error("closed", "the connection failed")
   end
   stream:close()
-  local err = conn._close_error or stream.error or rpc_error("closed", "the connection closed")
+  local err = conn._broken or stream.error or rpc_error("closed", "the connection closed")
   if err.kind ~= "protocol" and err.kind ~= "closed" then
     err = rpc_error("closed", "the connection closed: " .. tostring(err))
   end
+  conn._broken = conn._broken or err
   local pending = conn._pending
   conn._pending = {}
   for _, fut in pairs(pending) do fut:set_result(false, nil, err) end

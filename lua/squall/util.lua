@@ -1,10 +1,14 @@
 --- Helpers the squall modules share: argument checks that raise at the
 -- caller's line with what was given and what was expected.
 -- @module squall.util
+local core = require "squall.core"
+local ffi = require "ffi"
+
 local M = {}
 
 local type, tostring, error, format, select = type, tostring, error, string.format, select
 local setmetatable, getmetatable = setmetatable, getmetatable
+local byte, find, tonumber = string.byte, string.find, tonumber
 
 -- ---- classes ----------------------------------------------------------
 
@@ -61,9 +65,12 @@ function M.check_callable(fn, level, what)
   error(format("%s must be a function, got %s", what or "callback", M.describe(fn)), level + 1)
 end
 
+-- ---- client connections --------------------------------------------
+
 --- For a client connection over one stream (squall.redis, squall.mysql):
 -- fail for good with `err`. The stream is closed and `conn._broken`
--- keeps err, which every later call returns. Returns nil, err.
+-- keeps err, the cause every later call names (see closed). Returns
+-- nil, err: the call that met the failure gets its own kind.
 function M.broken(conn, err)
   if not conn._broken then
     conn._broken = err
@@ -72,12 +79,61 @@ function M.broken(conn, err)
   return nil, err
 end
 
+--- For a client connection's close(): later calls get plain `closed`.
+function M.close_connection(conn)
+  if not conn._broken then
+    conn._broken = core.error("closed", "the connection is closed")
+    conn._closed = conn._broken
+    conn.stream:close()
+  end
+end
+
+--- What every call on a connection that failed (M.broken) or was closed
+-- gets: nil, err of kind `closed`, with `err.cause` the first error
+-- (none after close()).
+function M.closed(conn)
+  local e = conn._closed
+  if not e then
+    local first = conn._broken
+    e = core.error("closed", "the connection failed earlier (" .. tostring(first) .. ")")
+    e.cause = first
+    conn._closed = e
+  end
+  return nil, e
+end
+
+-- ---- decimal integers ---------------------------------------------------
+
+local int64_t, uint64_t = ffi.typeof("int64_t"), ffi.typeof("uint64_t")
+local TWO53 = 9007199254740992
+local LIMITS = { [false] = "9223372036854775807", [true] = "9223372036854775808",
+  unsigned = "18446744073709551615" }
+
+--- The exact value of a decimal integer's text (a protocol's: RESP, MySQL
+-- text rows): a number when |v| <= 2^53, else int64_t (uint64_t when
+-- `unsigned`) cdata; nil for text that is not `-?digits` or past the
+-- 64-bit range (a wrapped value would be silently wrong).
+function M.decimal_integer(s, unsigned)
+  if not find(s, "^%-?%d+$") then return nil end
+  local n = tonumber(s)
+  if unsigned and n < 0 then return nil end
+  if n < TWO53 and n > -TWO53 then return n end
+  local neg = byte(s, 1) == 45
+  local digits = neg and s:sub(2):gsub("^0+", "") or s:gsub("^0+", "")
+  -- (2^53 + 1 reads as 2^53: only the text tells them apart)
+  if digits == "9007199254740992" then return n end
+  local limit = unsigned and LIMITS.unsigned or LIMITS[neg]
+  if #digits > #limit or (#digits == #limit and digits > limit) then return nil end
+  local v = ffi.new(unsigned and uint64_t or int64_t, 0)
+  for i = 1, #digits do v = v * 10 + (byte(digits, i) - 48) end
+  return neg and -v or v
+end
+
 --- Raise when called in a worker thread of squall.thread, where `what`
 -- (starting threads, running an IOLoop, listening) cannot be done: most
 -- often the main script was given to thread.run as a module, and loading
 -- it there would start the whole program again in every worker.
 function M.check_main_thread(what, level)
-  local core = require "squall.core"
   if not core.in_worker then return end
   local loading = core.worker_loading
   local why = loading and format(" It ran while module %q loaded for thread.run: is %q " ..

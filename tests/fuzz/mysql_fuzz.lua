@@ -11,11 +11,22 @@ local driver = dofile(dir .. "/driver.lua")
 local session = dofile(dir .. "/mysql_session.lua")
 
 local function replay(input)
-  local pos = 1
+  -- Where each packet ends, as its header says: a real server answers
+  -- only what it was asked, so a read never returns bytes past the packet
+  -- being read (the client takes bytes nobody asked for as a broken peer).
+  local ends, i = {}, 1
+  while i + 3 <= #input do
+    i = i + 4 + input:byte(i) + input:byte(i + 1) * 256 + input:byte(i + 2) * 65536
+    ends[#ends + 1] = i - 1
+  end
+  local pos, k = 1, 1
   return {
     read_bytes = function(_, n, partial)
       -- partial reads come in chunks of random sizes, as from a socket
-      if partial then n = math.min(n, math.random(1, 300), #input - pos + 1) end
+      if partial then
+        while ends[k] and ends[k] < pos do k = k + 1 end
+        n = math.min(n, math.random(1, 300), (ends[k] or #input) - pos + 1)
+      end
       if n == 0 or pos + n - 1 > #input then
         pos = #input + 1
         return nil, core.error("closed", "end of input")
@@ -27,6 +38,7 @@ local function replay(input)
     write = function() return true end,
     close = function() end,
     closed = function() return pos > #input end,
+    get_read_buffer_size = function() return 0 end,
     start_tls = function() return nil, core.error("tls", "no TLS in the fuzz target") end,
   }
 end
