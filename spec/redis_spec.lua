@@ -209,6 +209,24 @@ describe("squall.redis", function()
         assert.equal("1", pool:call("GET", "p"))
         pool:close()
       end))
+
+    it("refuses a connection given back twice, so no two callers share one", async(function()
+      local pool = redis.pool({ port = srv.port, size = 2 })
+      local r = assert(pool:acquire())
+      pool:release(r)
+      assert.matches("given back twice", helpers.raised(function() pool:release(r) end))
+      local a, b = assert(pool:acquire()), assert(pool:acquire())
+      assert.are_not.equal(a, b)
+      assert.matches("not in use from this pool",
+        helpers.raised(function() pool:release(connect(srv)) end))
+      pool:release(a); pool:release(b)
+      pool:close()
+    end))
+
+    it("raises at the caller's line for an unknown option", function()
+      assert.matches("redis.pool: unknown option sise",
+        helpers.raised(function() redis.pool({ sise = 4 }) end))
+    end)
   end)
 
   it("fails a command that outlives the timeout, and a reply past max_buffer_size",

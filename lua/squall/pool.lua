@@ -53,7 +53,8 @@ function M.new(opts)
   util.check_callable(rest.connect, 2, "pool.new: connect")
   if rest.reset ~= nil then util.check_callable(rest.reset, 2, "pool.new: reset") end
   return setmetatable({ _connect = rest.connect, _reset = rest.reset, _size = size,
-    _queue_timeout = qt, _idle = {}, _open = 0, _waiters = {} }, Pool)
+    _queue_timeout = qt, _idle = {}, _open = 0, _waiters = {},
+    _lent = {} }, Pool) -- connections handed out and not yet given back
 end
 
 --- A connection for the caller (inside a coroutine): an idle one, a new
@@ -67,7 +68,10 @@ function Pool:acquire()
     local idle = self._idle
     while #idle > 0 do
       local c = remove(idle)
-      if not c:closed() then return c end
+      if not c:closed() then
+        self._lent[c] = true
+        return c
+      end
       self._open = self._open - 1
     end
     if self._open < self._size then
@@ -78,6 +82,7 @@ function Pool:acquire()
         self:_wake()
         return nil, err
       end
+      self._lent[c] = true
       return c
     end
     -- Wait in turn. A caller woken for a connection that someone else took
@@ -115,8 +120,14 @@ function Pool:_wake()
 end
 
 --- Give a connection back. `how`: nil keeps it for the next caller,
--- "reset" runs the pool's reset first, "discard" closes it.
+-- "reset" runs the pool's reset first, "discard" closes it. Raises for a
+-- connection this pool did not lend, or one given back already (a second
+-- release would hand one connection to two callers).
 function Pool:release(c, how)
+  if not self._lent[c] then
+    error("release: this connection is not in use from this pool (given back twice?)", 2)
+  end
+  self._lent[c] = nil
   if how == "reset" and self._reset and not c:closed() then
     local ok = self._reset(c)
     if not ok then how = "discard" end
