@@ -150,7 +150,8 @@ install: build/squall
 	install -m 755 build/squall $(DESTDIR)$(PREFIX)/bin/squall
 	install -m 644 lua/squall/*.lua $(DESTDIR)$(PREFIX)/share/squall/lua/squall/
 	cd examples && find . -type d -exec install -d $(DESTDIR)$(PREFIX)/share/squall/examples/{} \; \
-	  && find . -type f -name '*.lua' -exec install -m 644 {} $(DESTDIR)$(PREFIX)/share/squall/examples/{} \;
+	  && find . -type f ! -perm -u+x -exec install -m 644 {} $(DESTDIR)$(PREFIX)/share/squall/examples/{} \; \
+	  && find . -type f -perm -u+x -exec install -m 755 {} $(DESTDIR)$(PREFIX)/share/squall/examples/{} \;
 
 # A Debian package of squall, its Lua modules and the examples, built with
 # dpkg-deb from what `make install PREFIX=/usr` lays out.

@@ -119,6 +119,36 @@ describe("deployment", function()
     assert.matches("activated listening on 1 socket", err)
   end, { timeout = 30 }))
 
+  it("takes systemd's socket in the children of fork_processes", async(function()
+    -- as docs/deploy.md says: fork first, then systemd_sockets in each child
+    -- (LISTEN_PID names the parent then)
+    local script = helpers.tmpscript([[
+local ioloop = require "squall.ioloop"
+local netutil = require "squall.netutil"
+local process = require "squall.process"
+local TCPServer = require "squall.tcpserver"
+local id = process.fork_processes(2)
+local socks = netutil.systemd_sockets()
+io.stderr:write(("task %d: %d socket(s)\n"):format(id, #socks))
+TCPServer({ handle_stream = function(s) s:write("task " .. id .. "\n"); s:close() end })
+  :add_sockets(socks)
+ioloop.current():start()
+]])
+    local port = free_port()
+    local wait, stop = helpers.start(("exec systemd-socket-activate -l 127.0.0.1:%d %s %s")
+      :format(port, q(helpers.squall_real), q(script)), 60)
+    local c = eventually(function() return (iostream.connect("127.0.0.1", port)) end,
+      "the activated server")
+    c:set_timeout(10 * helpers.scale)
+    assert.matches("^task [01]\n$", assert(c:read_until("\n")))
+    c:close()
+    stop("TERM")
+    local _, _, err = wait()
+    os.remove(script)
+    assert.matches("task 0: 1 socket", err)
+    assert.matches("task 1: 1 socket", err)
+  end, { timeout = 30 }))
+
   it("ships systemd units that systemd-analyze accepts", function()
     local _, out, err = run("systemd-analyze verify examples/deploy/squall-echo.socket " ..
       "examples/deploy/squall-echo.service 2>&1")
@@ -143,6 +173,11 @@ describe("deployment", function()
         q("io.write(package.searchpath('squall.rpc', package.path))")))
       assert.equal(0, status)
       assert.equal(root .. "/usr/bin/../share/squall/lua/squall/rpc.lua", out)
+      -- the unit files docs/deploy.md points at ship with the examples
+      for _, unit in ipairs({ "squall-echo.service", "squall-echo.socket" }) do
+        assert.is_truthy(io.open(root .. "/usr/share/squall/examples/deploy/" .. unit),
+          unit .. " is not in the package")
+      end
       -- the installed echo example, with the installed binary, from /
       local port = free_port()
       local wait, stop = helpers.start(("cd / && exec %s %s/usr/share/squall/examples/echo.lua %d")

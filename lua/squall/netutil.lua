@@ -61,16 +61,21 @@ function M.add_accept_handler(sock, callback, opts)
 end
 
 local ffi = require "ffi"
-pcall(ffi.cdef, "int getpid(void); int unsetenv(const char *name);")
+pcall(ffi.cdef, "int getpid(void); int getppid(void); int unsetenv(const char *name);")
 
 --- The listening sockets systemd passed by socket activation
 -- (`LISTEN_PID`, `LISTEN_FDS`; fds 3, 4, ...), for `server:add_sockets`.
 -- Empty when this process was not socket-activated. As sd_listen_fds(1),
--- it unsets the variables, so a forked child does not take them again.
+-- it unsets the variables, so a program it starts does not take them
+-- again. Works before fork_processes (the children inherit the sockets,
+-- as with bind) and in its children after it: systemd named their parent.
 -- @treturn table a list of sockets (as bind_sockets gives)
 function M.systemd_sockets()
   local pid, n = tonumber(os.getenv("LISTEN_PID")), tonumber(os.getenv("LISTEN_FDS"))
-  if not pid or not n or n < 1 or pid ~= ffi.C.getpid() then return {} end
+  if not pid or not n or n < 1 then return {} end
+  if pid ~= ffi.C.getpid() and not (core.task_id() and pid == ffi.C.getppid()) then
+    return {}
+  end
   ffi.C.unsetenv("LISTEN_PID")
   ffi.C.unsetenv("LISTEN_FDS")
   ffi.C.unsetenv("LISTEN_FDNAMES")
