@@ -137,6 +137,18 @@ describe("squall.proxy", function()
         server:stop()
       end))
 
+    it("closes at once on short garbage, long before proxy_timeout", async(function()
+      -- "hi\n" is 3 bytes: waiting for 8 before looking held it 5 s
+      local server, port = who_server({ proxy_timeout = 60 })
+      for _, bytes in ipairs({ "hi\n", "\r\nX", "PROXY hi\n", "PROXY \n" }) do
+        local c = assert(iostream.connect("127.0.0.1", port))
+        c:write(bytes)
+        local rest = c:read_until_close()
+        assert.equal("", rest or "", bytes)
+      end
+      server:stop()
+    end))
+
     it("parses the header before TLS", async(function()
       local C = helpers.certs
       local server, port = who_server({ ssl_options = { certfile = C .. "/server.pem",

@@ -158,24 +158,39 @@ end
 --   or the stream's error (`timeout`, `closed`)
 function M.read_header(stream)
   local core = require "squall.core"
+  local function refuse(why) return nil, core.error("protocol", why) end
   -- 8 bytes tell the versions apart: "PROXY TC"/"PROXY UN" or v2's start.
-  local head, err = stream:read_bytes(8)
-  if not head then return nil, err end
+  -- They are taken as they come (never more than 8, so nothing behind the
+  -- header is read), and a first byte that starts neither is refused at
+  -- once, not after proxy_timeout.
+  local head = ""
+  while #head < 8 do
+    local chunk, err = stream:read_bytes(8 - #head, true)
+    if not chunk then return nil, err end
+    head = head .. chunk
+    local n = #head < 6 and #head or 6
+    if sub(head, 1, n) ~= sub("PROXY ", 1, n) and head ~= sub(V2_SIG, 1, #head) then
+      return refuse("the connection did not start with a PROXY header")
+    end
+    if sub(head, 1, 6) == "PROXY " and find(head, "\n", 7, true) then
+      return refuse("a malformed PROXY v1 header")
+    end
+  end
+  local err
   if sub(head, 1, 6) == "PROXY " then
     local rest
-    rest, err = stream:read_until("\r\n", V1_MAX - 8)
+    -- to the first "\n": a line that ends without "\r\n" is refused there
+    rest, err = stream:read_until("\n", V1_MAX - 8)
     if not rest then
       if err.kind == "unsatisfiable" then
-        return nil, core.error("protocol", "a PROXY v1 header longer than 107 bytes")
+        return refuse("a PROXY v1 header longer than 107 bytes")
       end
       return nil, err
     end
+    if sub(rest, -2) ~= "\r\n" then return refuse("a PROXY v1 header that ends without CRLF") end
     local info, perr = parse_v1(sub(head .. rest, 1, -3))
     if not info then return nil, core.error("protocol", perr) end
     return info
-  end
-  if head ~= sub(V2_SIG, 1, 8) then
-    return nil, core.error("protocol", "the connection did not start with a PROXY header")
   end
   local fixed
   fixed, err = stream:read_bytes(8)
