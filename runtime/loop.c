@@ -121,9 +121,13 @@ static void loop_close(lua_State *L, squall_loop *loop) {
   loop->L = L;
   if (!loop->finalizing)
     run_end_hook(loop);
-  uv_walk(&loop->uv, close_walk_cb, loop);
-  while (uv_run(&loop->uv, UV_RUN_DEFAULT) != 0) {
-  }
+  /* Close callbacks resume coroutines parked on the handles (with
+   * `closed`), and Lua code may open new handles then (a spec body that
+   * reconnects after its timeout): walk again until nothing is left, or
+   * uv_run would wait on those for ever. */
+  do {
+    uv_walk(&loop->uv, close_walk_cb, loop);
+  } while (uv_run(&loop->uv, UV_RUN_ONCE) != 0);
   loop->L = outer;
   uv_loop_close(&loop->uv);
   loop->closed = 1;

@@ -330,6 +330,33 @@ describe("squall.ioloop", function()
     assert.equal("yes", slept)
   end))
 
+  it("close() ends even when a coroutine it wakes opens new connections", function()
+    -- a spec that timed out while its body read: close() woke the read with
+    -- `closed`, the body connected again, and close() waited on that for ever
+    local script = helpers.tmpscript([[
+local ioloop = require "squall.ioloop"
+local iostream = require "squall.iostream"
+local testing = require "squall.testing"
+local TCPServer = require "squall.tcpserver"
+local loop = ioloop.current()
+local sock, port = testing.bind_unused_port()
+TCPServer({ handle_stream = function(s) s:read_until_close() end }):add_sockets({ sock })
+print(pcall(loop.run_sync, loop, function()
+  for _ = 1, 1000 do
+    local c = iostream.connect("127.0.0.1", port)
+    if c then c:read_until_close() end
+  end
+end, 0.2))
+loop:close(true)
+print("closed")
+]])
+    local status, out, err = helpers.run(("timeout 20 %s %s"):format(helpers.q(helpers.squall),
+      helpers.q(script)))
+    os.remove(script)
+    assert.equal(0, status, err)
+    assert.matches("false\t.*timed out.*\nclosed\n$", out)
+  end)
+
   it("testing.async runs a spec on a fresh loop", testing.async(function()
     local before = ioloop.current():time()
     gen.sleep(0.01)
