@@ -68,6 +68,24 @@ describe("squall.metrics", function()
     assert.equal(2, c:get({ zone = "north" }))
   end))
 
+  it("answers HEAD with GET's length and no body, and a huge head with 431", async(function()
+    serve()
+    local iostream = require "squall.iostream"
+    local _, body = http_get(server.port, "/metrics")
+    local s = assert(iostream.connect("127.0.0.1", server.port))
+    s:write("HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /metrics HTTP/1.1\r\n" ..
+      "Host: x\r\nConnection: close\r\n\r\n")
+    local all = assert(s:read_until_close())
+    local head_len = tonumber(all:match("^HTTP/1%.1 200 OK\r\n.-Content%-Length: (%d+)"))
+    -- (the text may grow between the scrapes: a counter of bytes read...)
+    assert.is_true(head_len > 0 and math.abs(head_len - #body) < 200, all:sub(1, 200))
+    local second = all:find("HTTP/1.1 200 OK", 2, true) -- right after the HEAD's head
+    assert.equal(all:find("\r\n\r\n", 1, true) + 4, second)
+    s = assert(iostream.connect("127.0.0.1", server.port))
+    s:write("GET /metrics HTTP/1.1\r\nX-Big: " .. ("x"):rep(20000) .. "\r\n\r\n")
+    assert.matches("^HTTP/1%.1 431 ", assert(s:read_until_close()))
+  end))
+
   it("raises at the caller's line for misuse", function()
     assert.matches("the name must match", raised(function() metrics.counter("1bad", "x") end))
     assert.matches("bad label name string \"le\"",

@@ -485,34 +485,52 @@ end
 
 -- ---- serving /metrics -----------------------------------------------------------
 
-local function respond(stream, status, ctype, body, keep)
+-- A response; for HEAD (`head_only`) the head alone, with the length
+-- the body would have had.
+local function respond(stream, status, ctype, body, keep, head_only)
   stream:write(format("HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" ..
     "Connection: %s\r\n\r\n", status, ctype, #body, keep and "keep-alive" or "close"))
-  stream:write(body)
+  if not head_only then stream:write(body) end
 end
+
+local MAX_HEAD = 16384
 
 local function handle_http(stream)
   stream:set_timeout(30)
+  local buf = ""
   while true do
-    local head = stream:read_until("\r\n\r\n", 16384)
-    if not head then break end
-    local method, target, version = head:match("^(%u+) (%S+) HTTP/1%.(%d)\r\n")
-    if not method then
-      respond(stream, "400 Bad Request", "text/plain", "bad request\n", false)
-      break
-    end
-    local keep = version == "1" and not head:lower():find("\r\nconnection: *close")
-    local path = target:match("^[^?]*")
-    if path ~= "/metrics" and path ~= "/" then
-      respond(stream, "404 Not Found", "text/plain", "try /metrics\n", keep)
-    elseif method ~= "GET" and method ~= "HEAD" then
-      respond(stream, "405 Method Not Allowed", "text/plain", "GET only\n", keep)
+    local e = string.find(buf, "\r\n\r\n", 1, true)
+    if not e or e + 3 > MAX_HEAD then
+      if #buf > MAX_HEAD then
+        -- answered, not dropped: the client learns why
+        respond(stream, "431 Request Header Fields Too Large", "text/plain",
+          "the request head is larger than 16384 bytes\n", false)
+        break
+      end
+      local chunk = stream:read_bytes(65536, true)
+      if not chunk then break end
+      buf = buf .. chunk
     else
-      local body = M.render(collect_all())
-      if method == "HEAD" then body = "" end
-      respond(stream, "200 OK", "text/plain; version=0.0.4; charset=utf-8", body, keep)
+      local head = buf:sub(1, e + 3)
+      buf = buf:sub(e + 4)
+      local method, target, version = head:match("^(%u+) (%S+) HTTP/1%.(%d)\r\n")
+      if not method then
+        respond(stream, "400 Bad Request", "text/plain", "bad request\n", false)
+        break
+      end
+      local keep = version == "1" and not head:lower():find("\r\nconnection: *close")
+      local path = target:match("^[^?]*")
+      local head_only = method == "HEAD"
+      if path ~= "/metrics" and path ~= "/" then
+        respond(stream, "404 Not Found", "text/plain", "try /metrics\n", keep, head_only)
+      elseif method ~= "GET" and method ~= "HEAD" then
+        respond(stream, "405 Method Not Allowed", "text/plain", "GET only\n", keep)
+      else
+        respond(stream, "200 OK", "text/plain; version=0.0.4; charset=utf-8",
+          M.render(collect_all()), keep, head_only)
+      end
+      if not keep then break end
     end
-    if not keep then break end
   end
   stream:close()
 end

@@ -12,17 +12,13 @@ local function replay(input)
   local pos, out, closed = 1, {}, false
   local s = {}
   function s.set_timeout() end
-  function s.read_until(_, delim, max)
-    local e = input:find(delim, pos, true)
-    if not e then
-      if #input - pos + 1 >= max then return nil, core.error("unsatisfiable", "too long") end
-      return nil, core.error("closed", "end of input")
-    end
-    local stop = e + #delim - 1
-    if stop - pos + 1 > max then return nil, core.error("unsatisfiable", "too long") end
-    local line = input:sub(pos, stop)
-    pos = stop + 1
-    return line
+  function s.read_bytes(_, n, partial)
+    -- partial reads come in chunks of random sizes, as from a socket
+    if partial then n = math.min(n, math.random(1, 600), #input - pos + 1) end
+    if n == 0 or pos + n - 1 > #input then return nil, core.error("closed", "end of input") end
+    local chunk = input:sub(pos, pos + n - 1)
+    pos = pos + n
+    return chunk
   end
   function s.write(_, data) out[#out + 1] = data return true end
   function s.close() closed = true end
@@ -34,6 +30,15 @@ driver.run("http", function(input)
   metrics._handle_http(s)
   local out, closed = result()
   assert(closed, "the stream was left open")
+  -- the request heads in order, as the server cuts them: a HEAD's answer
+  -- has no body
+  local methods, q = {}, 1
+  while true do
+    local e = input:find("\r\n\r\n", q, true)
+    if not e then break end
+    methods[#methods + 1] = input:match("^(%u+) ", q) or "?"
+    q = e + 4
+  end
   local answered = 0
   local p = 1
   while p <= #out do
@@ -43,9 +48,12 @@ driver.run("http", function(input)
     assert(head:find("^HTTP/1%.1 %d%d%d "), "a bad status line")
     local len = tonumber(head:match("Content%-Length: (%d+)\r\n"))
     assert(len, "no Content-Length")
-    p = head_end + 4 + len
-    assert(p <= #out + 1, "a body shorter than its Content-Length")
     answered = answered + 1
+    -- (400 and 431 answer a head the server could not read: with a body)
+    local status = head:match("^HTTP/1%.1 (%d+)")
+    local bodyless = methods[answered] == "HEAD" and status ~= "400" and status ~= "431"
+    p = head_end + 4 + (bodyless and 0 or len)
+    assert(p <= #out + 1, "a body shorter than its Content-Length")
   end
   return answered > 0
 end)
