@@ -70,7 +70,6 @@ describe("squall.metrics", function()
 
   it("answers HEAD with GET's length and no body, and a huge head with 431", async(function()
     serve()
-    local iostream = require "squall.iostream"
     local _, body = http_get(server.port, "/metrics")
     local s = assert(iostream.connect("127.0.0.1", server.port))
     s:write("HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /metrics HTTP/1.1\r\n" ..
