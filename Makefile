@@ -36,7 +36,12 @@ $(CERTS): scripts/gen-test-certs
 	@rm -rf build/certs
 	scripts/gen-test-certs build/certs
 
+# pkg-config says which development files are missing (its message, not a
+# compiler's "lauxlib.h: No such file" later).
 build/squall: $(SRCS) $(HDRS) Makefile
+	@pkg-config --exists $(PKGS) || { pkg-config --print-errors --exists $(PKGS); \
+	  echo "squall needs the development files of $(PKGS): scripts/install-deps installs them"; \
+	  exit 1; }
 	@mkdir -p build
 	$(CC) $(CFLAGS) $(PKG_CFLAGS) $(SRCS) -o $@ $(LDFLAGS) $(LDLIBS)
 
@@ -53,14 +58,17 @@ $(ASAN_DIR)/tests/buffer_test: tests/buffer_test.c runtime/buffer.c runtime/buff
 	@mkdir -p $(ASAN_DIR)/tests
 	$(CC) -D_GNU_SOURCE -std=gnu11 -Wall -Wextra -Werror $(ASAN_FLAGS) tests/buffer_test.c runtime/buffer.c -o $@
 
-# The main example: an echo server on 127.0.0.1:8888 (try: nc 127.0.0.1 8888).
+# The main example: an echo server on 127.0.0.1:8888 (try: nc 127.0.0.1 8888);
+# `make run PORT=9000` for another port.
+PORT ?= 8888
 run: deps build/squall
-	build/squall examples/echo.lua
+	build/squall examples/echo.lua $(PORT)
 
 # The echo server over TLS on 127.0.0.1:8443, with the test certificates
-# (try: openssl s_client -connect 127.0.0.1:8443 -quiet).
+# (try: openssl s_client -connect 127.0.0.1:8443 -quiet); TLS_PORT= for another.
+TLS_PORT ?= 8443
 run-tls: deps build/squall $(CERTS)
-	build/squall examples/tls_echo.lua
+	build/squall examples/tls_echo.lua $(TLS_PORT)
 
 # The plain C libuv baseline servers, and the load generator the
 # benchmarks run against squall, the baseline and the peers.

@@ -46,7 +46,8 @@ static void usage(FILE *to) {
 
 static int valid_level(const char *l) {
   return strcmp(l, "debug") == 0 || strcmp(l, "info") == 0 ||
-         strcmp(l, "warn") == 0 || strcmp(l, "error") == 0;
+         strcmp(l, "warn") == 0 || strcmp(l, "warning") == 0 ||
+         strcmp(l, "error") == 0;
 }
 
 static void print_versions(void) {
@@ -107,6 +108,21 @@ static int run_script(lua_State *L, char **argv, int argc, int script) {
   for (int i = script + 1; i < argc; i++)
     lua_pushstring(L, argv[i]);
   return run_chunk(L, luaL_loadfile(L, name), nargs);
+}
+
+/* After the script's main chunk: squall.ioloop, if it was loaded, says
+ * whether servers listen on a loop nobody started (a script that forgot
+ * its loop:start() would otherwise exit 0 at once, silently). */
+static void check_script_end(lua_State *L) {
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "loaded");
+  lua_getfield(L, -1, "squall.ioloop");
+  if (lua_istable(L, -1)) {
+    lua_getfield(L, -1, "_at_script_end");
+    if (lua_isfunction(L, -1))
+      (void)squall_host_pcall(L, 0, 0); /* a failure has nothing to add */
+  }
+  lua_settop(L, 0);
 }
 
 static int require_lib(lua_State *L, const char *name) {
@@ -195,9 +211,11 @@ int main(int argc, char **argv) {
           L, luaL_loadbuffer(L, code, strlen(code), "=(--reload)"), 0);
     }
   }
-  if (status == 0 && script < argc)
+  if (status == 0 && script < argc) {
     status = run_script(L, argv, argc, script);
-  else if (status == 0 && !has_e && !has_v) {
+    if (status == 0)
+      check_script_end(L);
+  } else if (status == 0 && !has_e && !has_v) {
     /* Nothing to run: read a script from stdin, as `lua -` does, unless a
      * person is typing, who wants to know how to use us. */
     if (isatty(0)) {

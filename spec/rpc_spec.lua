@@ -132,7 +132,10 @@ describe("squall.rpc", function()
       "return { size = function() return 8 end, note = 'not a function' }")
     put(dir .. "/_private.lua", "return { secret = function() return 1 end }")
     put(dir .. "/_lib/x.lua", "return { y = function() return 1 end }")
-    local server, port = serve({ handlers = dir })
+    put(dir .. "/broken.lua", "return { f = function() end") -- a syntax error
+    local server, port
+    local log = helpers.capture_log(function() server, port = serve({ handlers = dir }) end)
+    assert.matches("cannot load handler file [^\n]*/broken.lua, so it has no methods yet", log)
     assert.same({ "game.board.size", "player.login" }, server:methods())
     local c = assert(rpc.connect("127.0.0.1", port))
     assert.equal("hi ann", c:call("player.login", "ann"))

@@ -45,6 +45,50 @@ describe("misuse raises at the user's line", function()
     assert.matches('unknown key "keyfle"', err)
   end)
 
+  it("a call that waits, made outside a coroutine", function()
+    local redis = require "squall.redis"
+    local mysql = require "squall.mysql"
+    local rpc = require "squall.rpc"
+    local thread = require "squall.thread"
+    local calls = {
+      function() iostream.connect("127.0.0.1", 1) end,
+      function() redis.connect({ port = 1 }) end,
+      function() mysql.connect({ port = 1 }) end,
+      function() rpc.connect("127.0.0.1", 1) end,
+      function() thread.run("string", "rep", "x", 2) end,
+      function() redis.pool({ port = 1 }):call("GET", "k") end,
+      function() mysql.pool({ port = 1 }):query("SELECT 1") end,
+    }
+    for _, call in ipairs(calls) do
+      assert.matches("waits", raised(call))
+    end
+  end)
+
+  it("a refused connection names where it went", async(function()
+    local redis = require "squall.redis"
+    local port = helpers.free_port()
+    local r, err = redis.connect({ port = port })
+    assert.is_nil(r)
+    assert.equal("refused", err.kind)
+    assert.matches("connecting to 127.0.0.1:" .. port .. ": ", tostring(err))
+    local _, perr = redis.pool({ port = port }):call("GET", "k")
+    assert.matches("connecting to 127.0.0.1:" .. port, tostring(perr))
+    local _, uerr = iostream.connect_unix("/nonexistent/redis.sock")
+    assert.matches("connecting to /nonexistent/redis.sock: ", tostring(uerr))
+  end))
+
+  it("listen before start(n), and start with nothing bound", function()
+    local server = TCPServer({ handle_stream = handler })
+    local err = raised(function()
+      server:listen(0, "127.0.0.1")
+      server:start(2)
+    end)
+    assert.matches("use bind%(%), not listen%(%), before start", err)
+    server:stop()
+    assert.matches("nothing to start: call bind%(port%) first",
+      raised(function() TCPServer({ handle_stream = handler }):start(1) end))
+  end)
+
   it("a callback that is not a function", function()
     local loop = ioloop.new()
     local err = raised(function() loop:add_callback(42) end)
@@ -80,6 +124,35 @@ describe("the command line", function()
     status, _, err = run(q(squall) .. " --log-level loud -e 'print(1)'")
     assert.equal(1, status)
     assert.matches("%-%-log%-level takes debug, info, warn or error, got 'loud'", err)
+  end)
+
+  it("--log-level takes warning, as squall.log does", function()
+    local code = q([[local log = require "squall.log"; log.info("inf"); log.warning("w")]])
+    local status, _, err = run(q(squall) .. " --log-level warning -e " .. code)
+    assert.equal(0, status, err)
+    assert.matches("^%[W [^\n]*%] w\n$", err)
+  end)
+
+  it("a script that listens but never starts its loop says so", function()
+    local path = tmpscript([[
+local TCPServer = require "squall.tcpserver"
+TCPServer({ handle_stream = function() end }):listen(0, "127.0.0.1")
+]])
+    local status, _, err = run(q(squall) .. " " .. q(path))
+    assert.equal(0, status)
+    assert.matches("ended with 1 socket%(s%) listening but never started the IOLoop", err)
+    -- one that starts it and stops says nothing of the kind
+    local ok_path = tmpscript([[
+local ioloop = require "squall.ioloop"
+local TCPServer = require "squall.tcpserver"
+TCPServer({ handle_stream = function() end }):listen(0, "127.0.0.1")
+ioloop.current():add_callback(function() ioloop.current():stop() end)
+ioloop.current():start()
+]])
+    status, _, err = run(q(squall) .. " " .. q(ok_path))
+    os.remove(path); os.remove(ok_path)
+    assert.equal(0, status)
+    assert.equal("", err)
   end)
 
   it("--reload with a missing module names the script's line", function()

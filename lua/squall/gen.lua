@@ -14,23 +14,12 @@ local M = {}
 local pack, check_callable = util.pack, util.check_callable
 
 local resume = core.resume
-local running, yield, create = coroutine.running, coroutine.yield, coroutine.create
+local yield, create = coroutine.yield, coroutine.create
 local traceback, xpcall, unpack = debug.traceback, xpcall, unpack
 local type, tostring, error, format = type, tostring, error, string.format
 
-local can_wait = core.can_wait
 
-local function need_coroutine(what, level)
-  local co = running()
-  if not co then
-    error(what .. " waits, so it must run inside a coroutine", level + 1)
-  end
-  if not can_wait() then
-    error(what .. " waits, but this coroutine was started with coroutine.wrap or " ..
-      "coroutine.resume, which would get its yield: start it with gen.spawn", level + 1)
-  end
-  return co
-end
+local need_coroutine = util.need_coroutine
 
 
 --- A Future: a result that arrives later.

@@ -100,6 +100,18 @@ function M.current()
 end
 M.instance = M.current
 
+--- The host calls this when a script's main chunk returned: servers that
+-- listen on a loop nobody started would never answer, and the process
+-- would exit 0 at once; say so. (netutil counts the listeners.)
+function M._at_script_end()
+  local loop = current
+  local n = package.loaded["squall.netutil"] and package.loaded["squall.netutil"].listening()
+  if loop and not loop._closed and not loop._started and n and n > 0 then
+    log.warn("the script ended with %d socket(s) listening but never started the IOLoop: " ..
+      "end it with ioloop.current():start()", n)
+  end
+end
+
 --- Forget the current loop; the next current() makes a new one.
 function M.clear_current()
   current = nil
@@ -334,6 +346,7 @@ function IOLoop:start()
   if self._closed then error("the IOLoop is closed", 2) end
   if self._running then error("the IOLoop is already running", 2) end
   self._running = true
+  self._started = true
   local outer = current
   current = self
   for i = 1, #start_hooks do start_hooks[i](self) end

@@ -795,6 +795,7 @@ end
 function M.connect(opts)
   opts = opts or {}
   check_opts(opts, "mysql.connect", 2)
+  util.need_coroutine("mysql.connect", 2)
   local max_buffer = opts.max_buffer_size or 104857600
   local deadline = opts.timeout and now() + opts.timeout
   local stream, err
@@ -1064,6 +1065,7 @@ function Pool:query(sql, ...)
   if type(sql) ~= "string" then
     error("query: sql must be a string, got " .. util.describe(sql), 2)
   end
+  util.need_coroutine("pool:query", 2)
   local db, err = self:acquire()
   if not db then return nil, err end
   local res = util.pack(pcall(db.query, db, sql, ...))
@@ -1084,12 +1086,14 @@ end
 --- Run fn(db) with a connection, then reset it and give it back.
 function Pool:with(fn)
   util.check_callable(fn, 2)
+  util.need_coroutine("pool:with", 2)
   return pool.Pool.with(self, fn, "reset")
 end
 
 --- db:transaction(fn) on a pooled connection.
 function Pool:transaction(fn)
   util.check_callable(fn, 2)
+  util.need_coroutine("pool:transaction", 2)
   return pool.Pool.with(self, function(db) return db:transaction(fn) end, "reset")
 end
 

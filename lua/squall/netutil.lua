@@ -8,6 +8,8 @@ local util = require "squall.util"
 
 local M = {}
 
+local listening = 0 -- accept handlers added and not removed
+
 local FAMILIES = { inet = 4, inet6 = 6, [4] = 4, [6] = 6, unspec = nil }
 
 --- Bind listening sockets for `address` (nil or "" for every interface)
@@ -57,7 +59,20 @@ function M.add_accept_handler(sock, callback, opts)
     end
     callback(stream, address)
   end, opts)
-  return function() acceptor:close() end
+  listening = listening + 1
+  local removed = false
+  return function()
+    if not removed then
+      removed = true
+      listening = listening - 1
+    end
+    acceptor:close()
+  end
+end
+
+--- How many accept handlers are on (added and not removed).
+function M.listening()
+  return listening
 end
 
 local ffi = require "ffi"

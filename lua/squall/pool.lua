@@ -62,6 +62,7 @@ end
 -- back. nil, err when connecting fails or `queue_timeout` passes (kind
 -- `timeout`).
 function Pool:acquire()
+  util.need_coroutine("pool:acquire", 2)
   local loop = ioloop.current()
   local deadline, woken
   while true do
@@ -146,6 +147,7 @@ end
 -- that connection is closed, not given back, and the error goes on.
 function Pool:with(fn, how)
   util.check_callable(fn, 2)
+  util.need_coroutine("pool:with", 2)
   local c, err = self:acquire()
   if not c then return nil, err end
   local res = util.pack(xpcall(fn, traceback, c))

@@ -457,7 +457,13 @@ function Redis:read_message(timeout)
     stream:set_timeout(timeout or self._timeout)
     local v, err = read_one(self, true)
     stream:set_timeout(self._timeout)
-    if v == nil then return nil, err end
+    if v == nil then
+      if err.kind == "timeout" and not self._broken then
+        return nil, core.error("timeout", format("redis: no message came within %g s",
+          timeout or self._timeout))
+      end
+      return nil, err
+    end
     local msg = message(v)
     if msg then return msg end
   end
@@ -496,6 +502,7 @@ function M.connect(opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("redis.connect: opts must be a table", 2) end
   check_keys(opts, "redis.connect", 2)
+  util.need_coroutine("redis.connect", 2)
   local max = opts.max_buffer_size or 104857600
   if type(max) ~= "number" or max < 1 then
     error("redis.connect: max_buffer_size must be a positive number, got " ..
@@ -564,11 +571,13 @@ end
 -- raises, that connection is closed (not given back) and the error goes on.
 function Pool:with(fn)
   util.check_callable(fn, 2)
+  util.need_coroutine("pool:with", 2)
   return pool.Pool.with(self, fn, subscribed)
 end
 
 --- Run one command on a pooled connection.
 function Pool:call(name, ...)
+  util.need_coroutine("pool:call", 2)
   local args = util.pack(...)
   return self:with(function(r) return r:call(name, unpack(args, 1, args.n)) end)
 end

@@ -102,8 +102,8 @@ function Router:load_file(dir, path)
     ok, mod = false, path .. " returned " .. type(mod) .. ", not a table of functions"
   end
   if not ok then
-    log.error("rpc: cannot load handler file %s, keeping its old methods: %s", path,
-      tostring(mod))
+    log.error("rpc: cannot load handler file %s, %s: %s", path, self.by_file[path] and
+      "keeping its old methods" or "so it has no methods yet", tostring(mod))
     return false
   end
   local names = {}
@@ -590,6 +590,7 @@ function M.connect(host, port, opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("rpc.connect: opts must be a table", 2) end
   util.check_port(port, 2)
+  util.need_coroutine("rpc.connect", 2)
   local router = new_router()
   for name, target in pairs(opts.routes or {}) do router:route(name, target, 2) end
   if opts.handlers ~= nil then router:add_folder(opts.handlers, 2) end

@@ -24,6 +24,18 @@ function TCPClient.new(_, defaults)
   return setmetatable({ _defaults = defaults or {} }, TCPClient)
 end
 
+-- An error says what it was connecting to ("refused: connecting to
+-- 127.0.0.1:6379: connection refused"), so a pool's or a client's failure
+-- names its server.
+local function where(err, to, name)
+  local msg = type(err) == "table" and err.message
+  if type(msg) == "string" then
+    if name and msg:sub(1, #name + 2) == name .. ": " then msg = msg:sub(#name + 3) end
+    err.message = "connecting to " .. to .. ": " .. msg
+  end
+  return err
+end
+
 -- Connect to host:port (the work of both forms of connect).
 local function connect(host, port, opts, callback, level)
   if type(host) ~= "string" then error("host must be a string", level) end
@@ -35,11 +47,13 @@ local function connect(host, port, opts, callback, level)
       nil, 2)
     return
   end
+  util.need_coroutine("connect", level)
   local ssl_options = opts and opts.ssl_options
   local ctx = ssl_options and netutil.ssl_context(ssl_options, false)
   local t0 = loop:time()
   local s, err = core.connect(loop:core_loop(), host, port, opts)
-  if not s or not ctx then return s, err end
+  if not s then return nil, where(err, host .. ":" .. port, host) end
+  if not ctx then return s end
   -- The connect timeout bounds the handshake too.
   local timeout = opts.timeout
   if timeout then s:set_timeout(max(0.001, timeout - (loop:time() - t0))) end
@@ -69,15 +83,19 @@ end
 --   `tls`, `io`)
 function TCPClient.connect(...)
   local first = ...
+  local s, err
+  -- (not tail calls: misuse raises at level 3, the caller of this function)
   if getmetatable(first) ~= TCPClient then
     local host, port, opts, callback = ...
-    return connect(host, port, opts, callback, 3)
+    s, err = connect(host, port, opts, callback, 3)
+    return s, err
   end
   local self, host, port, opts = ...
   local merged = {}
   for k, v in pairs(self._defaults) do merged[k] = v end
   for k, v in pairs(opts or {}) do merged[k] = v end
-  return connect(host, port, merged, nil, 3)
+  s, err = connect(host, port, merged, nil, 3)
+  return s, err
 end
 
 --- Connect to a unix-domain stream socket (a local server's path, as
@@ -90,7 +108,9 @@ end
 function TCPClient.connect_unix(path, opts)
   if type(path) ~= "string" then error("path must be a string", 2) end
   if opts ~= nil and type(opts) ~= "table" then error("opts must be a table", 2) end
-  return core.connect_unix(ioloop.current():core_loop(), path, opts)
+  local s, err = core.connect_unix(ioloop.current():core_loop(), path, opts)
+  if not s then return nil, where(err, path) end
+  return s
 end
 
 --- Nothing to release; here for Tornado compatibility.

@@ -216,8 +216,17 @@ end
 --- Start accepting on the sockets from `bind`, in `n` processes (0 or nil:
 -- one per CPU; 1: this process only). See process.fork_processes.
 function TCPServer:start(n, max_restarts)
+  check_server(self, "start", 2)
+  if not self._pending and #self._sockets == 0 then
+    error("start: nothing to start: call bind(port) first", 2)
+  end
   if n ~= 1 then
-    require("squall.process").fork_processes(n, max_restarts)
+    if #self._sockets > 0 then
+      error("start: use bind(), not listen(), before start(n): listen() already accepts " ..
+        "in this process, and fork_processes must run before any IOLoop exists", 2)
+    end
+    local ok, err = pcall(require("squall.process").fork_processes, n, max_restarts)
+    if not ok then error(err, 2) end
   end
   local pending = self._pending or {}
   self._pending = nil

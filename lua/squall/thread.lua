@@ -81,6 +81,7 @@ function Pool:run(module, func, ...)
     error("run: the arguments cannot be copied to a worker (nil, booleans, numbers, " ..
       "strings and tables of those only): " .. tostring(args), 2)
   end
+  util.need_coroutine("thread.run", 2)
   if self._closed then return nil, closed_error() end
   local id = self._next_id + 1
   self._next_id = id
@@ -117,6 +118,7 @@ local default
 --- Run on the default pool (one worker per CPU); see Pool:run.
 function M.run(module, func, ...)
   util.check_main_thread("thread.run", 2)
+  util.need_coroutine("thread.run", 2)
   if not default or default._loop ~= ioloop.current() then
     default = M.pool()
     default._loop = ioloop.current()

@@ -55,6 +55,24 @@ function M.describe(v)
   return t
 end
 
+--- Raise unless the caller may wait here: inside a coroutine that Squall
+-- resumes (gen.spawn, a handler, run_sync), not outside every coroutine
+-- nor in one started by coroutine.wrap/resume (that caller would get the
+-- yield). `what` names the call; the error is at `level`, as for error().
+-- Returns the running coroutine.
+function M.need_coroutine(what, level)
+  local co = coroutine.running()
+  if not co then
+    error(what .. " waits, so it must run inside a coroutine (gen.spawn, a handler, " ..
+      "or loop:run_sync)", level + 1)
+  end
+  if not core.can_wait() then
+    error(what .. " waits, but this coroutine was started with coroutine.wrap or " ..
+      "coroutine.resume, which would get its yield: start it with gen.spawn", level + 1)
+  end
+  return co
+end
+
 --- Raise unless fn can be called (a function or a table with __call).
 -- @tparam number level the caller's level, as for error()
 function M.check_callable(fn, level, what)
