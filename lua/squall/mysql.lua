@@ -981,7 +981,12 @@ function Connection:transaction(fn)
   util.check_callable(fn, 2)
   local ok, err = self:query("START TRANSACTION")
   if not ok then return nil, err end
-  local res = util.pack(xpcall(fn, traceback, self))
+  local raised
+  local res = util.pack(xpcall(fn, function(e)
+    raised = e
+    local ok, text = pcall(tostring, e) -- (a table's __tostring may raise)
+    return traceback(ok and text or type(e), 2)
+  end, self))
   if res[1] and res[2] then
     ok, err = self:query("COMMIT")
     if not ok then return nil, err end
@@ -990,7 +995,7 @@ function Connection:transaction(fn)
   if not self._broken then self:query("ROLLBACK") end
   if not res[1] then
     local e = core.error("transaction", "the transaction's function raised: " .. tostring(res[2]))
-    e.cause = res[2]
+    e.cause, e.traceback = raised, res[2]
     return nil, e
   end
   return res[2], res[3]
