@@ -234,9 +234,29 @@ static int l_cwd(lua_State *L) {
   return 1;
 }
 
+/* core.file_stamp(path): a string that changes when the file is written
+ * (its modification time and size: two writes within one tick of the
+ * kernel's coarse clock share a time), or nil, err. squall.reload compares
+ * it with the stamp the file had when loaded, so an edit made before its
+ * watcher started is not missed. */
+static int l_file_stamp(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  uv_fs_t req;
+  int err = uv_fs_stat(NULL, &req, path, NULL);
+  if (err == 0)
+    lua_pushfstring(L, "%d.%d/%d", (int)req.statbuf.st_mtim.tv_sec,
+                    (int)req.statbuf.st_mtim.tv_nsec, (int)req.statbuf.st_size);
+  uv_fs_req_cleanup(&req);
+  if (err != 0)
+    return squall_push_uv_error(L, err);
+  return 1;
+}
+
 int squall_host_open(lua_State *L) {
   lua_pushcfunction(L, l_cwd);
   lua_setfield(L, -2, "cwd");
+  lua_pushcfunction(L, l_file_stamp);
+  lua_setfield(L, -2, "file_stamp");
   if (luaL_newmetatable(L, ERROR_MT)) {
     lua_pushcfunction(L, error_tostring);
     lua_setfield(L, -2, "__tostring");

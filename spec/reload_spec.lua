@@ -165,6 +165,52 @@ describe("squall.reload", function()
     server:stop()
   end, { timeout = 60 }))
 
+  it("an edit made after loading and before the loop starts is not missed", async(function()
+    -- the watchers start with the loop: a module and a handler file edited
+    -- in between used to keep their old code until the next edit
+    local dir = helpers.tmpdir()
+    helpers.spit(dir .. "/greeter.lua", "return { word = function() return 'one' end }")
+    helpers.spit(dir .. "/handlers/h.lua", "return { word = function() return 'one' end }")
+    local port, port2 = helpers.free_port(), helpers.free_port()
+    helpers.spit(dir .. "/main.lua", ([[
+      package.path = "./?.lua;" .. package.path
+      local greeter = require "greeter"
+      local rpc = require "squall.rpc"
+      local TCPServer = require "squall.tcpserver"
+      rpc.Server({ handlers = "handlers" }):listen(%d, "127.0.0.1")
+      TCPServer({ handle_stream = function(s)
+        s:write(greeter.word() .. "\n")
+        s:close()
+      end }):listen(%d, "127.0.0.1")
+      io.open("loaded", "w"):close()
+      while not io.open("go") do os.execute("sleep 0.01") end -- the spec edits now
+      local loop = require("squall.ioloop").current()
+      loop:add_signal_handler("SIGTERM", function() loop:stop() end)
+      loop:start()
+    ]]):format(port, port2))
+    local wait, signal = helpers.start(("cd %s && exec %s --reload main.lua")
+      :format(q(dir), q(helpers.squall_real)), 30)
+    helpers.eventually(function() return io.open(dir .. "/loaded") end, "the script to load", 10)
+    helpers.spit(dir .. "/greeter.lua", "return { word = function() return 'two' end }")
+    helpers.spit(dir .. "/handlers/h.lua", "return { word = function() return 'two' end }")
+    helpers.spit(dir .. "/go", "")
+    local rpc = require "squall.rpc"
+    local function words()
+      local c = iostream.connect("127.0.0.1", port2)
+      local r = rpc.connect("127.0.0.1", port)
+      if not (c and r) then return nil end
+      local w = c:read_until("\n")
+      local hw = r:call("h.word")
+      c:close(); r:close()
+      return w == "two\n" and hw == "two"
+    end
+    helpers.eventually(words, "both edits to be in force", 10)
+    signal("TERM")
+    local status, _, err = wait()
+    os.execute("rm -rf " .. q(dir))
+    assert.equal(0, status, err)
+  end, { timeout = 30 }))
+
   it("squall --reload watches the script's modules", async(function()
     local dir = os.tmpname()
     os.remove(dir)

@@ -984,8 +984,8 @@ function Connection:transaction(fn)
   local raised
   local res = util.pack(xpcall(fn, function(e)
     raised = e
-    local ok, text = pcall(tostring, e) -- (a table's __tostring may raise)
-    return traceback(ok and text or type(e), 2)
+    local described, text = pcall(tostring, e) -- (a table's __tostring may raise)
+    return traceback(described and text or type(e), 2)
   end, self))
   if res[1] and res[2] then
     ok, err = self:query("COMMIT")

@@ -38,6 +38,10 @@ local installed = setmetatable({}, { __mode = "k" }) -- loops set up
 local DEBOUNCE = 0.05 -- editors write a file in several steps
 local folders = {}   -- absolute dir -> fn(path): watch_folder's trees
 local pending_files = {} -- path -> fn, for files under those trees
+-- path -> the stamp (time and size) the file had when it was (re)loaded: the
+-- watchers start with the loop, so an edit made between loading and
+-- starting is found by comparing (see install)
+local stamps = {}
 
 local function dirname(path)
   return path:match("^(.*)/[^/]*$") or "."
@@ -86,6 +90,7 @@ function M.reload(name)
     log.error("reload: cannot find module %s", name)
     return false
   end
+  stamps[path] = core.file_stamp(path)
   local chunk, err = loadfile(path)
   if not chunk then
     log.error("reload of %s failed, keeping the old code: %s", name, err)
@@ -133,6 +138,7 @@ local function flush()
   local files = pending_files
   pending_files = {}
   for path, fn in pairs(files) do
+    stamps[path] = core.file_stamp(path)
     local ok, err = xpcall(fn, traceback, path)
     if not ok then log.error("reload of %s failed: %s", path, err) end
   end
@@ -142,6 +148,13 @@ end
 local function folder_of(dir)
   for root, fn in pairs(folders) do
     if dir == root or dir:sub(1, #root + 1) == root .. "/" then return fn end
+  end
+end
+
+local function schedule_flush()
+  if not flush_scheduled then
+    flush_scheduled = true
+    ioloop.current():call_later(DEBOUNCE, flush)
   end
 end
 
@@ -156,10 +169,7 @@ local function changed(dir, filename)
   else
     return
   end
-  if not flush_scheduled then
-    flush_scheduled = true
-    ioloop.current():call_later(DEBOUNCE, flush)
-  end
+  schedule_flush()
 end
 
 -- Watch the directory (not the file: editors replace files by renaming,
@@ -200,32 +210,69 @@ local function track(name)
   if not path or is_system(path) then return end -- C, preload or a library
   path = absolute(path)
   modules[name] = path
+  stamps[path] = core.file_stamp(path)
   by_path[dirname(path) .. "/" .. basename(path)] = name
   for loop in pairs(installed) do
     if not loop:closed() then watch_dir(loop, dirname(path)) end
   end
 end
 
--- Every directory under root (root included), found now.
-local function subdirs(root)
+-- What `find root ...` lists (the directories, or the Lua files).
+local function find(root, what)
   local found = {}
   local p = io.popen("find " .. ("'%s'"):format(root:gsub("'", "'\\''")) ..
-    " -type d 2>/dev/null")
+    " " .. what .. " 2>/dev/null")
   for line in p:lines() do found[#found + 1] = line end
   p:close()
   return found
+end
+
+-- Every directory under root (root included), found now.
+local function subdirs(root)
+  return find(root, "-type d")
+end
+
+-- The Lua files under root as they are now: path -> stamp.
+local function lua_files(root)
+  local now = {}
+  for _, path in ipairs(find(root, "-name '*.lua' -type f")) do
+    now[path] = core.file_stamp(path)
+  end
+  return now
 end
 
 local function watch_folder_on(loop, root)
   for _, dir in ipairs(subdirs(root)) do watch_dir(loop, dir) end
 end
 
--- Set up a loop: watchers for every tracked module and folder, and SIGHUP.
+-- What changed since it was loaded and before the watchers ran: modules,
+-- and files under the folders (new, edited or removed), queued for flush.
+local function catch_up()
+  for name, path in pairs(modules) do
+    if core.file_stamp(path) ~= stamps[path] then pending[name] = true end
+  end
+  for root, fn in pairs(folders) do
+    local now = lua_files(root)
+    for path, t in pairs(now) do
+      if t ~= stamps[path] then pending_files[path] = fn end
+    end
+    for path in pairs(stamps) do
+      if now[path] == nil and path:sub(1, #root + 1) == root .. "/" and not by_path[path] then
+        pending_files[path] = fn
+      end
+    end
+  end
+  if next(pending) or next(pending_files) then schedule_flush() end
+end
+
+-- Set up a loop: watchers for every tracked module and folder, and SIGHUP;
+-- then what changed before they watched.
 local function install(loop)
   if installed[loop] then return end
   installed[loop] = true
   for _, path in pairs(modules) do watch_dir(loop, dirname(path)) end
   for root in pairs(folders) do watch_folder_on(loop, root) end
+  catch_up()
   loop:add_signal_handler("SIGHUP", function()
     M.reload_all()
     for root, fn in pairs(folders) do
@@ -255,6 +302,7 @@ function M.watch_folder(dir, fn)
   if not enabled then return false end
   local root = absolute(dir):gsub("/+$", "")
   folders[root] = fn
+  for path, t in pairs(lua_files(root)) do stamps[path] = t end
   for loop in pairs(installed) do
     if not loop:closed() then watch_folder_on(loop, root) end
   end
