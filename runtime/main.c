@@ -67,11 +67,15 @@ static void raise_nofile_limit(void) {
   }
 }
 
+/* As lua.c: a nil error object (busted's `error()` to exit 1 under Lua
+ * 5.1) fails the run without a message. */
 static int report(lua_State *L, int status) {
-  if (status != 0) {
+  if (status != 0 && !lua_isnil(L, -1)) {
     fprintf(stderr, "%s: %s\n", progname, squall_host_describe(L, -1));
     fflush(stderr);
     lua_pop(L, 2);
+  } else if (status != 0) {
+    lua_pop(L, 1);
   }
   return status;
 }

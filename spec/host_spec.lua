@@ -49,6 +49,13 @@ describe("the squall host", function()
     assert.matches(":1: in", err)
   end)
 
+  it("exits 1 without a word for error() with nil, as luajit (busted's failing exit)",
+    function()
+    local status, out, err = run(q(squall) .. " -e 'error()'")
+    assert.equal(1, status)
+    assert.equal("", out .. err)
+  end)
+
   it("exits 1 with a clear message for a syntax error or a missing script", function()
     local status, _, err = run(q(squall) .. " -e 'if then'")
     assert.equal(1, status)
