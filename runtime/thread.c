@@ -14,10 +14,13 @@
  * closing, or the collector) drops the jobs not yet started and tells the
  * threads to end after their current one, without waiting for them: a job
  * may run for minutes, and the loop must not. Each thread closes its own
- * state as it ends. The pool's memory goes with whichever side finishes
- * last: the loop's, once the async handle is closed and the userdata
- * collected, or the last thread's. A thread wakes the loop only while the
- * async handle is not closing (checked under the mutex).
+ * state as it ends. When the loop closes (or collects the pool), the idle
+ * threads are joined, so none is still ending when the process exits; one
+ * busy with a job is detached and ends by itself. The pool's memory goes
+ * with whichever side finishes last: the loop's, once the async handle is
+ * closed and the userdata collected, or the last thread's. A thread wakes
+ * the loop only while the async handle is not closing (checked under the
+ * mutex).
  */
 #include "thread.h"
 
@@ -46,6 +49,16 @@ typedef struct job {
   lua_Number id; /* the caller's, handed back to the pool's callback */
 } job;
 
+struct pool;
+
+/* One thread of a pool. */
+typedef struct worker {
+  struct pool *p;
+  pthread_t t;
+  int started;
+  int busy; /* under the pool's mu: running a job */
+} worker;
+
 typedef struct pool {
   squall_handle h; /* first: the loop closes us through it */
   squall_loop *loop;
@@ -63,6 +76,8 @@ typedef struct pool {
   int in_flight, async_open, ud_alive;
   int cb_ref;         /* on_done(id, ok, bytes), until the pool stops */
   char *path, *cpath; /* the host's package paths, for every worker */
+  worker *workers;
+  int nworkers;
 } pool;
 
 /* What a worker runs for each job (a chunk compiled once per state). */
@@ -150,7 +165,8 @@ static void run_job(lua_State *L, job *j) {
 static void free_pool(pool *p);
 
 static void *worker_main(void *arg) {
-  pool *p = arg;
+  worker *w = arg;
+  pool *p = w->p;
   const char *err = NULL;
   /* A worker yields the CPU to the event loop's thread: on Linux a
    * thread has a nice value of its own, and 5 above the loop's lets the
@@ -174,6 +190,7 @@ static void *worker_main(void *arg) {
     p->todo = j->next;
     if (p->todo == NULL)
       p->todo_end = &p->todo;
+    w->busy = 1;
     pthread_mutex_unlock(&p->mu);
 
     if (L != NULL) {
@@ -188,6 +205,7 @@ static void *worker_main(void *arg) {
     pthread_mutex_lock(&p->mu);
     *p->done_end = j;
     p->done_end = &j->next;
+    w->busy = 0;
     if (!p->async_closing)
       uv_async_send(&p->async);
     pthread_mutex_unlock(&p->mu);
@@ -246,6 +264,7 @@ static void free_pool(pool *p) {
     }
   free(p->path);
   free(p->cpath);
+  free(p->workers);
   pthread_mutex_destroy(&p->mu);
   pthread_cond_destroy(&p->cv);
   free(p);
@@ -299,12 +318,12 @@ static void stop_pool(pool *p) {
   }
 }
 
-/* Stop, and close the async handle (the loop closing, or the collector). */
+/* Stop, join the idle threads (they end at once) and detach the busy
+ * ones, and close the async handle: the loop closing, or the collector.
+ * Runs once. */
 static void close_pool(squall_handle *h) {
   pool *p = (pool *)h;
   stop_pool(p);
-  if (!p->async_open)
-    return;
   pthread_mutex_lock(&p->mu);
   if (p->async_closing) {
     pthread_mutex_unlock(&p->mu);
@@ -312,6 +331,18 @@ static void close_pool(squall_handle *h) {
   }
   p->async_closing = 1;
   pthread_mutex_unlock(&p->mu);
+  for (int i = 0; i < p->nworkers; i++) {
+    worker *w = &p->workers[i];
+    if (!w->started)
+      continue;
+    pthread_mutex_lock(&p->mu);
+    int busy = w->busy;
+    pthread_mutex_unlock(&p->mu);
+    if (busy)
+      pthread_detach(w->t);
+    else
+      pthread_join(w->t, NULL);
+  }
   uv_close((uv_handle_t *)&p->async, async_closed);
 }
 
@@ -396,9 +427,11 @@ static int l_thread_pool(lua_State *L) {
   p->ud_alive = 1;
   p->path = dup_bytes(path, strlen(path));
   p->cpath = dup_bytes(cpath, strlen(cpath));
+  p->workers = calloc((size_t)size, sizeof *p->workers);
+  p->nworkers = size;
   pthread_mutex_init(&p->mu, NULL);
   pthread_cond_init(&p->cv, NULL);
-  if (p->path == NULL || p->cpath == NULL) {
+  if (p->path == NULL || p->cpath == NULL || p->workers == NULL) {
     free_pool(p);
     return luaL_error(L, "out of memory");
   }
@@ -409,21 +442,20 @@ static int l_thread_pool(lua_State *L) {
   lua_pushvalue(L, 5);
   p->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   *pp = p;
-  pthread_attr_t attr;
-  pthread_attr_init(&attr);
-  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
   int started = 0;
   for (; started < size; started++) {
-    pthread_t t;
+    worker *w = &p->workers[started];
+    w->p = p;
     pthread_mutex_lock(&p->mu);
-    int failed = pthread_create(&t, &attr, worker_main, p);
-    if (!failed)
+    int failed = pthread_create(&w->t, NULL, worker_main, w);
+    if (!failed) {
+      w->started = 1;
       p->threads_live++;
+    }
     pthread_mutex_unlock(&p->mu);
     if (failed)
       break;
   }
-  pthread_attr_destroy(&attr);
   if (started == 0) {
     close_pool(&p->h);
     return luaL_error(L, "could not start any worker thread");
