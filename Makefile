@@ -154,9 +154,10 @@ format:
 	clang-format -i $(SRCS) $(HDRS) tests/*.c tests/fuzz/*.c bench/*.c bench/baseline/*.c
 
 install: build/squall
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/squall/lua/squall
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/squall/lua
 	install -m 755 build/squall $(DESTDIR)$(PREFIX)/bin/squall
-	install -m 644 lua/squall/*.lua $(DESTDIR)$(PREFIX)/share/squall/lua/squall/
+	cd lua && find squall -type d -exec install -d $(DESTDIR)$(PREFIX)/share/squall/lua/{} \; \
+	  && find squall -type f -name '*.lua' -exec install -m 644 {} $(DESTDIR)$(PREFIX)/share/squall/lua/{} \;
 	cd examples && find . -type d -exec install -d $(DESTDIR)$(PREFIX)/share/squall/examples/{} \; \
 	  && find . -type f ! -perm -u+x -exec install -m 644 {} $(DESTDIR)$(PREFIX)/share/squall/examples/{} \; \
 	  && find . -type f -perm -u+x -exec install -m 755 {} $(DESTDIR)$(PREFIX)/share/squall/examples/{} \;
