@@ -175,7 +175,7 @@ deb: build/squall $(LUA_SRCS)
 	printf '%s\n' 'Package: squall' 'Version: $(VERSION)' 'Architecture: $(DEB_ARCH)' \
 	  'Maintainer: Squall developers <squall@localhost>' 'Section: interpreters' \
 	  'Priority: optional' \
-	  'Depends: libluajit2-5.1-2 | libluajit-5.1-2, libuv1 (>= 1.44), libssl3' \
+	  'Depends: libluajit2-5.1-2 | libluajit-5.1-2, libuv1 (>= 1.44), libssl3, lua-cjson' \
 	  'Description: Tornado-style network servers in Lua on LuaJIT, libuv and OpenSSL' \
 	  ' The squall host runs Lua scripts with an IOLoop, IOStreams, TCPServer,' \
 	  ' TLS, multi-process servers, hot reload, MessagePack and MessagePack-RPC.' \

@@ -181,9 +181,10 @@ end
 
 --- A redis-server of our own on a free port in a temporary folder (never
 -- the system service, never a fixed port): { port, dir, wait, signal }.
--- `extra`: more command-line options.
-function M.start_redis(extra)
-  local dir, port = M.tmpdir(), M.free_port()
+-- `extra`: more command-line options; `dir` and `port` start one again
+-- where an earlier one was (it loads what it SAVEd).
+function M.start_redis(extra, dir, port)
+  dir, port = dir or M.tmpdir(), port or M.free_port()
   local wait, signal = M.start(("cd %s && exec redis-server --port %d --bind 127.0.0.1 " ..
     "--save '' --appendonly no --daemonize no --loglevel warning --enable-debug-command yes %s")
     :format(M.q(dir), port, extra or ""), 120)
@@ -230,6 +231,49 @@ function M.start_influxdb()
   local wait, signal = M.start(("exec scripts/influxdb-scratch %s %d %d %d")
     :format(M.q(dir), port, rpc, udp), 120)
   return { port = port, udp_port = udp, dir = dir, wait = wait, signal = signal }
+end
+
+--- Debian's python3 (another may come first on PATH without its modules).
+M.python = "/usr/bin/python3"
+
+--- A Python Celery worker of its own (Debian's python3-celery, with the
+-- tasks of spec/fixtures/celery/pytasks.py) on `broker`: `opts.queues`
+-- ("celery"), `opts.name` ("py1"), `opts.vt` (the visibility timeout),
+-- `opts.acks_late`. Inside a coroutine, returns once the worker is ready:
+-- { wait, signal, log = function() the log so far end }.
+function M.start_celery(broker, opts)
+  opts = opts or {}
+  local log = os.tmpname()
+  local wait, signal = M.start(("cd spec/fixtures/celery && BROKER=%s VT=%s ACKS_LATE=%s " ..
+    "exec %s -m celery -A pytasks worker --pool=solo -l info -n %s@%%h -Q %s " ..
+    "--without-gossip --without-mingle --without-heartbeat >%s 2>&1")
+    :format(M.q(broker), tostring(opts.vt or 3600), opts.acks_late and "1" or "0", M.python,
+      opts.name or "py1", opts.queues or "celery", M.q(log)), 300)
+  local function text()
+    local f = io.open(log)
+    local t = f and f:read("*a") or ""
+    if f then f:close() end
+    return t
+  end
+  M.eventually(function() return text():find("ready%.") end, "the Celery worker to be ready", 60)
+  return { wait = function()
+    local status = wait()
+    os.remove(log)
+    return status
+  end, signal = signal, log = text }
+end
+
+--- Inside a coroutine: run spec/fixtures/celery/pyclient.py with `args`
+-- (a list, each quoted) against `broker`, letting the loop run; returns
+-- what it printed, decoded (raises when it failed).
+function M.pycelery(broker, args)
+  local json = require "squall.json"
+  local quoted = {}
+  for i, a in ipairs(args) do quoted[i] = M.q(a) end
+  local status, out, err = M.spawn(("cd spec/fixtures/celery && BROKER=%s timeout 60 %s " ..
+    "pyclient.py %s"):format(M.q(broker), M.python, table.concat(quoted, " ")))()
+  if status ~= 0 then error("pyclient.py failed (" .. tostring(status) .. "): " .. err, 2) end
+  return assert(json.decode(out:match("[^\n]*\n?$")))
 end
 
 --- The folder scripts/gen-test-certs fills (make test runs it).
