@@ -178,6 +178,23 @@ describe("squall.celery", function()
       assert.equal("MaxRetriesExceededError", out.error)
     end, { timeout = 60 }))
 
+    it("counts tasks by name and state, their run time and queue wait, in squall.metrics",
+      with_worker(function()
+      local metrics = require "squall.metrics"
+      local r = assert(a:send_task("lua.add", { 1, 2 }, nil, { queue = "lua" }))
+      assert.equal(3, r:get(10))
+      local f = assert(a:send_task("lua.fail", { "x" }, nil, { queue = "lua" }))
+      assert.equal("task", select(2, f:get(10)).kind)
+      local text = eventually(function()
+        local t = metrics.text()
+        return t:find('squall_celery_tasks_total{name="lua.fail",state="FAILURE"}', 1, true)
+          and t
+      end, "the failure counted")
+      assert.matches('squall_celery_tasks_total{name="lua.add",state="SUCCESS"} %d', text)
+      assert.matches('squall_celery_task_run_seconds_count{name="lua.add"} %d', text)
+      assert.matches('squall_celery_task_queue_wait_seconds_count{name="lua.add"} %d', text)
+    end, { timeout = 30 }))
+
     it("answers celery inspect ping, beside Python's worker", with_worker(function()
       local out = helpers.pycelery(broker, { "ping" })
       assert.same({ ok = "pong" }, out["sq1@spec"])

@@ -111,6 +111,39 @@ describe("examples", function()
     assert.equal(0, stop_status, log)
   end, { timeout = 20 }))
 
+  it("celery/: Lua calls Python's tasks and Python calls the Lua ones", async(function()
+    local srv = helpers.start_redis()
+    local redis = require "squall.redis"
+    helpers.eventually(function() return (redis.connect({ port = srv.port })) end, "redis", 30)
+    local broker = "redis://127.0.0.1:" .. srv.port .. "/0"
+    local wait, signal = helpers.start(("cd examples/celery && BROKER=%s exec ./run")
+      :format(q(broker)), 120)
+    -- both workers are up once the Python one answers a ping
+    helpers.eventually(function()
+      local r = redis.connect({ port = srv.port })
+      local n = r and r:scard("_kombu.binding.celery.pidbox")
+      if r then r:close() end
+      return n == 2
+    end, "both workers", 60)
+    local status, out, err = helpers.spawn(("cd examples/celery && BROKER=%s timeout 60 %s " ..
+      "producer.lua"):format(q(broker), q(helpers.squall_real)))()
+    assert.equal(0, status, err)
+    for _, line in ipairs({ "pytasks.add ->\t5\n",
+      "pytasks.slow_square (countdown 1 s) state:\tPENDING\npytasks.slow_square ->\t49\n",
+      "revoked task ->\trevoked\tREVOKED\n", "text.words (on the Squall worker) ->\t5\n" }) do
+      assert.is_truthy(out:find(line, 1, true), line)
+    end
+    status, out, err = helpers.spawn(("cd examples/celery && BROKER=%s timeout 60 %s " ..
+      "pytasks.py"):format(q(broker), helpers.python))()
+    assert.equal(0, status, err)
+    assert.equal("text.words -> 3\ntext.shout -> HELLO FROM PYTHON!\n" ..
+      "text.shout(\"\") raised LuaError: nothing to shout\n", out)
+    signal("TERM")
+    local _, _, log = wait()
+    assert.matches("worker stopped", log)
+    helpers.stop_server(srv)
+  end, { timeout = 120 }))
+
   it("game/: keeps players in Redis and scores in MariaDB", async(function()
     assert(os.execute("scripts/gen-test-certs " .. q(helpers.certs)) == 0)
     local rd, my = helpers.start_redis(), helpers.start_mariadb()
