@@ -358,6 +358,68 @@ describe("squall.celery", function()
     end, { timeout = 30 }))
   end)
 
+  describe("the wire format, alone", function()
+    local message = require "squall.celery.message"
+
+    it("reads a message Python's Celery wrote, and writes one it reads", function()
+      local raw = helpers.slurp("tests/fuzz/corpus/celery/python-countdown")
+      local t = assert(message.parse_task(raw))
+      assert.equal("py.add", t.name)
+      assert.same({ 1, 2 }, t.args)
+      assert.same({ z = 3 }, t.kwargs)
+      assert.is_number(t.eta)
+      assert.is_true(t.expires > t.eta)
+      assert.equal("celery", t.routing_key)
+      local m = assert(message.parse_task(helpers.slurp(
+        "tests/fuzz/corpus/celery/python-msgpack")))
+      assert.same({ "é", json.null, 2.5, { 1, { a = json.null } } }, m.args)
+      -- Squall's, read by Python's own message code
+      local ours = message.task({ id = "abc", name = "py.add", args = { 1, 2 },
+        kwargs = { z = 3 }, eta = 1796466400.25, queue = "celery", serializer = "json",
+        origin = "spec", sent = 1796466400 })
+      local path = os.tmpname()
+      helpers.spit(path, ours)
+      local status, out, err = helpers.run(helpers.python .. " -c " .. q([[
+import base64, json, sys
+from datetime import datetime
+m = json.load(open(sys.argv[1]))
+args, kwargs, embed = json.loads(base64.b64decode(m['properties'] and m['body']))
+print(m['headers']['task'], args, kwargs, sorted(embed), m['headers']['argsrepr'],
+      datetime.fromisoformat(m['headers']['eta']).timestamp())
+]]) .. " " .. path)
+      os.remove(path)
+      assert.equal(0, status, err)
+      assert.equal("py.add [1, 2] {'z': 3} ['callbacks', 'chain', 'chord', 'errbacks'] " ..
+        "(1, 2) 1796466400.25\n", out)
+    end)
+
+    it("writes and reads times, UUIDs, base64 and Python's repr", function()
+      assert.equal("2026-12-05T10:06:07.965545+00:00", message.isoformat(1796465167.965545))
+      assert.equal("2000-02-29T00:00:00", message.isoformat(951782400, true))
+      assert.equal(951782400.5, message.parse_time("2000-02-29T00:00:00.5"))
+      assert.equal(951782400, message.parse_time("2000-02-29T01:00:00+01:00"))
+      assert.equal(951782400, message.parse_time("2000-02-29T00:00:00Z"))
+      assert.is_nil(message.parse_time("2000-13-01T00:00:00"))
+      assert.is_nil(message.parse_time("yesterday"))
+      local seen = {}
+      for _ = 1, 100 do
+        local id = message.uuid()
+        assert.matches("^%x%x%x%x%x%x%x%x%-%x%x%x%x%-4%x%x%x%-[89ab]%x%x%x%-%x+$", id)
+        assert.is_nil(seen[id])
+        seen[id] = true
+      end
+      for _, s in ipairs({ "", "f", "fo", "foo", "\0\255\1" }) do
+        assert.equal(s, message.unbase64(message.base64(s)))
+      end
+      assert.is_nil(message.unbase64("abc"))
+      assert.is_nil(message.unbase64("@@@@"))
+      assert.equal("('bad', 42)", message.exception_text({ "bad", 42 }))
+      assert.equal("x", message.exception_text({ "x" }))
+      assert.equal([=[[1, "it\\'s", "it's", True, None, 2.5]]=],
+        message.py_repr({ 1, "it\\'s", "it's", true, json.null, 2.5 }))
+    end)
+  end)
+
   it("raises at the caller's line for misuse", function()
     local raised = helpers.raised
     assert.matches("broker .* is required", raised(function() celery.new({}) end))

@@ -37,25 +37,45 @@ function Backend:meta(id)
   return message.parse_meta(text)
 end
 
---- Store a task's state, as the Redis backend does: SETEX with the
--- expiry, and PUBLISH on the key's channel, in one MULTI. A SUCCESS
--- already stored is never overwritten (Celery's guard against a lost
--- worker's late duplicate).
-function Backend:store(id, status, result, traceback, parent_id)
+-- SETEX and PUBLISH, as the Redis backend does, unless a SUCCESS is
+-- stored already (Celery's guard against a lost worker's late
+-- duplicate), in one step. KEYS[1]: the key; ARGV: expiry, meta.
+local STORE = [[
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, m = pcall(cjson.decode, cur)
+  if ok and type(m) == 'table' and m.status == 'SUCCESS' then return 0 end
+end
+redis.call('SETEX', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', KEYS[1], ARGV[2])
+return 1
+]]
+
+--- The meta to store for a task: its JSON, or nil, err (kind `celery`)
+-- when the result cannot be encoded.
+function M.meta_text(id, status, result, traceback, parent_id)
   local ok, text = pcall(message.meta, id, status, result, traceback, core.wall_time(),
     parent_id)
   if not ok then return nil, core.error("celery", "the result cannot be stored: " .. text) end
-  local k = key(id)
-  return self.pool:with(function(r)
-    local current = r:get(k)
-    local m = type(current) == "string" and message.parse_meta(current)
-    if m and m.status == "SUCCESS" then return true end
-    local replies, err = r:pipeline(function(p)
-      p:multi(); p:setex(k, self.expires, text); p:publish(k, text); p:exec()
-    end)
-    if not replies then return nil, err end
-    return true
-  end)
+  return text
+end
+
+--- The command that stores `text` (from meta_text) for task `id`, added
+-- to pipeline `p`.
+function Backend:store_command(p, id, text)
+  p:eval(STORE, 1, key(id), self.expires, text)
+end
+
+--- Store a task's state, as the Redis backend does: SETEX with the
+-- expiry and PUBLISH on the key's channel; a SUCCESS already stored is
+-- never overwritten.
+function Backend:store(id, status, result, traceback, parent_id)
+  local text, err = M.meta_text(id, status, result, traceback, parent_id)
+  if not text then return nil, err end
+  local ok
+  ok, err = self.pool:call("EVAL", STORE, 1, key(id), self.expires, text)
+  if ok == nil then return nil, err end
+  return true
 end
 
 --- Wait for a task to be ready (SUCCESS, FAILURE, REVOKED): subscribe to

@@ -23,7 +23,8 @@ local util = require "squall.util"
 
 local M = {}
 
-local type, tonumber, format, ipairs, pairs = type, tonumber, string.format, ipairs, pairs
+local type, tonumber, format, ipairs, pairs, unpack = type, tonumber, string.format, ipairs,
+  pairs, unpack
 local now = core.wall_time
 
 M.SEP = "\6\22"
@@ -154,11 +155,59 @@ function Transport:deliver(conn, tag, raw, exchange, routing_key)
   return true
 end
 
+-- Take up to n messages at once and record them as unacked, in Redis, in
+-- one step: what BRPOP and then QoS.append do for one message, for a
+-- batch and with no moment in which a taken message is recorded nowhere.
+-- The entries are kombu's: [message, exchange, routing key].
+-- KEYS: unacked, unacked_index, the lists in order; ARGV: n, now, and each
+-- list's queue (its routing key when the message names none).
+local TAKE = [[
+local n, now, out = tonumber(ARGV[1]), ARGV[2], {}
+for i = 3, #KEYS do
+  while #out < 2 * n do
+    local m = redis.call('RPOP', KEYS[i])
+    if not m then break end
+    local ok, env = pcall(cjson.decode, m)
+    local props = ok and type(env) == 'table' and env.properties
+    local tag = type(props) == 'table' and props.delivery_tag
+    if type(tag) == 'string' then
+      local info = type(props.delivery_info) == 'table' and props.delivery_info or {}
+      local ex = type(info.exchange) == 'string' and info.exchange or ''
+      local rk = type(info.routing_key) == 'string' and info.routing_key or ARGV[i]
+      redis.call('ZADD', KEYS[2], now, tag)
+      redis.call('HSET', KEYS[1], tag, '[' .. m .. ',' .. cjson.encode(ex) .. ',' ..
+        cjson.encode(rk) .. ']')
+    end
+    out[#out + 1] = KEYS[i]
+    out[#out + 1] = m
+  end
+end
+return out
+]]
+
+--- Take up to `n` waiting messages from the lists `keys` (as brpop_keys
+-- gives them, for `queues`) on `conn`, already recorded as unacked:
+-- {list, message, list, message...}, empty when none waits; nil, err.
+function Transport:take(conn, keys, n)
+  local args = { UNACKED, UNACKED_INDEX }
+  for i, k in ipairs(keys) do args[2 + i] = k end
+  args[#args + 1] = n
+  args[#args + 1] = format("%.6f", now())
+  for _, k in ipairs(keys) do args[#args + 1] = k:match("^(.*)" .. M.SEP .. "%d$") or k end
+  return conn:call("EVAL", TAKE, #keys + 2, unpack(args))
+end
+
+--- The commands that acknowledge `tag`, added to pipeline `p`.
+function M.ack_commands(p, tag)
+  p:zrem(UNACKED_INDEX, tag)
+  p:hdel(UNACKED, tag)
+end
+
 --- Acknowledge: forget the unacked copy.
 function Transport:ack(tag)
   return self.pool:with(function(r)
     return r:pipeline(function(p)
-      p:multi(); p:zrem(UNACKED_INDEX, tag); p:hdel(UNACKED, tag); p:exec()
+      p:multi(); M.ack_commands(p, tag); p:exec()
     end)
   end)
 end

@@ -21,6 +21,7 @@ local ioloop = require "squall.ioloop"
 local json = require "squall.json"
 local log = require "squall.log"
 local message = require "squall.celery.message"
+local backend_m = require "squall.celery.backend"
 local routers = require "squall.router"
 local transport_m = require "squall.celery.transport"
 local util = require "squall.util"
@@ -35,6 +36,7 @@ local null = json.null
 
 local BACKOFF_MIN, BACKOFF_MAX = 0.1, 5
 local BRPOP_TIMEOUT = 1 -- seconds: how long a stop may wait for the consumer
+local TAKE_MAX = 100 -- messages taken at once, at most
 local REVOKED_MAX = 50000 -- ids remembered, as Celery's LimitedSet
 
 -- ---- metrics (made once, on the first worker) --------------------------------
@@ -100,6 +102,7 @@ function M.new(app, opts)
     running = {},    -- coroutine -> the task it runs
     held = {},       -- delivery tag -> { task, timer }: ETA tasks not due yet
     n_held = 0,
+    outbox = {},     -- acks and results not yet sent (see flusher)
     state = "new",   -- new, running, stopping, stopped
   }, Worker)
   if opts.tasks ~= nil then self.router:add_folder(opts.tasks, 3) end
@@ -144,29 +147,89 @@ local function persist(self, what, fn)
   end
 end
 
-local function ack(self, task)
-  persist(self, "acknowledging " .. task.id, function()
-    return self.transport:ack(task.delivery_tag)
+-- Acknowledgements and results leave through the outbox: what the tasks
+-- that finished meanwhile queued goes in one MULTI pipeline (one round
+-- trip for many tasks, and one system call each way). The flusher keeps a
+-- batch until Redis took it, so nothing queued is lost while Redis is away.
+local function post(self, op)
+  local box = self.outbox
+  box[#box + 1] = op
+  local wake = self.outbox_wake
+  if wake then
+    self.outbox_wake = nil
+    wake:set_result(true)
+  end
+end
+
+local function flush(self, batch)
+  return self.transport.pool:with(function(r)
+    return r:pipeline(function(p)
+      p:multi()
+      for _, op in ipairs(batch) do
+        if op[1] == "ack" then
+          transport_m.ack_commands(p, op[2])
+        else
+          self.backend:store_command(p, op[2], op[3])
+        end
+      end
+      p:exec()
+    end)
   end)
+end
+
+local function flusher(self)
+  while true do
+    if #self.outbox == 0 then
+      local f = self.flushed
+      if f then
+        self.flushed = nil
+        f:set_result(true)
+      end
+      if self.state == "stopped" then break end
+      self.outbox_wake = gen.Future()
+      self.outbox_wake:result()
+    else
+      local batch = self.outbox
+      self.outbox = {}
+      self.flushing = true
+      persist(self, "acknowledging and storing " .. #batch .. " result(s)", function()
+        return flush(self, batch)
+      end)
+      self.flushing = false
+    end
+  end
+end
+
+local function ack(self, task)
+  post(self, { "ack", task.delivery_tag })
 end
 
 local function store(self, task, status, result, tb)
   if not self.backend then return end
-  persist(self, "storing the result of " .. task.id, function()
-    local ok, err = self.backend:store(task.id, status, result, tb, task.parent_id)
-    if ok == nil and err.kind == "celery" then
-      -- cannot be encoded: store why instead, never loop
-      log.error("celery: %s", tostring(err))
-      return self.backend:store(task.id, "FAILURE", message.exception("EncodeError",
-        err.message, "kombu.exceptions"), nil, task.parent_id)
-    end
-    return ok, err
-  end)
+  local text, err = backend_m.meta_text(task.id, status, result, tb, task.parent_id)
+  if not text then
+    -- cannot be encoded: store why instead
+    log.error("celery: %s", tostring(err))
+    text = backend_m.meta_text(task.id, "FAILURE", message.exception("EncodeError",
+      err.message, "kombu.exceptions"), nil, task.parent_id)
+  end
+  post(self, { "store", task.id, text })
 end
 
+-- The counter's child for (name, state), found once.
+local counted = {}
 local function count(name, state)
-  local f = families()
-  f.tasks:inc(1, { name = name, state = state })
+  local by_state = counted[name]
+  if not by_state then
+    by_state = {}
+    counted[name] = by_state
+  end
+  local c = by_state[state]
+  if not c then
+    c = families().tasks:child({ name = name, state = state })
+    by_state[state] = c
+  end
+  c.value = c.value + 1
 end
 
 -- Remember a revoked id (bounded: the oldest are forgotten first).
@@ -321,7 +384,7 @@ local function queue_of(key)
 end
 
 -- One message BRPOP gave: record it as unacked, then run, hold or refuse it.
-local function received(self, conn, key, raw)
+local function received(self, conn, key, raw, recorded)
   local task, err, id = message.parse_task(raw)
   if not task then
     -- rejected, as Celery's worker rejects it: logged, its id (if any)
@@ -336,7 +399,7 @@ local function received(self, conn, key, raw)
   end
   task.raw_args = task.args
   task.routing_key = task.routing_key or queue_of(key)
-  local recorded = persist(self, "recording " .. task.id .. " as unacked", function()
+  recorded = recorded or persist(self, "recording " .. task.id .. " as unacked", function()
     if conn and not conn:closed() then
       local ok = self.transport:deliver(conn, task.delivery_tag, raw, task.exchange,
         task.routing_key)
@@ -408,20 +471,27 @@ local function consume(self)
       end
     else
       self.consumer_conn = conn
+      -- what waits is taken in batches (recorded as unacked by the same
+      -- step); only an empty queue is waited on with BRPOP
       local keys = transport_m.brpop_keys(self.queues)
-      keys[#keys + 1] = BRPOP_TIMEOUT
-      local reply, err = conn:call("BRPOP", unpack(keys))
-      if type(reply) == "table" then
-        local q = queue_of(reply[1])
-        for i, name in ipairs(self.queues) do -- fair: the served queue goes last
-          if name == q and i < #self.queues then
-            table.remove(self.queues, i)
-            self.queues[#self.queues + 1] = q
-            break
-          end
+      local got, err = self.transport:take(conn, keys,
+        math.min(self.concurrency - self.reserved, TAKE_MAX))
+      if type(got) == "table" and #got > 0 then
+        for i = 1, #got, 2 do received(self, nil, got[i], got[i + 1], true) end
+        if #self.queues > 1 then -- fair: the next batch starts at the next queue
+          self.queues[#self.queues + 1] = table.remove(self.queues, 1)
         end
-        received(self, conn, reply[1], reply[2])
-      elseif reply == nil and err then
+      elseif type(got) == "table" then
+        keys[#keys + 1] = BRPOP_TIMEOUT
+        local reply
+        reply, err = conn:call("BRPOP", unpack(keys))
+        if type(reply) == "table" then
+          received(self, conn, reply[1], reply[2])
+        elseif reply == nil and err then
+          conn:close()
+        end
+      elseif err then
+        log.warn("celery: worker %s: taking messages failed: %s", self.name, tostring(err))
         conn:close()
       end
     end
@@ -537,6 +607,7 @@ function Worker:start()
   self.consumer = gen.spawn(consume, self)
   self.pidbox = gen.spawn(listen_pidbox, self)
   self.restoring = gen.spawn(restorer, self)
+  self.flushing_loop = gen.spawn(flusher, self)
   if core.can_wait() then gen.with_timeout(5, self.pidbox_ready) end
   return self
 end
@@ -576,7 +647,17 @@ function Worker:stop(seconds)
     cut = cut + 1
     if self.acks_late then self.transport:restore(task.delivery_tag) end
   end
+  -- what finished goes out before the worker says it stopped
+  if #self.outbox > 0 or self.flushing then
+    self.flushed = gen.Future()
+    gen.with_timeout(math.max(1, seconds), self.flushed)
+  end
   self.state = "stopped"
+  local wake = self.outbox_wake
+  if wake then
+    self.outbox_wake = nil
+    wake:set_result(true)
+  end
   if cut > 0 then return false, cut end
   return true
 end
