@@ -337,6 +337,26 @@ describe("squall.celery", function()
       helpers.stop_server(own)
     end, { timeout = 90 }))
 
+    it("get never takes another task's result from a connection used before",
+      async(function()
+      local a = app()
+      local backend = require "squall.celery.backend"
+      local pub = redis_conn()
+      -- a subscriber connection that unsubscribed from task A's channel after
+      -- a meta was published on it: the message waits in the connection
+      a.backend.subscribers:with(function(r)
+        assert(r:subscribe(backend.key("task-a")))
+        pub:publish(backend.key("task-a"), '{"status": "SUCCESS", "result": "A"}')
+        eventually(function() return r.stream:get_read_buffer_size() > 0 end, "the message")
+        assert(r:unsubscribe(backend.key("task-a")))
+      end)
+      local v, err = a:result("task-b"):get(0.3)
+      assert.is_nil(v)
+      assert.equal("timeout", err.kind)
+      pub:close()
+      a:close()
+    end))
+
     it("stop() gives held ETA tasks back to the queue", async(function()
       local a = app()
       local worker = a:worker({ tasks = TASKS, queues = { "later" }, name = "sq4@spec" })

@@ -99,7 +99,11 @@ function Backend:wait(id, timeout)
       end
       local msg
       msg, err = r:read_message(left)
-      if msg then
+      if msg and msg.channel ~= k then
+        -- (a connection used before may still hold a message of another
+        -- task's channel, published before it unsubscribed)
+        m = { status = "PENDING" }
+      elseif msg then
         m, err = message.parse_meta(msg.data)
       elseif err.kind == "timeout" then
         err = core.error("timeout", string.format("celery: task %s was not ready within %g s",
