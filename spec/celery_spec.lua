@@ -413,6 +413,24 @@ print(m['headers']['task'], args, kwargs, sorted(embed), m['headers']['argsrepr'
         "(1, 2) 1796466400.25\n", out)
     end)
 
+    it("refuses args that are not a list and kwargs that are not names", function()
+      local function with_body(body, ctype)
+        return json.encode({ body = message.base64(body), ["content-type"] = ctype,
+          headers = { id = "x", task = "t" },
+          properties = { body_encoding = "base64", delivery_tag = "d" } })
+      end
+      -- (the fuzzer found the first: a MessagePack map with an integer key)
+      local t, err, id = message.parse_task(with_body(msgpack.encode({ msgpack.map({
+        [122] = 3 }), msgpack.map({}), msgpack.map({}) }), "application/x-msgpack"))
+      assert.is_nil(t)
+      assert.matches("args that are not a list", tostring(err))
+      assert.equal("x", id)
+      t, err = message.parse_task(with_body('[[1], [1, 2], {}]', "application/json"))
+      assert.is_nil(t)
+      assert.matches("kwargs that are not a mapping", tostring(err))
+      assert(message.parse_task(with_body('[[1, null], {"a": 1}, {}]', "application/json")))
+    end)
+
     it("writes and reads times, UUIDs, base64 and Python's repr", function()
       assert.equal("2026-12-05T10:06:07.965545+00:00", message.isoformat(1796465167.965545))
       assert.equal("2000-02-29T00:00:00", message.isoformat(951782400, true))

@@ -348,13 +348,23 @@ function M.parse_task(raw)
   else
     expires = nil
   end
+  -- a list: keys exactly 1..n (a MessagePack map with integer keys is not)
   local args = body[1]
-  local nargs = 0
+  local nargs, count = 0, 0
   for k in pairs(args) do
-    if type(k) ~= "number" then
+    if type(k) ~= "number" or k < 1 or k % 1 ~= 0 then
       return nil, core.error("celery", "task args that are not a list"), id, env
     end
+    count = count + 1
     if k > nargs then nargs = k end
+  end
+  if count ~= nargs then
+    return nil, core.error("celery", "task args that are not a list"), id, env
+  end
+  for k in pairs(body[2]) do
+    if type(k) ~= "string" then
+      return nil, core.error("celery", "task kwargs that are not a mapping of names"), id, env
+    end
   end
   return {
     id = id,
