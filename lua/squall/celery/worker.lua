@@ -385,7 +385,7 @@ end
 
 -- One message BRPOP gave: record it as unacked, then run, hold or refuse it.
 local function received(self, conn, key, raw, recorded)
-  local task, err, id = message.parse_task(raw)
+  local task, err, id, env = message.parse_task(raw)
   if not task then
     -- rejected, as Celery's worker rejects it: logged, its id (if any)
     -- marked FAILURE; nothing is run
@@ -393,6 +393,15 @@ local function received(self, conn, key, raw, recorded)
     if id and self.backend then
       store(self, { id = id }, "FAILURE", message.exception("InvalidTaskError",
         tostring(err.message), "celery.exceptions"), nil)
+    end
+    if recorded then
+      -- the take script recorded it by the tag it read (Redis' own JSON
+      -- reader may accept what ours refuses): forget it, or it would come
+      -- back after every visibility timeout
+      local props = type(env) == "table" and env.properties
+      local tag = type(props) == "table" and props.delivery_tag or
+        raw:match('"delivery_tag"%s*:%s*"([^"]+)"')
+      if type(tag) == "string" then post(self, { "ack", tag }) end
     end
     count("(invalid)", "REJECTED")
     return
