@@ -122,18 +122,23 @@ describe("deployment", function()
   it("takes systemd's socket in the children of fork_processes", async(function()
     -- as docs/deploy.md says: fork first, then systemd_sockets in each child
     -- (LISTEN_PID names the parent then)
-    local script = helpers.tmpscript([[
+    -- each child also appends its line to a file, so the spec stops the
+    -- server only once both children have said what they took
+    local marks = os.tmpname()
+    local script = helpers.tmpscript(([[
 local ioloop = require "squall.ioloop"
 local netutil = require "squall.netutil"
 local process = require "squall.process"
 local TCPServer = require "squall.tcpserver"
 local id = process.fork_processes(2)
 local socks = netutil.systemd_sockets()
-io.stderr:write(("task %d: %d socket(s)\n"):format(id, #socks))
+local line = ("task %%d: %%d socket(s)\n"):format(id, #socks)
+io.stderr:write(line)
+local f = assert(io.open(%q, "a")); f:write(line); f:close()
 TCPServer({ handle_stream = function(s) s:write("task " .. id .. "\n"); s:close() end })
   :add_sockets(socks)
 ioloop.current():start()
-]])
+]]):format(marks))
     local port = free_port()
     local wait, stop = helpers.start(("exec systemd-socket-activate -l 127.0.0.1:%d %s %s")
       :format(port, q(helpers.squall_real), q(script)), 60)
@@ -142,9 +147,16 @@ ioloop.current():start()
     c:set_timeout(10 * helpers.scale)
     assert.matches("^task [01]\n$", assert(c:read_until("\n")))
     c:close()
+    eventually(function()
+      local f = io.open(marks)
+      local text = f and f:read("*a") or ""
+      if f then f:close() end
+      return select(2, text:gsub("\n", "")) >= 2
+    end, "both children's lines", 20)
     stop("TERM")
     local _, _, err = wait()
     os.remove(script)
+    os.remove(marks)
     assert.matches("task 0: 1 socket", err)
     assert.matches("task 1: 1 socket", err)
   end, { timeout = 30 }))
