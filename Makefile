@@ -15,6 +15,16 @@ LDLIBS += $(PKG_LIBS) -lm
 
 SRCS := $(wildcard runtime/*.c)
 HDRS := $(wildcard runtime/*.h)
+
+# llhttp, Node's HTTP parser, from the C sources Debian's node-llhttp
+# ships. Its generated code leaves parameters unused; that one warning is
+# off for it alone, everything else stays -Werror.
+LLHTTP_DIR ?= /usr/share/llhttp
+LLHTTP_INC ?= /usr/share/include/llhttp
+LLHTTP_NAMES := llhttp api http
+LLHTTP_FLAGS := -I$(LLHTTP_INC)
+CFLAGS += $(LLHTTP_FLAGS)
+LLHTTP_OBJS := $(LLHTTP_NAMES:%=build/llhttp/%.o)
 LUA_SRCS := $(shell find lua -name '*.lua')
 
 # The sanitizer build lives beside build/ so its lua/ lookup (../lua) works.
@@ -38,16 +48,28 @@ $(CERTS): scripts/gen-test-certs
 
 # pkg-config says which development files are missing (its message, not a
 # compiler's "lauxlib.h: No such file" later).
-build/squall: $(SRCS) $(HDRS) Makefile
+build/squall: $(SRCS) $(HDRS) $(LLHTTP_OBJS) Makefile
 	@pkg-config --exists $(PKGS) || { pkg-config --print-errors --exists $(PKGS); \
 	  echo "squall needs the development files of $(PKGS): scripts/install-deps installs them"; \
 	  exit 1; }
 	@mkdir -p build
-	$(CC) $(CFLAGS) $(PKG_CFLAGS) $(SRCS) -o $@ $(LDFLAGS) $(LDLIBS)
+	$(CC) $(CFLAGS) $(PKG_CFLAGS) $(SRCS) $(LLHTTP_OBJS) -o $@ $(LDFLAGS) $(LDLIBS)
 
-$(ASAN_DIR)/squall: $(SRCS) $(HDRS) Makefile
+$(LLHTTP_DIR)/%.c:
+	@echo "llhttp's C sources are missing ($@): scripts/install-deps installs node-llhttp"; exit 1
+
+build/llhttp/%.o: $(LLHTTP_DIR)/%.c
+	@mkdir -p build/llhttp
+	$(CC) $(CFLAGS) -Wno-unused-parameter -c $< -o $@
+
+$(ASAN_DIR)/llhttp/%.o: $(LLHTTP_DIR)/%.c
+	@mkdir -p $(ASAN_DIR)/llhttp
+	$(CC) -D_GNU_SOURCE -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter $(ASAN_FLAGS) $(LLHTTP_FLAGS) -c $< -o $@
+
+$(ASAN_DIR)/squall: $(SRCS) $(HDRS) $(LLHTTP_NAMES:%=$(ASAN_DIR)/llhttp/%.o) Makefile
 	@mkdir -p $(ASAN_DIR)
-	$(CC) -D_GNU_SOURCE -std=gnu11 -Wall -Wextra -Werror $(ASAN_FLAGS) $(PKG_CFLAGS) $(SRCS) -o $@ -Wl,-E $(LDLIBS)
+	$(CC) -D_GNU_SOURCE -std=gnu11 -Wall -Wextra -Werror $(ASAN_FLAGS) $(LLHTTP_FLAGS) $(PKG_CFLAGS) $(SRCS) \
+	  $(LLHTTP_NAMES:%=$(ASAN_DIR)/llhttp/%.o) -o $@ -Wl,-E $(LDLIBS)
 
 # C unit tests link the one runtime file they test.
 build/tests/buffer_test: tests/buffer_test.c runtime/buffer.c runtime/buffer.h
@@ -110,10 +132,15 @@ FUZZ_SECONDS ?= 20
 FUZZ_SRCS := $(filter-out runtime/main.c,$(SRCS))
 
 # In build/, so the host finds lua/ as ../lua from the binary.
-build/%_fuzz: tests/fuzz/%_fuzz.c $(FUZZ_SRCS) $(HDRS)
+FUZZ_FLAGS := -D_GNU_SOURCE -std=gnu11 -Wall -Wextra -Werror -g -O1 $(LLHTTP_FLAGS)
+build/fuzz-llhttp/%.o: $(LLHTTP_DIR)/%.c
+	@mkdir -p build/fuzz-llhttp
+	clang $(FUZZ_FLAGS) -Wno-unused-parameter -fsanitize=fuzzer-no-link,address,undefined -c $< -o $@
+
+build/%_fuzz: tests/fuzz/%_fuzz.c $(FUZZ_SRCS) $(HDRS) $(LLHTTP_NAMES:%=build/fuzz-llhttp/%.o)
 	@mkdir -p build
-	clang -D_GNU_SOURCE -std=gnu11 -Wall -Wextra -Werror -g -O1 \
-	  -fsanitize=fuzzer,address,undefined $(PKG_CFLAGS) $< $(FUZZ_SRCS) -o $@ -Wl,-E $(LDLIBS)
+	clang $(FUZZ_FLAGS) -fsanitize=fuzzer,address,undefined $(PKG_CFLAGS) $< $(FUZZ_SRCS) \
+	  $(LLHTTP_NAMES:%=build/fuzz-llhttp/%.o) -o $@ -Wl,-E $(LDLIBS)
 
 check-fuzz: $(FUZZ_TARGETS:%=build/%_fuzz) build/squall
 	@for t in $(FUZZ_TARGETS); do \

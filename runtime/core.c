@@ -6,6 +6,7 @@
 
 #include "coro.h"
 #include "host.h"
+#include "http.h"
 #include "loop.h"
 #include "msgpack.h"
 #include "process.h"
@@ -24,6 +25,7 @@ int luaopen_squall_core(lua_State *L) {
   squall_tls_open(L);
   squall_process_open(L);
   squall_msgpack_open(L);
+  squall_http_open(L);
   squall_thread_open(L);
   lua_pushstring(L, SQUALL_VERSION);
   lua_setfield(L, -2, "version");

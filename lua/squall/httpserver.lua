@@ -1,0 +1,659 @@
+--- HTTPServer: HTTP/1.1 on TCPServer, as Tornado's HTTPServer.
+--
+--     local httpserver = require "squall.httpserver"
+--     httpserver.HTTPServer(function(req)
+--       return 200, { ["Content-Type"] = "text/plain" }, "hello\n"
+--     end):listen(8080)
+--
+-- Each connection runs in its own coroutine (TCPServer's); requests on it
+-- are served one after another, so pipelined requests are answered in
+-- order. The request head is parsed once, by llhttp (runtime/http.c),
+-- which also frames bodies (Content-Length, chunked) and refuses what
+-- RFC 9112 calls smuggling. docs/api.md has the whole contract.
+-- @module squall.httpserver
+local core = require "squall.core"
+local ioloop = require "squall.ioloop"
+local iostream = require "squall.iostream"
+local log = require "squall.log"
+local stats = require "squall.stats"
+local TCPServer = require "squall.tcpserver"
+local util = require "squall.util"
+
+local M = {}
+
+local type, tostring, error, pairs, tonumber = type, tostring, error, pairs, tonumber
+local format, find, lower, sub, gsub, char = string.format, string.find, string.lower,
+  string.sub, string.gsub, string.char
+local concat = table.concat
+local xpcall, traceback = xpcall, debug.traceback
+local new_parser = core.http_parser
+local now = core.time
+local m = iostream.methods
+local s_read_bytes, s_write, s_set_timeout, s_set_idle, s_close, s_closed, s_flush =
+  m.read_bytes, m.write, m.set_timeout, m.set_idle, m.close, m.closed, m.flush
+local execute, head_of = nil, nil -- the parser's methods, taken from the first parser
+
+--- Reason phrases for the status codes a server sends.
+M.REASONS = {
+  [100] = "Continue", [101] = "Switching Protocols", [200] = "OK", [201] = "Created",
+  [202] = "Accepted", [203] = "Non-Authoritative Information", [204] = "No Content",
+  [205] = "Reset Content", [206] = "Partial Content", [300] = "Multiple Choices",
+  [301] = "Moved Permanently", [302] = "Found", [303] = "See Other", [304] = "Not Modified",
+  [307] = "Temporary Redirect", [308] = "Permanent Redirect", [400] = "Bad Request",
+  [401] = "Unauthorized", [402] = "Payment Required", [403] = "Forbidden",
+  [404] = "Not Found", [405] = "Method Not Allowed", [406] = "Not Acceptable",
+  [408] = "Request Timeout", [409] = "Conflict", [410] = "Gone", [411] = "Length Required",
+  [412] = "Precondition Failed", [413] = "Content Too Large", [414] = "URI Too Long",
+  [415] = "Unsupported Media Type", [416] = "Range Not Satisfiable",
+  [417] = "Expectation Failed", [421] = "Misdirected Request", [422] = "Unprocessable Content",
+  [426] = "Upgrade Required", [428] = "Precondition Required", [429] = "Too Many Requests",
+  [431] = "Request Header Fields Too Large", [500] = "Internal Server Error",
+  [501] = "Not Implemented", [502] = "Bad Gateway", [503] = "Service Unavailable",
+  [504] = "Gateway Timeout", [505] = "HTTP Version Not Supported",
+}
+local REASONS = M.REASONS
+local STATUS_LINES = {}
+for code, reason in pairs(REASONS) do
+  STATUS_LINES[code] = "HTTP/1.1 " .. code .. " " .. reason .. "\r\n"
+end
+
+-- ---- helpers shared with httpclient and websocket --------------------------
+
+-- Header tables answer any spelling of a name: the parser stores lower
+-- case, and a miss looks again in lower case.
+local HEADERS_MT = { __index = function(t, k)
+  if type(k) ~= "string" then return nil end
+  local l = lower(k)
+  if l == k then return nil end
+  return rawget(t, l)
+end }
+M.HEADERS_MT = HEADERS_MT
+
+--- Decode a %-escaped query component ('+' is a space).
+function M.unescape(s)
+  s = gsub(s, "+", " ")
+  return (gsub(s, "%%(%x%x)", function(h) return char(tonumber(h, 16)) end))
+end
+local unescape = M.unescape
+
+--- A query string as a table: name -> value, or a list of values when a
+-- name comes more than once (`a=1&a=2` gives { a = { "1", "2" } }).
+function M.parse_query(q)
+  local args = {}
+  if not q or q == "" then return args end
+  for pair in q:gmatch("[^&;]+") do
+    local k, v = pair:match("^([^=]*)=?(.*)$")
+    k, v = unescape(k), unescape(v)
+    local old = args[k]
+    if old == nil then
+      args[k] = v
+    elseif type(old) == "table" then
+      old[#old + 1] = v
+    else
+      args[k] = { old, v }
+    end
+  end
+  return args
+end
+
+-- The Date header's value, made once a second. time() through the FFI:
+-- the JIT compiles it into the request's trace, where os.time would end
+-- the trace (it is not compiled).
+local ffi = require "ffi"
+pcall(ffi.cdef, "long time(void *t);")
+local c_time = ffi.C.time
+local date_now, date_text = -1, nil
+function M.http_date()
+  local t = tonumber(c_time(nil))
+  if t ~= date_now then
+    date_now, date_text = t, os.date("!%a, %d %b %Y %H:%M:%S GMT", t)
+  end
+  return date_text
+end
+local http_date = M.http_date
+
+-- Header names handlers send, checked once and kept in lower case (a
+-- handler sends the same few names on every response).
+local NAME_BAD = "[^%w!#$%%&'*+%-.^_`|~]"
+local checked = setmetatable({}, { __mode = "k" })
+
+local function header_line(k, v, level)
+  if type(v) ~= "string" then v = tostring(v) end
+  -- plain finds: the JIT compiles them, not a pattern's
+  if find(v, "\n", 1, true) or find(v, "\r", 1, true) then
+    error("header " .. k .. " holds CR or LF", level + 1)
+  end
+  return k .. ": " .. v .. "\r\n"
+end
+
+--- The header lines of `headers` (name -> value, or a list of values),
+-- as one string. Raises on a name or value that would break the framing.
+-- Also returns the values of Content-Length, Transfer-Encoding, Date and
+-- Connection when set (the framing a server or client adds itself).
+function M.header_lines(headers, level)
+  level = (level or 1) + 1
+  local text, clen, te, date, connection = "", nil, nil, nil, nil
+  for k, v in pairs(headers) do
+    local l = checked[k]
+    if not l then
+      if type(k) ~= "string" or k == "" or find(k, NAME_BAD) then
+        error("bad header name " .. util.describe(k), level)
+      end
+      l = lower(k)
+      checked[k] = l
+    end
+    if l == "content-length" then clen = v
+    elseif l == "transfer-encoding" then te = v
+    elseif l == "date" then date = v
+    elseif l == "connection" then connection = v
+    end
+    if type(v) == "table" then
+      for i = 1, #v do text = text .. header_line(k, v[i], level) end
+    else
+      text = text .. header_line(k, v, level)
+    end
+  end
+  return text, clen, te, date, connection
+end
+local header_lines = M.header_lines
+
+local function http_error(msg)
+  return core.error("http", msg)
+end
+
+-- ---- requests ------------------------------------------------------------------
+
+local Request = {}
+local REQUEST_MT = { __index = Request }
+
+-- The connection a request came on: stream, parser, unparsed input.
+-- conn.data holds input from conn.pos on that the parser has not seen.
+
+-- Read more input into conn (after what was parsed), waiting at most the
+-- connection's body timeout. Returns true, or nil, err.
+local function fill(conn, secs)
+  if conn.timeout ~= secs then
+    conn.timeout = secs
+    s_set_timeout(conn.stream, secs)
+  end
+  local chunk, err = s_read_bytes(conn.stream, 65536, true)
+  if not chunk then return nil, err end
+  conn.data, conn.pos = chunk, 1
+  return true
+end
+
+-- Refuse the request's input: answer `status` (unless a response began)
+-- and close once it is out.
+local function refuse(conn, req, status, why)
+  log.debug("http: %s from %s: %s", tostring(status), tostring(conn.remote), why)
+  conn.close, conn.refused = true, true
+  if req and req._started then return end
+  if req then req._started, req._finished = true, true end
+  local body = why .. "\n"
+  s_write(conn.stream, format("HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\n" ..
+    "Content-Length: %d\r\nConnection: close\r\nDate: %s\r\n\r\n%s",
+    status, REASONS[status] or "Error", #body, http_date(), body))
+end
+
+local TOO_LARGE = "the request body is larger than max_body_size"
+local function too_large(conn, req)
+  refuse(conn, req, 413, TOO_LARGE)
+  req._body_err = http_error(TOO_LARGE)
+  return nil, req._body_err
+end
+
+-- Body pieces the parser met come as req._parts; this takes the next one,
+-- reading and parsing more input as needed. Returns a string, false at
+-- the body's end, or nil, err (after refusing what broke a limit).
+local function next_piece(req)
+  if req._body_err then return nil, req._body_err end
+  local conn = req._conn
+  local parts = req._parts
+  if parts then
+    req._parts = nil
+    if req._got > conn.server._max_body then return too_large(conn, req) end
+    return parts
+  end
+  if req._done then return false end
+  if not req._continued then
+    req._continued = true
+    if req._expect and not req._started then
+      s_write(conn.stream, "HTTP/1.1 100 Continue\r\n\r\n")
+    end
+  end
+  while true do
+    if conn.pos > #conn.data then
+      local ok, err = fill(conn, conn.server._idle_timeout)
+      if not ok then
+        conn.close = true
+        req._body_err = err
+        return nil, err
+      end
+    end
+    local pos, _, done, body, status, reason = execute(conn.parser, conn.data, conn.pos)
+    conn.pos = pos
+    if status then
+      refuse(conn, req, status, reason)
+      req._body_err = http_error(reason)
+      return nil, req._body_err
+    end
+    if done then req._done = true end
+    if body then
+      local got = req._got + #body
+      req._got = got
+      if got > conn.server._max_body then return too_large(conn, req) end
+      return body
+    end
+    if done then return false end
+  end
+end
+
+--- The whole body, or nil, err (kind `http` when it broke a limit or its
+-- framing; the server has answered and will close).
+function Request:body()
+  if self._body ~= nil then return self._body end
+  local pieces, n = {}, 0
+  while true do
+    local piece, err = next_piece(self)
+    if piece == nil then return nil, err end
+    if not piece then break end
+    n = n + 1
+    pieces[n] = piece
+  end
+  local body = n == 1 and pieces[1] or concat(pieces)
+  self._body = body
+  return body
+end
+
+--- An iterator over the body's pieces as they arrive (bounded memory).
+-- It ends at the body's end or at a failure, which `req.body_error` holds.
+function Request:body_chunks()
+  return function()
+    local piece, err = next_piece(self)
+    if piece == nil then
+      self.body_error = err
+      return nil
+    end
+    return piece or nil
+  end
+end
+
+-- The response head for `status` and `headers`; `length` the body's
+-- length when known. Decides the framing and whether to close.
+local function response_head(req, status, headers, length, level)
+  local conn = req._conn
+  local line = STATUS_LINES[status]
+  if not line then
+    if type(status) ~= "number" or status < 100 or status > 999 or status % 1 ~= 0 then
+      error("status must be an HTTP status code, got " .. util.describe(status), level + 1)
+    end
+    line = "HTTP/1.1 " .. status .. " " .. (REASONS[status] or "Unknown") .. "\r\n"
+  end
+  local text, clen, te, date, connection = "", nil, nil, nil, nil
+  if headers ~= nil then
+    if type(headers) ~= "table" then
+      error("headers must be a table, got " .. util.describe(headers), level + 1)
+    end
+    text, clen, te, date, connection = header_lines(headers, level + 1)
+  end
+  local chunked = false
+  local bodiless = status < 200 or status == 204 or status == 304
+  if not date then text = text .. "Date: " .. http_date() .. "\r\n" end
+  if connection and find(lower(tostring(connection)), "close", 1, true) then
+    conn.close = true
+  end
+  if te then
+    chunked = find(lower(tostring(te)), "chunked", 1, true) ~= nil
+  elseif not bodiless and not clen then
+    if length then
+      text = text .. "Content-Length: " .. length .. "\r\n"
+    elseif req._minor == 1 then
+      text = text .. "Transfer-Encoding: chunked\r\n"
+      chunked = true
+    else
+      conn.close = true -- an HTTP/1.0 body without a length ends at the close
+    end
+  end
+  if not connection then
+    if conn.close or not req._keep then
+      conn.close = true
+      text = text .. "Connection: close\r\n"
+    elseif req._minor == 0 then
+      text = text .. "Connection: keep-alive\r\n"
+    end
+  end
+  req.status = status
+  return line .. text .. "\r\n", chunked, bodiless
+end
+
+local function check_open(req, what, level)
+  if req._finished then
+    error(what .. ": the response is already finished", level + 1)
+  end
+end
+
+--- Answer in one piece: the head, then `body` (a string, or nil).
+function Request:respond(status, headers, body)
+  check_open(self, "respond", 2)
+  if self._started then error("respond: the response has already started", 2) end
+  if body ~= nil and type(body) ~= "string" then
+    error("body must be a string, got " .. util.describe(body), 2)
+  end
+  body = body or ""
+  local head, _, bodiless = response_head(self, status, headers, #body, 2)
+  self._started, self._finished = true, true
+  if bodiless or self.method == "HEAD" or body == "" then
+    return s_write(self._conn.stream, head)
+  end
+  if #body < 32768 then return s_write(self._conn.stream, head .. body) end
+  s_write(self._conn.stream, head)
+  return s_write(self._conn.stream, body)
+end
+
+--- Start a streamed response: write the head (chunked unless `headers`
+-- set a Content-Length). Then req:write(chunk)... req:finish().
+function Request:start(status, headers)
+  check_open(self, "start", 2)
+  if self._started then error("start: the response has already started", 2) end
+  local head, chunked, bodiless = response_head(self, status, headers, nil, 2)
+  self._started, self._chunked = true, chunked and not bodiless and self.method ~= "HEAD"
+  self._bodiless = bodiless or self.method == "HEAD"
+  return s_write(self._conn.stream, head)
+end
+
+--- Write a piece of a started response; waits while the client is slow
+-- to read (the stream's write_high_water). Returns true or nil, err.
+function Request:write(data)
+  check_open(self, "write", 2)
+  if not self._started then error("write: call start(status, headers) first", 2) end
+  if type(data) ~= "string" then error("data must be a string, got " .. util.describe(data), 2) end
+  if data == "" or self._bodiless then return true end
+  if self._chunked then
+    return s_write(self._conn.stream, format("%x\r\n", #data) .. data .. "\r\n")
+  end
+  return s_write(self._conn.stream, data)
+end
+
+--- End a started response (a response not started is answered 200 with
+-- no body).
+function Request:finish()
+  check_open(self, "finish", 2)
+  if not self._started then return self:respond(200, nil, "") end
+  self._finished = true
+  if self._chunked then return s_write(self._conn.stream, "0\r\n\r\n") end
+  return true
+end
+
+--- Take the connection over (WebSocket does): returns the stream and the
+-- bytes read past this request's head. The server then leaves the
+-- connection to the caller.
+function Request:detach()
+  local conn = self._conn
+  self._detached, self._started, self._finished = true, true, true
+  local rest = sub(conn.data, conn.pos)
+  conn.data, conn.pos = "", 1
+  return conn.stream, rest
+end
+
+-- ---- the server ----------------------------------------------------------------
+
+local HTTPServer = TCPServer:extend()
+M.HTTPServer = HTTPServer
+
+local HTTP_OPTS = { max_header_size = true, max_body_size = true, idle_timeout = true,
+  header_timeout = true, xheaders = true }
+
+--- HTTPServer(handler, opts): `handler(req)` runs for each request; see
+-- docs/api.md for `opts` (every TCPServer option too).
+function HTTPServer.new(cls, handler, opts)
+  if type(handler) ~= "function" then
+    error("HTTPServer: handler must be a function(req), got " .. util.describe(handler), 2)
+  end
+  opts = opts or {}
+  if type(opts) ~= "table" then error("options must be a table, got " .. util.describe(opts), 2) end
+  local tcp = {}
+  for k, v in pairs(opts) do
+    if not HTTP_OPTS[k] then tcp[k] = v end
+  end
+  local ok, self = pcall(TCPServer.new, cls, tcp)
+  if not ok then error(self, 2) end
+  for _, k in ipairs({ "max_header_size", "max_body_size", "idle_timeout", "header_timeout" }) do
+    local v = opts[k]
+    if v ~= nil and (type(v) ~= "number" or v <= 0) then
+      error(k .. " must be a positive number, got " .. util.describe(v), 2)
+    end
+  end
+  self._handler = handler
+  self._max_header = opts.max_header_size or 65536
+  self._max_body = opts.max_body_size or 104857600
+  self._idle_timeout = opts.idle_timeout or 60
+  self._header_timeout = opts.header_timeout or 10
+  self._xheaders = opts.xheaders and true or false
+  self._http_conns, self._tick = {}, 0
+  return self
+end
+
+-- With xheaders, the client's address as the proxy gave it.
+local function remote_ip(headers, peer)
+  local ip = rawget(headers, "x-real-ip")
+  if ip then return ip end
+  local fwd = rawget(headers, "x-forwarded-for")
+  if fwd then
+    local last = fwd:match("([^,%s]+)%s*$")
+    if last then return last end
+  end
+  return peer
+end
+
+-- The request whose head the parser has just completed.
+local function new_request(server, conn, done, body)
+  local method, target, _, minor, headers, keep, length, _, upgrade = head_of(conn.parser)
+  setmetatable(headers, HEADERS_MT)
+  local qi = find(target, "?", 1, true)
+  local query = qi and sub(target, qi + 1) or ""
+  local expect = rawget(headers, "expect")
+  local req = setmetatable({
+    method = method, path = qi and sub(target, 1, qi - 1) or target, query = query,
+    args = query == "" and {} or M.parse_query(query), uri = target,
+    version = minor == 1 and "HTTP/1.1" or "HTTP/1.0", headers = headers,
+    remote_ip = server._xheaders and remote_ip(headers, conn.remote) or conn.remote,
+    stream = conn.stream, status = false,
+    _conn = conn, _minor = minor, _keep = keep, _got = body and #body or 0, _done = done,
+    _parts = body or false, _upgrade = upgrade, _started = false, _finished = false,
+    _detached = false, _continued = false, _body_err = false,
+    _expect = expect ~= nil and lower(expect) == "100-continue",
+    _too_large = length ~= nil and length > server._max_body,
+  }, REQUEST_MT)
+  if minor == 1 and rawget(headers, "host") == nil then
+    refuse(conn, nil, 400, "an HTTP/1.1 request needs a Host header")
+    return nil
+  end
+  return req
+end
+
+-- The head did not come whole in what was read: read on until it does,
+-- within header_timeout from now (the head's first bytes came just now).
+local function read_rest_of_head(server, conn)
+  local stream = conn.stream
+  local deadline = now() + server._header_timeout
+  while true do
+    if conn.pos > #conn.data then
+      local secs = deadline - now()
+      if secs <= 0 then
+        refuse(conn, nil, 408, "the request head did not come in time")
+        return nil
+      end
+      conn.timeout = secs
+      s_set_timeout(stream, secs)
+      local chunk, err = s_read_bytes(stream, 65536, true)
+      if not chunk then
+        if err.kind == "timeout" then
+          refuse(conn, nil, 408, "the request head did not come in time")
+        end
+        return nil
+      end
+      conn.data, conn.pos = chunk, 1
+    end
+    local pos, head, done, body, status, reason = execute(conn.parser, conn.data, conn.pos)
+    conn.pos = pos
+    if status then
+      refuse(conn, nil, status, reason)
+      return nil
+    end
+    if head then return new_request(server, conn, done, body) end
+  end
+end
+
+-- Read until one request head is whole. Returns the request, or nil when
+-- the connection is to end (answered already when it must be). The usual
+-- case, a head that comes in one read, goes straight through.
+local function read_head(server, conn)
+  local stream = conn.stream
+  if conn.pos > #conn.data then
+    -- idle_timeout: the sweeper's, not a timer per read
+    if conn.timeout then
+      conn.timeout = false
+      s_set_timeout(stream, nil)
+    end
+    conn.idle_tick = server._tick
+    local chunk = s_read_bytes(stream, 65536, true)
+    conn.idle_tick = false
+    if not chunk then return nil end
+    conn.data, conn.pos = chunk, 1
+  end
+  s_set_idle(stream, false)
+  local pos, head, done, body, status, reason = execute(conn.parser, conn.data, conn.pos)
+  conn.pos = pos
+  if status then
+    refuse(conn, nil, status, reason)
+    return nil
+  end
+  if head then return new_request(server, conn, done, body) end
+  return read_rest_of_head(server, conn)
+end
+
+-- After the handler: the rest of an unread body is read and dropped when
+-- that keeps the connection usable; otherwise the connection closes.
+local function skip_body(conn, req)
+  if req._done or conn.close then return end
+  if req._too_large or (req._expect and not req._continued) then
+    conn.close = true
+    return
+  end
+  req._continued = true
+  while true do
+    local piece = next_piece(req)
+    if not piece then
+      if piece == nil then conn.close = true end
+      return
+    end
+  end
+end
+
+local function handler_failed(conn, req, tb)
+  log.error("Error in HTTP handler for %s %s from %s\n%s", req.method, req.uri,
+    tostring(req.remote_ip), tb)
+  stats.handler_errors = stats.handler_errors + 1
+  if req._started then
+    conn.close = true
+    return
+  end
+  conn.close = true
+  local body = "Internal Server Error\n"
+  req._started, req._finished = true, true
+  req.status = 500
+  s_write(conn.stream, format("HTTP/1.1 500 Internal Server Error\r\n" ..
+    "Content-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\nDate: %s\r\n\r\n%s",
+    #body, http_date(), req.method == "HEAD" and "" or body))
+end
+
+-- Run the handler for req and answer with what it returned, unless it
+-- answered itself (or took the connection over). Runs under xpcall.
+local function serve(handler, req)
+  local status, headers, body = handler(req)
+  if req._detached then return end
+  if not req._started then
+    return req:respond(status or 200, headers, body)
+  end
+  if not req._finished and not s_closed(req._conn.stream) then req:finish() end
+end
+
+-- After refusing a request, read for a moment before closing: closing
+-- with the client's unread bytes still arriving makes the kernel send a
+-- reset, which can destroy the answer before the client reads it (nginx's
+-- lingering close). At most LINGER_TIME seconds and LINGER_BYTES bytes.
+local LINGER_WAIT, LINGER_TIME, LINGER_BYTES = 0.25, 2, 1048576
+local function linger(conn)
+  local stream = conn.stream
+  if not s_flush(stream) then return end
+  s_set_timeout(stream, LINGER_WAIT)
+  local deadline, total = now() + LINGER_TIME, 0
+  while total < LINGER_BYTES and now() < deadline do
+    local chunk = s_read_bytes(stream, 65536, true)
+    if not chunk then return end
+    total = total + #chunk
+  end
+end
+
+-- idle_timeout, for connections waiting for a request: a timer per read
+-- costs a libuv timer start and stop per request (about a tenth of a
+-- hello-world request's CPU), so one sweeper per server ticks a few times
+-- per idle_timeout instead, and closes connections that waited through
+-- enough ticks (so a connection closes between 1 and 1.25 idle_timeouts).
+local TICKS = 4
+local function sweep(server)
+  server._sweeper = nil
+  local tick = server._tick + 1
+  server._tick = tick
+  local any = false
+  for conn in pairs(server._http_conns) do
+    any = true
+    local since = conn.idle_tick
+    if since and tick - since > TICKS then s_close(conn.stream) end
+  end
+  if any then
+    server._sweeper = ioloop.current():call_later(server._idle_timeout / TICKS, sweep, server)
+  end
+end
+
+function HTTPServer:handle_stream(stream, address)
+  if not execute then
+    local p = new_parser("request")
+    execute, head_of = p.execute, p.head
+  end
+  local conn = { stream = stream, parser = new_parser("request", self._max_header),
+    data = "", pos = 1, server = self, remote = address and address.host, timeout = false,
+    close = false, refused = false, idle_tick = false }
+  local handler = self._handler
+  self._http_conns[conn] = true
+  if not self._sweeper then
+    self._sweeper = ioloop.current():call_later(self._idle_timeout / TICKS, sweep, self)
+  end
+  s_set_idle(stream, true)
+  while true do
+    local req = read_head(self, conn)
+    if not req then break end
+    local observe = stats.http_observe
+    local t0 = observe and now()
+    if req._too_large then
+      too_large(conn, req)
+    else
+      local ok, err = xpcall(serve, traceback, handler, req)
+      if not ok then handler_failed(conn, req, err) end
+      if req._detached then
+        self._http_conns[conn] = nil
+        return
+      end
+    end
+    if observe then observe(req.status or 0, now() - t0) end
+    if req._upgrade then conn.close = true end
+    if not req._done then skip_body(conn, req) end
+    if conn.close then break end
+    s_set_idle(stream, true)
+  end
+  if conn.refused and not s_closed(stream) then linger(conn) end
+  self._http_conns[conn] = nil
+  s_close(stream)
+end
+
+return M
