@@ -14,6 +14,7 @@
 #include "tcp.h"
 #include "thread.h"
 #include "tls.h"
+#include "ws.h"
 
 int luaopen_squall_core(lua_State *L) {
   lua_newtable(L);
@@ -26,6 +27,7 @@ int luaopen_squall_core(lua_State *L) {
   squall_process_open(L);
   squall_msgpack_open(L);
   squall_http_open(L);
+  squall_ws_open(L);
   squall_thread_open(L);
   lua_pushstring(L, SQUALL_VERSION);
   lua_setfield(L, -2, "version");
