@@ -115,6 +115,29 @@ static size_t expect_size;
 static uint64_t received, bytes_in;
 static uint64_t all_received; /* warm-up included: for CPU per message */
 static int counting;
+/* ws mode: each connection opens with a WebSocket handshake */
+static int ws_handshake;
+
+/* Send an HTTP request on a blocking fd and read until the end of the
+ * answer's head (and `tail`, when given, the end of its body). */
+static int http_exchange(int fd, const char *req, const char *tail) {
+  if (write(fd, req, strlen(req)) != (ssize_t)strlen(req))
+    return -1;
+  char buf[4096];
+  size_t got = 0;
+  for (;;) {
+    ssize_t r = read(fd, buf + got, sizeof buf - 1 - got);
+    if (r <= 0)
+      return -1;
+    got += (size_t)r;
+    buf[got] = 0;
+    char *end = strstr(buf, "\r\n\r\n");
+    if (end && (!tail || strstr(end, tail)))
+      return 0;
+    if (got == sizeof buf - 1)
+      return -1;
+  }
+}
 
 static void queue_lines(econn *c, int n) {
   size_t need = c->out_len + (size_t)n * (size_t)msg_size;
@@ -156,6 +179,16 @@ static int run_echo(int port, int conns, double secs) {
     cs[i].fd = connect_to(port, 1);
     if (cs[i].fd < 0) {
       fprintf(stderr, "connect: %s\n", strerror(errno));
+      return 1;
+    }
+    if (ws_handshake &&
+        http_exchange(
+            cs[i].fd,
+            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: "
+            "dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            NULL) != 0) {
+      fprintf(stderr, "loadgen: the WebSocket handshake failed\n");
       return 1;
     }
     set_nonblocking(cs[i].fd);
@@ -238,12 +271,19 @@ static void send_byte_each(const int *fds, int n) {
       errors++;
 }
 
+/* pending: 1 sends a byte of a line on each, 2 one HTTP request (then
+ * the connection is an idle keep-alive one) */
 static int run_idle(int port, int conns, double secs, int pending) {
   int open_ = 0;
   int first_err = 0;
   int *fds = calloc((size_t)conns, sizeof *fds);
   for (int i = 0; i < conns; i++) {
     int fd = connect_to(port, 0);
+    if (fd >= 0 && pending == 2 &&
+        http_exchange(fd, "GET / HTTP/1.1\r\nHost: x\r\n\r\n", "\n") != 0) {
+      close(fd);
+      fd = -1;
+    }
     if (fd >= 0) {
       fds[open_++] = fd;
     } else {
@@ -251,7 +291,7 @@ static int run_idle(int port, int conns, double secs, int pending) {
         first_err = errno;
     }
   }
-  if (pending) {
+  if (pending == 1) {
     struct timespec gap = {0, 200 * 1000 * 1000};
     send_byte_each(fds, open_);
     nanosleep(&gap, NULL);
@@ -369,6 +409,33 @@ int main(int argc, char **argv) {
     expect_size = sizeof answer - 1;
     return run_echo(port, conns, secs);
   }
+  if (!strcmp(mode, "ws")) {
+    /* a masked text frame of msg_size bytes (the zero key leaves the
+     * payload as it is); the echo comes back unmasked */
+    size_t n = (size_t)msg_size, h = n < 126 ? 2 : 4;
+    char *frame = malloc(h + 4 + n), *answer = malloc(h + n);
+    frame[0] = answer[0] = (char)0x81;
+    if (n < 126) {
+      frame[1] = (char)(0x80 | n);
+      answer[1] = (char)n;
+    } else {
+      frame[1] = (char)(0x80 | 126);
+      answer[1] = 126;
+      frame[2] = answer[2] = (char)(n >> 8);
+      frame[3] = answer[3] = (char)(n & 255);
+    }
+    memset(frame + h, 0, 4);
+    memset(frame + h + 4, 'w', n);
+    memset(answer + h, 'w', n);
+    line = frame;
+    msg_size = (int)(h + 4 + n);
+    expect = answer;
+    expect_size = h + n;
+    ws_handshake = 1;
+    return run_echo(port, conns, secs);
+  }
+  if (!strcmp(mode, "httpidle"))
+    return run_idle(port, conns, secs, 2);
   if (!strcmp(mode, "idle"))
     return run_idle(port, conns, secs, 0);
   if (!strcmp(mode, "pending"))

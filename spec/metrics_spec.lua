@@ -101,11 +101,14 @@ describe("squall.metrics", function()
 
   it("counts connections, bytes, handler errors and RPC calls with no code", async(function()
     serve()
+    local scrapes = 0
     local function scrape()
+      scrapes = scrapes + 1
       local _, text = http_get(server.port, "/metrics")
       return text
     end
     local before = scrape()
+    scrapes = 0
     local echo = TCPServer({ handle_stream = function(stream)
       while true do
         local line = stream:read_until("\n")
@@ -136,8 +139,9 @@ describe("squall.metrics", function()
         sample(before, "squall_connections_open") + 2 and t -- c and conn
     end, "the raised handler's connection to close")
     local function delta(name) return sample(after, name) - (sample(before, name) or 0) end
-    -- accepted: c and bad by echo, conn by the RPC server (not client sides)
-    assert.equal(3, delta("squall_connections_accepted_total"))
+    -- accepted: c and bad by echo, conn by the RPC server (not client
+    -- sides), and each scrape since by the metrics HTTPServer
+    assert.equal(3 + scrapes, delta("squall_connections_accepted_total"))
     assert.is_true(delta("squall_bytes_read_total") >= 2000) -- the line, both ways
     assert.is_true(delta("squall_bytes_written_total") >= 2000)
     assert.equal(1, delta("squall_handler_errors_total"))
@@ -176,6 +180,28 @@ describe("squall.metrics", function()
       sample(t, 'squall_loop_lag_seconds_bucket{le="0.25"}')
     assert.is_true(late >= 1, t)
   end, { timeout = 30 }))
+
+  it("counts HTTPServer requests by status, with their latency", async(function()
+    serve()
+    local function scrape() return select(2, http_get(server.port, "/metrics")) end
+    local before = scrape()
+    local sock, port = testing.bind_unused_port()
+    local web = require("squall.httpserver").HTTPServer(function(req)
+      if req.path == "/missing" then return 404, nil, "no" end
+      return 200, nil, "yes"
+    end)
+    web:add_sockets({ sock })
+    for _ = 1, 3 do assert.equal(200, (http_get(port, "/"))) end
+    assert.equal(404, (http_get(port, "/missing")))
+    local after = scrape()
+    local function delta(name) return (sample(after, name) or 0) - (sample(before, name) or 0) end
+    -- the scrapes themselves are HTTPServer requests too: the one after
+    -- `before` was answered once its text was made
+    assert.equal(4, delta('squall_http_requests_total{status="200"}'))
+    assert.equal(1, delta('squall_http_requests_total{status="404"}'))
+    assert.equal(5, delta("squall_http_request_duration_seconds_count"))
+    web:stop()
+  end))
 
   it("answers 404 elsewhere and serves keep-alive requests", async(function()
     serve()

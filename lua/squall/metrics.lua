@@ -289,6 +289,23 @@ stats.rpc_observe = function(method, seconds, failed)
   bump(c[3], b_rpc_time.buckets, seconds)
 end
 
+local b_http = M.counter("squall_http_requests_total", "HTTPServer requests answered",
+  { "status" })
+local b_http_time = M.histogram("squall_http_request_duration_seconds",
+  "Time from a request's head to the end of its handler", nil,
+  { 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5 })
+local http_children = {} -- status -> its counter child: no lookup per request
+local http_time = b_http_time:child(nil, 1)
+stats.http_observe = function(status, seconds)
+  local c = http_children[status]
+  if not c then
+    c = b_http:child({ status = status }, 1)
+    http_children[status] = c
+  end
+  c.value = c.value + 1
+  bump(http_time, b_http_time.buckets, seconds)
+end
+
 local function update_builtins()
   b_open:set(stats.connections_open)
   b_accepted:child(nil, 1).value = stats.connections_accepted
@@ -485,57 +502,21 @@ end
 
 -- ---- serving /metrics -----------------------------------------------------------
 
--- A response; for HEAD (`head_only`) the head alone, with the length
--- the body would have had.
-local function respond(stream, status, ctype, body, keep, head_only)
-  stream:write(format("HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" ..
-    "Connection: %s\r\n\r\n", status, ctype, #body, keep and "keep-alive" or "close"))
-  if not head_only then stream:write(body) end
-end
-
+-- /metrics (and /) in the Prometheus text format; HEAD is HTTPServer's
+-- (the head GET would get, with its length).
 local MAX_HEAD = 16384
 
-local function handle_http(stream)
-  stream:set_timeout(30)
-  local buf = ""
-  while true do
-    local e = string.find(buf, "\r\n\r\n", 1, true)
-    if not e or e + 3 > MAX_HEAD then
-      if #buf > MAX_HEAD then
-        -- answered, not dropped: the client learns why
-        respond(stream, "431 Request Header Fields Too Large", "text/plain",
-          "the request head is larger than 16384 bytes\n", false)
-        break
-      end
-      local chunk = stream:read_bytes(65536, true)
-      if not chunk then break end
-      buf = buf .. chunk
-    else
-      local head = buf:sub(1, e + 3)
-      buf = buf:sub(e + 4)
-      local method, target, version = head:match("^(%u+) (%S+) HTTP/1%.(%d)\r\n")
-      if not method then
-        respond(stream, "400 Bad Request", "text/plain", "bad request\n", false)
-        break
-      end
-      local keep = version == "1" and not head:lower():find("\r\nconnection: *close")
-      local path = target:match("^[^?]*")
-      local head_only = method == "HEAD"
-      if path ~= "/metrics" and path ~= "/" then
-        respond(stream, "404 Not Found", "text/plain", "try /metrics\n", keep, head_only)
-      elseif method ~= "GET" and method ~= "HEAD" then
-        respond(stream, "405 Method Not Allowed", "text/plain", "GET only\n", keep)
-      else
-        respond(stream, "200 OK", "text/plain; version=0.0.4; charset=utf-8",
-          M.render(collect_all()), keep, head_only)
-      end
-      if not keep then break end
-    end
+local function handle_http(req)
+  local path = req.path
+  if path ~= "/metrics" and path ~= "/" then
+    return 404, { ["Content-Type"] = "text/plain" }, "try /metrics\n"
   end
-  stream:close()
+  if req.method ~= "GET" and req.method ~= "HEAD" then
+    return 405, { ["Content-Type"] = "text/plain", Allow = "GET, HEAD" }, "GET only\n"
+  end
+  return 200, { ["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8" },
+    M.render(collect_all())
 end
-
-M._handle_http = handle_http -- for tests/fuzz/http_fuzz.lua
 
 --- Answer `GET /metrics` on `port` (and `address`, default every
 -- interface) in the Prometheus text format. Under fork_processes call it
@@ -549,19 +530,12 @@ function M.serve(port, address)
   local id = core.task_id()
   if id and not peers_dir then start_peer_listener(id, core.process_stats().ppid) end
   local socks = netutil.bind_sockets(port, address, { reuse_port = id ~= nil })
-  local removers = {}
-  for i, sock in ipairs(socks) do
-    removers[i] = netutil.add_accept_handler(sock, function(stream)
-      gen.spawn(handle_http, stream)
-    end)
-  end
+  local server = require("squall.httpserver").HTTPServer(handle_http,
+    { max_header_size = MAX_HEAD, idle_timeout = 30 })
+  server:add_sockets(socks)
   start_lag()
-  return { port = select(2, socks[1]:getsockname()), stop = function()
-    for i, remove in ipairs(removers) do
-      remove()
-      socks[i]:close()
-    end
-  end }
+  return { port = select(2, socks[1]:getsockname()), server = server,
+    stop = function() server:stop() end }
 end
 
 -- ---- InfluxDB -----------------------------------------------------------------
@@ -623,21 +597,13 @@ function M.line_protocol(families, tags, ts)
 end
 
 local function post(host, port, path, body, timeout)
-  local stream, err = iostream.connect(host, port, { timeout = timeout })
-  if not stream then return nil, err end
-  stream:set_timeout(timeout)
-  stream:write(format("POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: text/plain\r\n" ..
-    "Content-Length: %d\r\nConnection: close\r\n\r\n", path, host, port, #body))
-  stream:write(body)
-  local status
-  status, err = stream:read_until("\r\n", 8192)
-  local rest = status and stream:read_until_close() or ""
-  stream:close()
-  if not status then return nil, err end
-  local code = tonumber(status:match("^HTTP/1%.%d (%d+)"))
-  if code ~= 204 and code ~= 200 then
-    return nil, core.error("http", ("InfluxDB answered %s: %s"):format(
-      status:gsub("\r\n$", ""), (rest:match("\r\n\r\n(.*)$") or ""):sub(1, 300)))
+  local res, err = require("squall.httpclient").fetch(
+    format("http://%s:%d%s", host, port, path), { method = "POST", body = body,
+      headers = { ["Content-Type"] = "text/plain" }, timeout = timeout })
+  if not res then return nil, err end
+  if res.code ~= 204 and res.code ~= 200 then
+    return nil, core.error("http", ("InfluxDB answered %d %s: %s"):format(
+      res.code, res.reason, res.body:sub(1, 300)))
   end
   return true
 end
