@@ -19,6 +19,7 @@
  */
 #include <lauxlib.h>
 #include <llhttp.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,13 +35,18 @@ typedef struct {
   size_t len, cap;
 } bytes;
 
+/* A header field: offsets into the head buffer (32-bit: a head is at
+ * most max_head bytes, far below 4 GiB). */
+typedef struct {
+  uint32_t name, nlen, value, vlen;
+} field;
+
 typedef struct {
   llhttp_t p;
   bytes head; /* the URL (or a response's reason), then names and values */
   bytes body; /* body bytes of the current execute */
-  struct {
-    size_t name, nlen, value, vlen;
-  } hdr[MAX_HEADERS];
+  field *hdr; /* the head's fields, grown as they come */
+  int hdr_cap;
   int nhdr;
   int in; /* 0: before a field, 1: in a name, 2: in a value */
   /* where the last piece of a value ended, and the ends of this execute's
@@ -69,6 +75,31 @@ static int grow(bytes *b, size_t more) {
   b->d = d;
   b->cap = cap;
   return 0;
+}
+
+/* Room for more fields: 8, then doubling up to MAX_HEADERS (a parser's
+ * fixed size stays small: idle keep-alive connections each hold one). */
+static int grow_fields(parser *p) {
+  if (p->hdr_cap >= MAX_HEADERS)
+    return 0;
+  int cap = p->hdr_cap ? p->hdr_cap * 2 : 8;
+  if (cap > MAX_HEADERS)
+    cap = MAX_HEADERS;
+  field *f = realloc(p->hdr, (size_t)cap * sizeof *f);
+  if (f == NULL)
+    return -1;
+  p->hdr = f;
+  p->hdr_cap = cap;
+  return 0;
+}
+
+/* Free a buffer once its bytes are out (after each head and each body
+ * piece): an idle keep-alive connection holds no buffer, at the cost of
+ * a malloc per request. */
+static void release(bytes *b) {
+  free(b->d);
+  b->d = NULL;
+  b->cap = b->len = 0;
 }
 
 static int append(bytes *b, const char *at, size_t n) {
@@ -136,6 +167,8 @@ static int on_header_field(llhttp_t *h, const char *at, size_t n) {
   if (p->in_body)
     return trailer(p, n);
   if (p->in != 1) {
+    if (p->nhdr == p->hdr_cap && grow_fields(p))
+      return fail(p, 500, "out of memory");
     if (p->nhdr == MAX_HEADERS)
       return fail(p, 431, "the request has too many header fields");
     p->hdr[p->nhdr].name = p->head.len;
@@ -278,6 +311,8 @@ static int l_execute(lua_State *L) {
     lua_pushlstring(L, p->body.d, p->body.len);
   else
     lua_pushnil(L);
+  if (p->body.cap)
+    release(&p->body);
   if (p->status) {
     lua_pushinteger(L, p->status);
     lua_pushstring(L, p->reason);
@@ -359,7 +394,8 @@ static void push_headers(lua_State *L, parser *p) {
 /* p:head() -> for a request: method, target, major, minor, headers,
  * keep_alive, content_length (nil when none), chunked, upgrade; for a
  * response: status, reason, major, minor, headers, keep_alive,
- * content_length, chunked, upgrade. */
+ * content_length, chunked, upgrade. Once per message: the head's bytes
+ * are let go. */
 static int l_head(lua_State *L) {
   parser *p = check_parser(L);
   llhttp_t *h = &p->p;
@@ -372,6 +408,13 @@ static int l_head(lua_State *L) {
   lua_pushinteger(L, h->http_major);
   lua_pushinteger(L, h->http_minor);
   push_headers(L, p);
+  /* a head is read once: its buffer may go now */
+  p->nhdr = 0;
+  p->url_len = 0;
+  release(&p->head);
+  free(p->hdr);
+  p->hdr = NULL;
+  p->hdr_cap = 0;
   lua_pushboolean(L, p->keep_alive);
   if (p->content_length >= 0)
     lua_pushnumber(L, p->content_length);
@@ -399,6 +442,9 @@ static int l_gc(lua_State *L) {
   parser *p = check_parser(L);
   free(p->head.d);
   free(p->body.d);
+  free(p->hdr);
+  p->hdr = NULL;
+  p->hdr_cap = 0;
   p->head.d = p->body.d = NULL;
   p->head.cap = p->body.cap = 0;
   return 0;
@@ -414,7 +460,8 @@ static int l_new(lua_State *L) {
   parser *p = lua_newuserdata(L, sizeof *p);
   memset(p, 0, sizeof *p);
   llhttp_init(&p->p, kind == 0 ? HTTP_REQUEST : HTTP_RESPONSE, &settings);
-  p->max_head = max > 1e15 ? (size_t)1e15 : (size_t)max;
+  /* field offsets are 32-bit */
+  p->max_head = max > 2147483647.0 ? 2147483647 : (size_t)max;
   p->content_length = -1;
   luaL_getmetatable(L, PARSER_MT);
   lua_setmetatable(L, -2);

@@ -164,19 +164,37 @@ end
 -- ---- requests ------------------------------------------------------------------
 
 local Request = {}
-local REQUEST_MT = { __index = Request }
+-- req._state: what has been sent (requests are tables of 16 fields at
+-- most, one hash part's worth: a request's garbage is part of what each
+-- keep-alive connection costs)
+local SENT_NOTHING, STARTED, FINISHED, DETACHED = 0, 1, 2, 3
+-- `args` (the decoded query) and `uri` are made when first read.
+local REQUEST_MT = { __index = function(req, k)
+  local f = Request[k]
+  if f ~= nil then return f end
+  if k == "args" then
+    local args = M.parse_query(req.query)
+    rawset(req, "args", args)
+    return args
+  elseif k == "uri" then
+    local q = req.query
+    return q == "" and req.path or req.path .. "?" .. q
+  end
+  return nil
+end }
 
 -- The connection a request came on: stream, parser, unparsed input.
 -- conn.data holds input from conn.pos on that the parser has not seen.
 
--- Read more input into conn (after what was parsed), waiting at most the
--- connection's body timeout. Returns true, or nil, err.
+-- Read more input into conn (after what was parsed), waiting at most
+-- `secs`. The timeout is cleared after the read: an idle connection
+-- waits on the sweeper, never on a timer of its own. Returns true, or
+-- nil, err.
 local function fill(conn, secs)
-  if conn.timeout ~= secs then
-    conn.timeout = secs
-    s_set_timeout(conn.stream, secs)
-  end
-  local chunk, err = s_read_bytes(conn.stream, 65536, true)
+  local stream = conn.stream
+  s_set_timeout(stream, secs)
+  local chunk, err = s_read_bytes(stream, 65536, true)
+  s_set_timeout(stream, nil)
   if not chunk then return nil, err end
   conn.data, conn.pos = chunk, 1
   return true
@@ -186,9 +204,11 @@ end
 -- and close once it is out.
 local function refuse(conn, req, status, why)
   log.debug("http: %s from %s: %s", tostring(status), tostring(conn.remote), why)
-  conn.close, conn.refused = true, true
-  if req and req._started then return end
-  if req then req._started, req._finished = true, true end
+  conn.close = "refused"
+  if req then
+    if req._state ~= SENT_NOTHING then return end
+    req._state = FINISHED
+  end
   local body = why .. "\n"
   s_write(conn.stream, format("HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\n" ..
     "Content-Length: %d\r\nConnection: close\r\nDate: %s\r\n\r\n%s",
@@ -196,10 +216,17 @@ local function refuse(conn, req, status, why)
 end
 
 local TOO_LARGE = "the request body is larger than max_body_size"
+local TOO_LARGE_ERR = http_error(TOO_LARGE)
 local function too_large(conn, req)
   refuse(conn, req, 413, TOO_LARGE)
   req._body_err = http_error(TOO_LARGE)
   return nil, req._body_err
+end
+
+-- Whether the client waits for "100 Continue" before sending the body.
+local function expects_continue(req)
+  local e = rawget(req.headers, "expect")
+  return e ~= nil and lower(e) == "100-continue"
 end
 
 -- Body pieces the parser met come as req._parts; this takes the next one,
@@ -210,14 +237,14 @@ local function next_piece(req)
   local conn = req._conn
   local parts = req._parts
   if parts then
-    req._parts = nil
+    req._parts = false
     if req._got > conn.server._max_body then return too_large(conn, req) end
     return parts
   end
   if req._done then return false end
   if not req._continued then
     req._continued = true
-    if req._expect and not req._started then
+    if expects_continue(req) and req._state == SENT_NOTHING then
       s_write(conn.stream, "HTTP/1.1 100 Continue\r\n\r\n")
     end
   end
@@ -225,7 +252,7 @@ local function next_piece(req)
     if conn.pos > #conn.data then
       local ok, err = fill(conn, conn.server._idle_timeout)
       if not ok then
-        conn.close = true
+        conn.close = conn.close or true
         req._body_err = err
         return nil, err
       end
@@ -300,25 +327,25 @@ local function response_head(req, status, headers, length, level)
   local bodiless = status < 200 or status == 204 or status == 304
   if not date then text = text .. "Date: " .. http_date() .. "\r\n" end
   if connection and find(lower(tostring(connection)), "close", 1, true) then
-    conn.close = true
+    conn.close = conn.close or true
   end
   if te then
     chunked = find(lower(tostring(te)), "chunked", 1, true) ~= nil
   elseif not bodiless and not clen then
     if length then
       text = text .. "Content-Length: " .. length .. "\r\n"
-    elseif req._minor == 1 then
+    elseif req.version == "HTTP/1.1" then
       text = text .. "Transfer-Encoding: chunked\r\n"
       chunked = true
     else
-      conn.close = true -- an HTTP/1.0 body without a length ends at the close
+      conn.close = conn.close or true -- an HTTP/1.0 body without a length ends at the close
     end
   end
   if not connection then
     if conn.close or not req._keep then
-      conn.close = true
+      conn.close = conn.close or true
       text = text .. "Connection: close\r\n"
-    elseif req._minor == 0 then
+    elseif req.version == "HTTP/1.0" then
       text = text .. "Connection: keep-alive\r\n"
     end
   end
@@ -327,7 +354,7 @@ local function response_head(req, status, headers, length, level)
 end
 
 local function check_open(req, what, level)
-  if req._finished then
+  if req._state >= FINISHED then
     error(what .. ": the response is already finished", level + 1)
   end
 end
@@ -335,13 +362,13 @@ end
 --- Answer in one piece: the head, then `body` (a string, or nil).
 function Request:respond(status, headers, body)
   check_open(self, "respond", 2)
-  if self._started then error("respond: the response has already started", 2) end
+  if self._state ~= SENT_NOTHING then error("respond: the response has already started", 2) end
   if body ~= nil and type(body) ~= "string" then
     error("body must be a string, got " .. util.describe(body), 2)
   end
   body = body or ""
   local head, _, bodiless = response_head(self, status, headers, #body, 2)
-  self._started, self._finished = true, true
+  self._state = FINISHED
   if bodiless or self.method == "HEAD" or body == "" then
     return s_write(self._conn.stream, head)
   end
@@ -354,9 +381,9 @@ end
 -- set a Content-Length). Then req:write(chunk)... req:finish().
 function Request:start(status, headers)
   check_open(self, "start", 2)
-  if self._started then error("start: the response has already started", 2) end
+  if self._state ~= SENT_NOTHING then error("start: the response has already started", 2) end
   local head, chunked, bodiless = response_head(self, status, headers, nil, 2)
-  self._started, self._chunked = true, chunked and not bodiless and self.method ~= "HEAD"
+  self._state, self._chunked = STARTED, chunked and not bodiless and self.method ~= "HEAD"
   self._bodiless = bodiless or self.method == "HEAD"
   return s_write(self._conn.stream, head)
 end
@@ -365,7 +392,7 @@ end
 -- to read (the stream's write_high_water). Returns true or nil, err.
 function Request:write(data)
   check_open(self, "write", 2)
-  if not self._started then error("write: call start(status, headers) first", 2) end
+  if self._state ~= STARTED then error("write: call start(status, headers) first", 2) end
   if type(data) ~= "string" then error("data must be a string, got " .. util.describe(data), 2) end
   if data == "" or self._bodiless then return true end
   if self._chunked then
@@ -378,8 +405,8 @@ end
 -- no body).
 function Request:finish()
   check_open(self, "finish", 2)
-  if not self._started then return self:respond(200, nil, "") end
-  self._finished = true
+  if self._state == SENT_NOTHING then return self:respond(200, nil, "") end
+  self._state = FINISHED
   if self._chunked then return s_write(self._conn.stream, "0\r\n\r\n") end
   return true
 end
@@ -389,7 +416,7 @@ end
 -- connection to the caller.
 function Request:detach()
   local conn = self._conn
-  self._detached, self._started, self._finished = true, true, true
+  self._state = DETACHED
   local rest = sub(conn.data, conn.pos)
   conn.data, conn.pos = "", 1
   return conn.stream, rest
@@ -447,22 +474,19 @@ end
 
 -- The request whose head the parser has just completed.
 local function new_request(server, conn, done, body)
-  local method, target, _, minor, headers, keep, length, _, upgrade = head_of(conn.parser)
+  local method, target, _, minor, headers, keep, length = head_of(conn.parser)
   setmetatable(headers, HEADERS_MT)
   local qi = find(target, "?", 1, true)
   local query = qi and sub(target, qi + 1) or ""
-  local expect = rawget(headers, "expect")
   local req = setmetatable({
     method = method, path = qi and sub(target, 1, qi - 1) or target, query = query,
-    args = query == "" and {} or M.parse_query(query), uri = target,
     version = minor == 1 and "HTTP/1.1" or "HTTP/1.0", headers = headers,
     remote_ip = server._xheaders and remote_ip(headers, conn.remote) or conn.remote,
     stream = conn.stream, status = false,
-    _conn = conn, _minor = minor, _keep = keep, _got = body and #body or 0, _done = done,
-    _parts = body or false, _upgrade = upgrade, _started = false, _finished = false,
-    _detached = false, _continued = false, _body_err = false,
-    _expect = expect ~= nil and lower(expect) == "100-continue",
-    _too_large = length ~= nil and length > server._max_body,
+    _conn = conn, _keep = keep, _got = body and #body or 0, _done = done,
+    _parts = body or false, _state = SENT_NOTHING, _continued = false,
+    -- a Content-Length over the limit is answered before the handler runs
+    _body_err = length ~= nil and length > server._max_body and TOO_LARGE_ERR or false,
   }, REQUEST_MT)
   if minor == 1 and rawget(headers, "host") == nil then
     refuse(conn, nil, 400, "an HTTP/1.1 request needs a Host header")
@@ -474,7 +498,6 @@ end
 -- The head did not come whole in what was read: read on until it does,
 -- within header_timeout from now (the head's first bytes came just now).
 local function read_rest_of_head(server, conn)
-  local stream = conn.stream
   local deadline = now() + server._header_timeout
   while true do
     if conn.pos > #conn.data then
@@ -483,16 +506,13 @@ local function read_rest_of_head(server, conn)
         refuse(conn, nil, 408, "the request head did not come in time")
         return nil
       end
-      conn.timeout = secs
-      s_set_timeout(stream, secs)
-      local chunk, err = s_read_bytes(stream, 65536, true)
-      if not chunk then
+      local ok, err = fill(conn, secs)
+      if not ok then
         if err.kind == "timeout" then
           refuse(conn, nil, 408, "the request head did not come in time")
         end
         return nil
       end
-      conn.data, conn.pos = chunk, 1
     end
     local pos, head, done, body, status, reason = execute(conn.parser, conn.data, conn.pos)
     conn.pos = pos
@@ -511,10 +531,6 @@ local function read_head(server, conn)
   local stream = conn.stream
   if conn.pos > #conn.data then
     -- idle_timeout: the sweeper's, not a timer per read
-    if conn.timeout then
-      conn.timeout = false
-      s_set_timeout(stream, nil)
-    end
     conn.idle_tick = server._tick
     local chunk = s_read_bytes(stream, 65536, true)
     conn.idle_tick = false
@@ -522,8 +538,13 @@ local function read_head(server, conn)
     conn.data, conn.pos = chunk, 1
   end
   s_set_idle(stream, false)
-  local pos, head, done, body, status, reason = execute(conn.parser, conn.data, conn.pos)
-  conn.pos = pos
+  local data = conn.data
+  local pos, head, done, body, status, reason = execute(conn.parser, data, conn.pos)
+  if pos > #data then
+    conn.data, conn.pos = "", 1 -- let the read's string go
+  else
+    conn.pos = pos
+  end
   if status then
     refuse(conn, nil, status, reason)
     return nil
@@ -536,15 +557,15 @@ end
 -- that keeps the connection usable; otherwise the connection closes.
 local function skip_body(conn, req)
   if req._done or conn.close then return end
-  if req._too_large or (req._expect and not req._continued) then
-    conn.close = true
+  if req._body_err or (expects_continue(req) and not req._continued) then
+    conn.close = conn.close or true
     return
   end
   req._continued = true
   while true do
     local piece = next_piece(req)
     if not piece then
-      if piece == nil then conn.close = true end
+      if piece == nil then conn.close = conn.close or true end
       return
     end
   end
@@ -554,13 +575,13 @@ local function handler_failed(conn, req, tb)
   log.error("Error in HTTP handler for %s %s from %s\n%s", req.method, req.uri,
     tostring(req.remote_ip), tb)
   stats.handler_errors = stats.handler_errors + 1
-  if req._started then
-    conn.close = true
+  if req._state ~= SENT_NOTHING then
+    conn.close = conn.close or true
     return
   end
-  conn.close = true
+  conn.close = conn.close or true
   local body = "Internal Server Error\n"
-  req._started, req._finished = true, true
+  req._state = FINISHED
   req.status = 500
   s_write(conn.stream, format("HTTP/1.1 500 Internal Server Error\r\n" ..
     "Content-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\nDate: %s\r\n\r\n%s",
@@ -571,11 +592,12 @@ end
 -- answered itself (or took the connection over). Runs under xpcall.
 local function serve(handler, req)
   local status, headers, body = handler(req)
-  if req._detached then return end
-  if not req._started then
-    return req:respond(status or 200, headers, body)
+  local state = req._state
+  if state == DETACHED then return end
+  if state == SENT_NOTHING then
+    return Request.respond(req, status or 200, headers, body)
   end
-  if not req._finished and not s_closed(req._conn.stream) then req:finish() end
+  if state == STARTED and not s_closed(req._conn.stream) then Request.finish(req) end
 end
 
 -- After refusing a request, read for a moment before closing: closing
@@ -622,8 +644,8 @@ function HTTPServer:handle_stream(stream, address)
     execute, head_of = p.execute, p.head
   end
   local conn = { stream = stream, parser = new_parser("request", self._max_header),
-    data = "", pos = 1, server = self, remote = address and address.host, timeout = false,
-    close = false, refused = false, idle_tick = false }
+    data = "", pos = 1, server = self, remote = address and address.host, close = false,
+    idle_tick = false }
   local handler = self._handler
   self._http_conns[conn] = true
   if not self._sweeper then
@@ -635,23 +657,24 @@ function HTTPServer:handle_stream(stream, address)
     if not req then break end
     local observe = stats.http_observe
     local t0 = observe and now()
-    if req._too_large then
+    if req._body_err then
       too_large(conn, req)
     else
       local ok, err = xpcall(serve, traceback, handler, req)
       if not ok then handler_failed(conn, req, err) end
-      if req._detached then
+      if req._state == DETACHED then
         self._http_conns[conn] = nil
         return
       end
     end
     if observe then observe(req.status or 0, now() - t0) end
-    if req._upgrade then conn.close = true end
+    -- an Upgrade the handler did not take: the connection ends
+    if rawget(req.headers, "upgrade") then conn.close = conn.close or true end
     if not req._done then skip_body(conn, req) end
     if conn.close then break end
     s_set_idle(stream, true)
   end
-  if conn.refused and not s_closed(stream) then linger(conn) end
+  if conn.close == "refused" and not s_closed(stream) then linger(conn) end
   self._http_conns[conn] = nil
   s_close(stream)
 end
