@@ -74,6 +74,54 @@ describe("examples", function()
       assert.equal(0, status, err)
     end, { timeout = 15 }))
 
+  it("http/: the notes API answers curl; the chat room joins Python and Squall clients",
+    async(function()
+      local port, stop = start("examples/http/server.lua")
+      local base = "http://127.0.0.1:" .. port
+      local function curl(args)
+        local status, out, err = helpers.spawn("timeout 20 curl -s " .. args)()
+        assert.equal(0, status, err)
+        return out
+      end
+      local json = require "squall.json"
+      assert.same({ id = 1, text = "milk" },
+        json.decode(curl("-d '{\"text\": \"milk\"}' " .. q(base .. "/api/notes"))))
+      assert.same({ { id = 1, text = "milk" } }, json.decode(curl(q(base .. "/api/notes"))))
+      assert.matches('"error"', curl("-d 'not json' " .. q(base .. "/api/notes")))
+      assert.equal("204", curl("-o /dev/null -w '%{http_code}' -X DELETE " ..
+        q(base .. "/api/notes/1")))
+      assert.equal('{"error":"no note 1"}', curl(q(base .. "/api/notes/1")))
+      -- a Python websockets client in the room sees what the Squall client says
+      local script = helpers.tmpscript([[
+import asyncio, json, sys, websockets
+async def main():
+    async with websockets.connect("ws://127.0.0.1:%s/chat?name=py" % sys.argv[1]) as ws:
+        print("joined", flush=True)
+        while True:
+            m = json.loads(await ws.recv())
+            if m["from"] == "lua":
+                print(m["text"])
+                return
+asyncio.run(main())
+]])
+      local out_file = os.tmpname()
+      local py_wait = helpers.spawn(("timeout 20 %s %s %d | tee %s"):format(helpers.python,
+        q(script), port, q(out_file)))
+      helpers.eventually(function() return helpers.slurp(out_file):find("joined") end,
+        "the Python client to join", 20)
+      local status, out, err = helpers.spawn(("timeout 20 %s examples/http/client.lua %d")
+        :format(q(helpers.squall_real), port))()
+      assert.equal(0, status, err)
+      assert.matches("chat\tlua: hello from Lua", out)
+      local py_status, py_out = py_wait()
+      assert.equal(0, py_status)
+      assert.equal("joined\nhello from Lua\n", py_out)
+      os.remove(script)
+      os.remove(out_file)
+      local stop_status, _, log = stop()
+      assert.equal(0, stop_status, log)
+    end, { timeout = 40 }))
+
   it("rpc/: the game server answers the Squall player", async(function()
     local port, stop = start("server.lua", "examples/rpc")
     local wait = helpers.spawn(("cd examples/rpc && timeout 20 %s client.lua %d")
