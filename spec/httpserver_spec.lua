@@ -329,6 +329,48 @@ print("socket reused:", c.sock is not None)
         server:stop()
       end))
 
+    it("streams a response with backpressure: a write waits past write_high_water",
+      async(function()
+        local most = 0
+        local server, port = serve(function(req)
+          req:start(200, { ["Content-Type"] = "application/octet-stream" })
+          local block = ("s"):rep(65536)
+          for _ = 1, 256 do -- 16 MiB: more than the kernel's buffers hold
+            assert(req:write(block))
+            local queued = req.stream:get_write_buffer_size()
+            if queued > most then most = queued end
+          end
+          req:finish()
+        end, { write_high_water = 65536 })
+        local s = assert(iostream.connect("127.0.0.1", port))
+        s:write("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        local status, _, body = read_response(s)
+        assert.equal(200, status)
+        assert.equal(16 * 1024 * 1024, #body)
+        -- each write returned once what was queued fell under the mark:
+        -- at most the mark and the block just written (its chunk framing)
+        assert.is_true(most <= 65536 + 65536 + 16, "queued " .. most)
+        s:close()
+        server:stop()
+      end, { timeout = 30 }))
+
+    it("serves HTTPS with ssl_options (curl verifies it) and PROXY protocol clients",
+      async(function()
+        local C = helpers.certs
+        local tls, tport = serve(function(req) return 200, nil, "secure " .. req.remote_ip end,
+          { ssl_options = { certfile = C .. "/server.pem", keyfile = C .. "/server.key" } })
+        local out = client(("curl -s --cacert %s https://localhost:%d/"):format(
+          q(C .. "/ca.pem"), tport))
+        assert.equal("secure 127.0.0.1", out)
+        tls:stop()
+        local proxied, pport = serve(function(req) return 200, nil, req.remote_ip end,
+          { proxy_protocol = true })
+        local all = raw(pport, "PROXY TCP4 203.0.113.7 10.0.0.1 5555 80\r\n" ..
+          "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        assert.matches("\r\n\r\n203%.0%.113%.7$", all)
+        proxied:stop()
+      end, { timeout = 30 }))
+
     it("trusts X-Real-Ip and X-Forwarded-For only with xheaders", async(function()
       local handler = function(req) return 200, nil, req.remote_ip end
       local plain, p1 = serve(handler)
