@@ -133,6 +133,8 @@ FUZZ_SRCS := $(filter-out runtime/main.c,$(SRCS))
 
 # In build/, so the host finds lua/ as ../lua from the binary.
 FUZZ_FLAGS := -D_GNU_SOURCE -std=gnu11 -Wall -Wextra -Werror -g -O1 $(LLHTTP_FLAGS)
+# (kept between runs: make would delete them as intermediate files)
+.SECONDARY: $(LLHTTP_NAMES:%=build/fuzz-llhttp/%.o)
 build/fuzz-llhttp/%.o: $(LLHTTP_DIR)/%.c
 	@mkdir -p build/fuzz-llhttp
 	clang $(FUZZ_FLAGS) -Wno-unused-parameter -fsanitize=fuzzer-no-link,address,undefined -c $< -o $@
