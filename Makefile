@@ -139,7 +139,8 @@ build/fuzz-llhttp/%.o: $(LLHTTP_DIR)/%.c
 	@mkdir -p build/fuzz-llhttp
 	clang $(FUZZ_FLAGS) -Wno-unused-parameter -fsanitize=fuzzer-no-link,address,undefined -c $< -o $@
 
-build/%_fuzz: tests/fuzz/%_fuzz.c $(FUZZ_SRCS) $(HDRS) $(LLHTTP_NAMES:%=build/fuzz-llhttp/%.o)
+build/%_fuzz: tests/fuzz/%_fuzz.c tests/fuzz/lua_target.h $(FUZZ_SRCS) $(HDRS) \
+  $(LLHTTP_NAMES:%=build/fuzz-llhttp/%.o)
 	@mkdir -p build
 	clang $(FUZZ_FLAGS) -fsanitize=fuzzer,address,undefined $(PKG_CFLAGS) $< $(FUZZ_SRCS) \
 	  $(LLHTTP_NAMES:%=build/fuzz-llhttp/%.o) -o $@ -Wl,-E $(LDLIBS)
@@ -177,10 +178,10 @@ check-valgrind: all $(CERTS)
 
 lint:
 	luacheck -q lua spec examples bench tests
-	clang-format --dry-run --Werror $(SRCS) $(HDRS) tests/*.c tests/fuzz/*.c bench/*.c bench/baseline/*.c
+	clang-format --dry-run --Werror $(SRCS) $(HDRS) tests/*.c tests/fuzz/*.c tests/fuzz/*.h bench/*.c bench/baseline/*.c
 
 format:
-	clang-format -i $(SRCS) $(HDRS) tests/*.c tests/fuzz/*.c bench/*.c bench/baseline/*.c
+	clang-format -i $(SRCS) $(HDRS) tests/*.c tests/fuzz/*.c tests/fuzz/*.h bench/*.c bench/baseline/*.c
 
 install: build/squall
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/squall/lua

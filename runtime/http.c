@@ -20,8 +20,10 @@
 #include <lauxlib.h>
 #include <llhttp.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "http.h"
 #include "host.h"
@@ -468,6 +470,190 @@ static int l_new(lua_State *L) {
   return 1;
 }
 
+/* ---- responses ---------------------------------------------------------- */
+
+/* tchar (RFC 9110 5.6.2): what a header name may hold. */
+static int token_char(unsigned char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+         (c >= '0' && c <= '9') || (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
+static int same_name(const char *k, size_t n, const char *lower) {
+  return strlen(lower) == n && strncasecmp(k, lower, n) == 0;
+}
+
+/* The value at idx as a header value (a string or a number), checked
+ * for CR and LF, which would end the field early. */
+static const char *field_value(lua_State *L, int idx, const char *k,
+                               size_t *vn) {
+  if (lua_type(L, idx) != LUA_TSTRING && lua_type(L, idx) != LUA_TNUMBER)
+    luaL_error(L, "header %s: a value must be a string or a number", k);
+  const char *v = lua_tolstring(L, idx, vn);
+  if (memchr(v, '\r', *vn) || memchr(v, '\n', *vn))
+    luaL_error(L, "header %s holds CR or LF", k);
+  return v;
+}
+
+/* Walk the header table at index 3: with out == NULL, check it and add up
+ * the bytes its fields take (and note the fields the server would add);
+ * else write them to out. Returns the bytes. */
+typedef struct {
+  int len, te, date, conn, chunked, close;
+} seen_fields;
+
+static size_t walk_fields(lua_State *L, char *out, seen_fields *seen) {
+  size_t total = 0;
+  lua_pushnil(L);
+  while (lua_next(L, 3) != 0) {
+    if (lua_type(L, -2) != LUA_TSTRING)
+      luaL_error(L, "bad header name (a %s)", luaL_typename(L, -2));
+    size_t kn;
+    const char *k = lua_tolstring(L, -2, &kn);
+    if (out == NULL) {
+      if (kn == 0)
+        luaL_error(L, "bad header name (empty)");
+      for (size_t i = 0; i < kn; i++)
+        if (!token_char((unsigned char)k[i]))
+          luaL_error(L, "bad header name %s", k);
+      const char *v = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "";
+      if (same_name(k, kn, "content-length"))
+        seen->len = 1;
+      else if (same_name(k, kn, "transfer-encoding")) {
+        seen->te = 1;
+        seen->chunked = strcasestr(v, "chunked") != NULL;
+      } else if (same_name(k, kn, "date"))
+        seen->date = 1;
+      else if (same_name(k, kn, "connection")) {
+        seen->conn = 1;
+        if (strcasestr(v, "close") != NULL)
+          seen->close = 1;
+      }
+    }
+    int vi = lua_gettop(L);
+    int n = lua_type(L, vi) == LUA_TTABLE ? (int)lua_objlen(L, vi) : 1;
+    for (int i = 1; i <= n; i++) {
+      int at = vi;
+      if (lua_type(L, vi) == LUA_TTABLE) {
+        lua_rawgeti(L, vi, i);
+        at = lua_gettop(L);
+      }
+      size_t vn;
+      const char *v = field_value(L, at, k, &vn);
+      if (out != NULL) {
+        memcpy(out + total, k, kn);
+        memcpy(out + total + kn, ": ", 2);
+        memcpy(out + total + kn + 2, v, vn);
+        memcpy(out + total + kn + 2 + vn, "\r\n", 2);
+      }
+      total += kn + vn + 4;
+      if (at != vi)
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+  }
+  return total;
+}
+
+static size_t put(char *to, size_t at, const char *from, size_t n) {
+  memcpy(to + at, from, n);
+  return at + n;
+}
+
+/* Bodies up to this size go out in the same string as the head. */
+#define INLINE_BODY 32768
+
+/* core.http_response(status, line, headers, body, date, head, http10,
+ * keep) -> text, chunked, close, body_apart
+ *
+ * A response head in one string: `line` (the status line), the handler's
+ * `headers` (name -> value or list of values; names checked as tokens,
+ * values for CR and LF), then what the server adds unless the handler set
+ * it: Date, the framing (Content-Length for a `body`, chunked when `body`
+ * is nil and the request is HTTP/1.1, else the close), Connection. The
+ * body follows in the same string when it is short (body_apart is true
+ * when the caller must write it), and not at all for HEAD or a status
+ * without one. `keep`: whether the request allows keeping the
+ * connection. chunked: a streamed body must be chunk-framed; close: the
+ * connection ends after. One C call and one string per response: this is
+ * the hot path of every request HTTPServer answers. */
+static int l_response(lua_State *L) {
+  int status = (int)luaL_checkinteger(L, 1);
+  size_t line_n;
+  const char *line = luaL_checklstring(L, 2, &line_n);
+  int has_headers = !lua_isnoneornil(L, 3);
+  if (has_headers)
+    luaL_checktype(L, 3, LUA_TTABLE);
+  int has_body = !lua_isnoneornil(L, 4);
+  size_t body_n = 0;
+  const char *body = has_body ? luaL_checklstring(L, 4, &body_n) : NULL;
+  size_t date_n;
+  const char *date = luaL_checklstring(L, 5, &date_n);
+  int head_req = lua_toboolean(L, 6), http10 = lua_toboolean(L, 7);
+  int bodiless = status < 200 || status == 204 || status == 304;
+  seen_fields seen = {0, 0, 0, 0, 0, !lua_toboolean(L, 8)};
+  size_t fields = has_headers ? walk_fields(L, NULL, &seen) : 0;
+  int chunked = seen.te && seen.chunked, close = seen.close;
+  char extra[160]; /* what the server adds (plain copies: no printf here) */
+  size_t en = 0;
+  if (!seen.date) {
+    if (date_n > 64)
+      date_n = 64;
+    en = put(extra, en, "Date: ", 6);
+    en = put(extra, en, date, date_n);
+    en = put(extra, en, "\r\n", 2);
+  }
+  if (!bodiless && !seen.len && !seen.te) {
+    if (has_body) {
+      char digits[24];
+      size_t d = sizeof digits, v = body_n;
+      do {
+        digits[--d] = (char)('0' + v % 10);
+        v /= 10;
+      } while (v);
+      en = put(extra, en, "Content-Length: ", 16);
+      en = put(extra, en, digits + d, sizeof digits - d);
+      en = put(extra, en, "\r\n", 2);
+    } else if (!http10) {
+      en = put(extra, en, "Transfer-Encoding: chunked\r\n", 28);
+      chunked = 1;
+    } else {
+      close = 1; /* an HTTP/1.0 body without a length ends at the close */
+    }
+  }
+  if (!seen.conn) {
+    if (close)
+      en = put(extra, en, "Connection: close\r\n", 19);
+    else if (http10)
+      en = put(extra, en, "Connection: keep-alive\r\n", 24);
+  }
+  int send_body = has_body && !head_req && !bodiless;
+  int apart = send_body && body_n > INLINE_BODY;
+  size_t total = line_n + fields + en + 2 + (send_body && !apart ? body_n : 0);
+  /* written in the closure's scratch (kept between calls, up to 64 KiB),
+   * else a userdata of its own: the GC frees either, even on an error */
+  char *out;
+  if (total <= lua_objlen(L, lua_upvalueindex(1))) {
+    out = lua_touserdata(L, lua_upvalueindex(1));
+  } else if (total <= 65536) {
+    out = lua_newuserdata(L, 65536);
+    lua_replace(L, lua_upvalueindex(1));
+  } else {
+    out = lua_newuserdata(L, total);
+  }
+  memcpy(out, line, line_n);
+  if (has_headers)
+    walk_fields(L, out + line_n, &seen);
+  memcpy(out + line_n + fields, extra, en);
+  memcpy(out + line_n + fields + en, "\r\n", 2);
+  if (send_body && !apart)
+    memcpy(out + line_n + fields + en + 2, body, body_n);
+  lua_pushlstring(L, out, total);
+  lua_pushboolean(L, chunked && !bodiless && !head_req);
+  lua_pushboolean(L, close);
+  lua_pushboolean(L, apart);
+  return 4;
+}
+
 int squall_http_open(lua_State *L) {
   static const luaL_Reg methods[] = {
       {"execute", l_execute},     {"finish", l_finish},
@@ -492,5 +678,8 @@ int squall_http_open(lua_State *L) {
   lua_pop(L, 1);
   lua_pushcfunction(L, l_new);
   lua_setfield(L, -2, "http_parser");
+  lua_newuserdata(L, 4096); /* http_response's scratch */
+  lua_pushcclosure(L, l_response, 1);
+  lua_setfield(L, -2, "http_response");
   return 0;
 }

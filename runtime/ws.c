@@ -15,6 +15,23 @@
 
 #include "ws.h"
 
+/* Add payload[0, len) XORed with the 4-byte mask key to b: masking and
+ * unmasking are the same operation (RFC 6455 section 5.3). */
+static void add_masked(luaL_Buffer *b, const unsigned char *payload, size_t len,
+                       const unsigned char *key) {
+  size_t done = 0;
+  while (done < len) {
+    size_t k = len - done;
+    if (k > LUAL_BUFFERSIZE)
+      k = LUAL_BUFFERSIZE;
+    char *out = luaL_prepbuffer(b);
+    for (size_t i = 0; i < k; i++)
+      out[i] = (char)(payload[done + i] ^ key[(done + i) & 3]);
+    luaL_addsize(b, k);
+    done += k;
+  }
+}
+
 /* core.ws_frame(data, pos, max_size, masked) ->
  *   nextpos, fin, opcode, payload   a whole frame from pos
  *   nil, need                       `need` more bytes are needed first
@@ -104,17 +121,7 @@ static int l_frame(lua_State *L) {
   const unsigned char *key = payload - 4;
   luaL_Buffer b;
   luaL_buffinit(L, &b);
-  size_t done = 0;
-  while (done < len) {
-    size_t k = (size_t)len - done;
-    if (k > LUAL_BUFFERSIZE)
-      k = LUAL_BUFFERSIZE;
-    char *out = luaL_prepbuffer(&b);
-    for (size_t i = 0; i < k; i++)
-      out[i] = (char)(payload[done + i] ^ key[(done + i) & 3]);
-    luaL_addsize(&b, k);
-    done += k;
-  }
+  add_masked(&b, payload, (size_t)len, key);
   luaL_pushresult(&b);
   return 4;
 }
@@ -158,17 +165,7 @@ static int l_build(lua_State *L) {
   memcpy(head + h, key, 4);
   h += 4;
   luaL_addlstring(&b, (const char *)head, h);
-  size_t done = 0;
-  while (done < len) {
-    size_t k = len - done;
-    if (k > LUAL_BUFFERSIZE)
-      k = LUAL_BUFFERSIZE;
-    char *out = luaL_prepbuffer(&b);
-    for (size_t i = 0; i < k; i++)
-      out[i] = (char)(payload[done + i] ^ key[(done + i) & 3]);
-    luaL_addsize(&b, k);
-    done += k;
-  }
+  add_masked(&b, payload, len, key);
   luaL_pushresult(&b);
   return 1;
 }

@@ -299,4 +299,51 @@ function M.stream_pair(server_opts, client_opts)
   return server, client, port
 end
 
+--- An HTTPServer(handler, opts) on a free port of 127.0.0.1: server, port.
+function M.http_server(handler, opts)
+  local httpserver = require "squall.httpserver"
+  local testing = require "squall.testing"
+  local sock, port = testing.bind_unused_port()
+  local server = httpserver.HTTPServer(handler, opts)
+  server:add_sockets({ sock })
+  return server, port
+end
+
+--- Inside a coroutine: run a client command (under `timeout 30`) while
+-- the loop runs, assert that it exits 0, and return its stdout, stderr.
+function M.run_ok(cmd)
+  local status, out, err = M.spawn("timeout 30 " .. cmd)()
+  assert(status == 0, ("%s exited %s: %s %s"):format(cmd, tostring(status), out, err))
+  return out, err
+end
+
+--- Inside a coroutine: run Python `code` (Debian's python3) with `...` as
+-- its arguments, as run_ok does; its stdout.
+function M.run_python(code, ...)
+  local path = M.tmpscript(code)
+  local args = {}
+  for i, a in ipairs({ ... }) do args[i] = M.q(tostring(a)) end
+  local out = M.run_ok(("%s %s %s"):format(M.python, M.q(path), table.concat(args, " ")))
+  os.remove(path)
+  return out
+end
+
+--- Inside a coroutine: start a long-running peer server, the command
+-- `argv_for(port)` on a free port, and wait until it accepts. Returns the
+-- port and stop().
+function M.peer_server(argv_for)
+  local iostream = require "squall.iostream"
+  local port = M.free_port()
+  local wait, signal = M.start("exec " .. argv_for(port), 60)
+  M.eventually(function()
+    local s = iostream.connect("127.0.0.1", port)
+    if s then s:close() end
+    return s
+  end, "the peer server to accept", 20)
+  return port, function()
+    signal("TERM")
+    wait()
+  end
+end
+
 return M

@@ -2,7 +2,6 @@
 -- (a server that is not ours), over real sockets.
 local gen = require "squall.gen"
 local httpclient = require "squall.httpclient"
-local httpserver = require "squall.httpserver"
 local testing = require "squall.testing"
 local TCPServer = require "squall.tcpserver"
 local helpers = require "helpers"
@@ -11,32 +10,22 @@ local async = testing.async
 local q = helpers.q
 local C = helpers.certs
 
-local function serve(handler, opts)
-  local sock, port = testing.bind_unused_port()
-  local server = httpserver.HTTPServer(handler, opts)
-  server:add_sockets({ sock })
-  return server, port
-end
+local serve = helpers.http_server
 
 -- Python's http.server on a free port, answering from a handler class
 -- given as code; returns the port and stop().
 local function python_server(code)
-  local port = helpers.free_port()
   local script = helpers.tmpscript([[
 import http.server, sys
 ]] .. code .. [[
 
 http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 ]])
-  local wait, signal = helpers.start(("exec %s %s %d"):format(helpers.python, q(script), port), 60)
-  helpers.eventually(function()
-    local s = require("squall.iostream").connect("127.0.0.1", port)
-    if s then s:close() end
-    return s
-  end, "Python's http.server")
+  local port, stop = helpers.peer_server(function(p)
+    return ("%s %s %d"):format(helpers.python, q(script), p)
+  end)
   return port, function()
-    signal("TERM")
-    wait()
+    stop()
     os.remove(script)
   end
 end

@@ -2,20 +2,13 @@
 -- clients, and raw sockets for pipelining, every smuggling case and limit.
 local gen = require "squall.gen"
 local iostream = require "squall.iostream"
-local httpserver = require "squall.httpserver"
 local testing = require "squall.testing"
 local helpers = require "helpers"
 
 local async = testing.async
 local q = helpers.q
 
--- A server on a free port; returns it and the port.
-local function serve(handler, opts)
-  local sock, port = testing.bind_unused_port()
-  local server = httpserver.HTTPServer(handler, opts)
-  server:add_sockets({ sock })
-  return server, port
-end
+local serve = helpers.http_server
 
 -- What the echoing handler answers: method, path, query, args, a header
 -- and the body, one per line.
@@ -64,21 +57,7 @@ local function read_response(s)
   return status, headers, body
 end
 
--- Run a client program and wait for it (the loop runs meanwhile).
-local function client(cmd)
-  local status, out, err = helpers.spawn("timeout 20 " .. cmd)()
-  assert(status == 0, ("%s exited %s: %s"):format(cmd, tostring(status), err))
-  return out, err
-end
-
-local function python(code, ...)
-  local path = helpers.tmpscript(code)
-  local args = {}
-  for i, a in ipairs({ ... }) do args[i] = q(tostring(a)) end
-  local out = client(("%s %s %s"):format(helpers.python, q(path), table.concat(args, " ")))
-  os.remove(path)
-  return out
-end
+local client, python = helpers.run_ok, helpers.run_python
 
 describe("squall.httpserver", function()
   describe("with curl", function()

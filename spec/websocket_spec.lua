@@ -15,9 +15,8 @@ local q = helpers.q
 -- An HTTPServer whose /ws echoes every message with its kind, answers
 -- "close" by closing with 4000 "bye", and records how each peer closed.
 local function echo_server(opts)
-  local sock, port = testing.bind_unused_port()
   local closes = {}
-  local server = httpserver.HTTPServer(function(req)
+  local server, port = helpers.http_server(function(req)
     if req.path ~= "/ws" then return 404, nil, "no" end
     local ws = websocket.accept(req, opts)
     if not ws then return end
@@ -35,24 +34,10 @@ local function echo_server(opts)
       ws:send(kind .. ":" .. msg, kind)
     end
   end)
-  server:add_sockets({ sock })
   return server, port, closes
 end
 
-local function client(cmd)
-  local status, out, err = helpers.spawn("timeout 30 " .. cmd)()
-  assert(status == 0, ("%s exited %s: %s %s"):format(cmd, tostring(status), out, err))
-  return out
-end
-
-local function python(code, ...)
-  local path = helpers.tmpscript(code)
-  local args = {}
-  for i, a in ipairs({ ... }) do args[i] = q(tostring(a)) end
-  local out = client(("%s %s %s"):format(helpers.python, q(path), table.concat(args, " ")))
-  os.remove(path)
-  return out
-end
+local client, python = helpers.run_ok, helpers.run_python
 
 local function node(code, ...)
   local path = os.tmpname() .. ".js"
@@ -65,21 +50,7 @@ local function node(code, ...)
   return out
 end
 
--- Start a long-running peer server (Python or Node) on a free port; wait
--- until it accepts. Returns port, stop.
-local function peer_server(cmd_for_port)
-  local port = helpers.free_port()
-  local wait, signal = helpers.start("exec " .. cmd_for_port(port), 60)
-  helpers.eventually(function()
-    local s = iostream.connect("127.0.0.1", port)
-    if s then s:close() end
-    return s
-  end, "the peer server", 20)
-  return port, function()
-    signal("TERM")
-    wait()
-  end
-end
+local peer_server = helpers.peer_server
 
 -- Raw: a masked client frame.
 local function frame(op, payload, fin, rsv)

@@ -29,8 +29,13 @@ local xpcall, traceback = xpcall, debug.traceback
 local new_parser = core.http_parser
 local now = core.time
 local m = iostream.methods
-local s_read_bytes, s_write, s_set_timeout, s_set_idle, s_close, s_closed, s_flush =
-  m.read_bytes, m.write, m.set_timeout, m.set_idle, m.close, m.closed, m.flush
+local s_read_bytes, s_set_timeout, s_set_idle, s_close, s_closed, s_flush =
+  m.read_bytes, m.set_timeout, m.set_idle, m.close, m.closed, m.flush
+-- The C write, not iostream's wrapper: a response is the first write since
+-- the last flush, which the wrapper's FFI path hands to the C method, and
+-- that call, on a side exit of the wrapper's own trace, sends the JIT back
+-- to the interpreter for the rest of the request ("return to lower frame").
+local s_write = core.stream_c_methods.write
 local execute, head_of = nil, nil -- the parser's methods, taken from the first parser
 
 --- Reason phrases for the status codes a server sends.
@@ -155,7 +160,6 @@ function M.header_lines(headers, level)
   end
   return text, clen, te, date, connection
 end
-local header_lines = M.header_lines
 
 local function http_error(msg)
   return core.error("http", msg)
@@ -305,94 +309,73 @@ function Request:body_chunks()
   end
 end
 
--- The response head for `status` and `headers`; `length` the body's
--- length when known. Decides the framing and whether to close.
-local function response_head(req, status, headers, length, level)
-  local conn = req._conn
+local build_response = core.http_response
+
+-- The status line for `status` (a number 100-999).
+local function status_line(status, level)
   local line = STATUS_LINES[status]
-  if not line then
-    if type(status) ~= "number" or status < 100 or status > 999 or status % 1 ~= 0 then
-      error("status must be an HTTP status code, got " .. util.describe(status), level + 1)
-    end
-    line = "HTTP/1.1 " .. status .. " " .. (REASONS[status] or "Unknown") .. "\r\n"
+  if line then return line end
+  if type(status) ~= "number" or status < 100 or status > 999 or status % 1 ~= 0 then
+    error("status must be an HTTP status code, got " .. util.describe(status), level + 1)
   end
-  local text, clen, te, date, connection = "", nil, nil, nil, nil
-  if headers ~= nil then
-    if type(headers) ~= "table" then
-      error("headers must be a table, got " .. util.describe(headers), level + 1)
-    end
-    text, clen, te, date, connection = header_lines(headers, level + 1)
-  end
-  local chunked = false
-  local bodiless = status < 200 or status == 204 or status == 304
-  if not date then text = text .. "Date: " .. http_date() .. "\r\n" end
-  if connection and find(lower(tostring(connection)), "close", 1, true) then
-    conn.close = conn.close or true
-  end
-  if te then
-    chunked = find(lower(tostring(te)), "chunked", 1, true) ~= nil
-  elseif not bodiless and not clen then
-    if length then
-      text = text .. "Content-Length: " .. length .. "\r\n"
-    elseif req.version == "HTTP/1.1" then
-      text = text .. "Transfer-Encoding: chunked\r\n"
-      chunked = true
-    else
-      conn.close = conn.close or true -- an HTTP/1.0 body without a length ends at the close
-    end
-  end
-  if not connection then
-    if conn.close or not req._keep then
-      conn.close = conn.close or true
-      text = text .. "Connection: close\r\n"
-    elseif req.version == "HTTP/1.0" then
-      text = text .. "Connection: keep-alive\r\n"
-    end
-  end
-  req.status = status
-  return line .. text .. "\r\n", chunked, bodiless
+  return "HTTP/1.1 " .. status .. " " .. (REASONS[status] or "Unknown") .. "\r\n"
 end
 
-local function check_open(req, what, level)
-  if req._state >= FINISHED then
-    error(what .. ": the response is already finished", level + 1)
+-- The response head (and a short body) as core.http_response builds it
+-- (runtime/http.c): the framing the server adds, and whether the
+-- connection closes after. Raises at `level` for bad headers.
+local function response(req, what, status, headers, body, level)
+  local state = req._state
+  if state ~= SENT_NOTHING then
+    error(what .. (state == STARTED and ": the response has already started" or
+      ": the response is already finished"), level + 1)
   end
+  if headers ~= nil and type(headers) ~= "table" then
+    error("headers must be a table, got " .. util.describe(headers), level + 1)
+  end
+  local conn = req._conn
+  local ok, text, chunked, close, apart = pcall(build_response, status,
+    status_line(status, level + 1), headers, body, http_date(), req.method == "HEAD",
+    req.version == "HTTP/1.0", req._keep and not conn.close)
+  if not ok then error(text, level + 1) end
+  if close then conn.close = conn.close or true end
+  req.status = status
+  return text, chunked, apart
 end
 
 --- Answer in one piece: the head, then `body` (a string, or nil).
 function Request:respond(status, headers, body)
-  check_open(self, "respond", 2)
-  if self._state ~= SENT_NOTHING then error("respond: the response has already started", 2) end
-  if body ~= nil and type(body) ~= "string" then
+  if body == nil then
+    body = ""
+  elseif type(body) ~= "string" then
     error("body must be a string, got " .. util.describe(body), 2)
   end
-  body = body or ""
-  local head, _, bodiless = response_head(self, status, headers, #body, 2)
+  local text, _, apart = response(self, "respond", status, headers, body, 2)
   self._state = FINISHED
-  if bodiless or self.method == "HEAD" or body == "" then
-    return s_write(self._conn.stream, head)
+  local stream = self._conn.stream
+  if apart then
+    s_write(stream, text)
+    return s_write(stream, body)
   end
-  if #body < 32768 then return s_write(self._conn.stream, head .. body) end
-  s_write(self._conn.stream, head)
-  return s_write(self._conn.stream, body)
+  return s_write(stream, text)
 end
 
 --- Start a streamed response: write the head (chunked unless `headers`
 -- set a Content-Length). Then req:write(chunk)... req:finish().
 function Request:start(status, headers)
-  check_open(self, "start", 2)
-  if self._state ~= SENT_NOTHING then error("start: the response has already started", 2) end
-  local head, chunked, bodiless = response_head(self, status, headers, nil, 2)
-  self._state, self._chunked = STARTED, chunked and not bodiless and self.method ~= "HEAD"
-  self._bodiless = bodiless or self.method == "HEAD"
-  return s_write(self._conn.stream, head)
+  local text, chunked = response(self, "start", status, headers, nil, 2)
+  local bodiless = self.method == "HEAD" or status < 200 or status == 204 or status == 304
+  self._state, self._chunked, self._bodiless = STARTED, chunked, bodiless
+  return s_write(self._conn.stream, text)
 end
 
 --- Write a piece of a started response; waits while the client is slow
 -- to read (the stream's write_high_water). Returns true or nil, err.
 function Request:write(data)
-  check_open(self, "write", 2)
-  if self._state ~= STARTED then error("write: call start(status, headers) first", 2) end
+  if self._state ~= STARTED then
+    error(self._state == SENT_NOTHING and "write: call start(status, headers) first" or
+      "write: the response is already finished", 2)
+  end
   if type(data) ~= "string" then error("data must be a string, got " .. util.describe(data), 2) end
   if data == "" or self._bodiless then return true end
   if self._chunked then
@@ -404,7 +387,7 @@ end
 --- End a started response (a response not started is answered 200 with
 -- no body).
 function Request:finish()
-  check_open(self, "finish", 2)
+  if self._state >= FINISHED then error("finish: the response is already finished", 2) end
   if self._state == SENT_NOTHING then return self:respond(200, nil, "") end
   self._state = FINISHED
   if self._chunked then return s_write(self._conn.stream, "0\r\n\r\n") end

@@ -9,14 +9,10 @@
  * where a split would show it wrong). Run by make check-fuzz over the
  * seeds in tests/fuzz/corpus/httpparse.
  */
-#include <lauxlib.h>
-#include <lua.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
 
-#include "../../runtime/host.h"
+#include "lua_target.h"
 
 static const char CHECK[] =
     "local core = require 'squall.core'\n"
@@ -72,34 +68,11 @@ static const char CHECK[] =
     "  end\n"
     "end\n";
 
-static lua_State *L;
-
-/* Close the state at exit, so LeakSanitizer sees the parsers' buffers
- * freed by their __gc, not leaked. */
-static void close_state(void) {
-  lua_close(L);
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-  if (L == NULL) {
-    L = squall_host_new();
-    if (L == NULL || luaL_loadstring(L, CHECK) != 0 ||
-        lua_pcall(L, 0, 1, 0) != 0) {
-      fprintf(stderr, "httpparse_fuzz: %s\n",
-              L ? lua_tostring(L, -1) : "no state");
-      abort();
-    }
-    lua_setfield(L, LUA_REGISTRYINDEX, "httpparse_fuzz");
-    atexit(close_state);
-  }
-  lua_getfield(L, LUA_REGISTRYINDEX, "httpparse_fuzz");
+  lua_State *L = fuzz_check("httpparse_fuzz", CHECK);
   lua_pushlstring(L, (const char *)data, size);
   lua_pushinteger(L, size > 1 ? (lua_Integer)(data[1] % (size + 1)) : 0);
   lua_pushinteger(L, size > 2 ? (lua_Integer)(data[2] % (size + 1)) : 0);
-  if (lua_pcall(L, 3, 0, 0) != 0) {
-    fprintf(stderr, "httpparse_fuzz: %s\n", lua_tostring(L, -1));
-    abort();
-  }
-  lua_gc(L, LUA_GCCOLLECT, 0);
+  fuzz_run("httpparse_fuzz", 3);
   return 0;
 }

@@ -7,14 +7,10 @@
  * same bytes' length (anything else aborts). Run by make check-fuzz for a
  * bounded time over the seeds in tests/fuzz/corpus/msgpack.
  */
-#include <lauxlib.h>
-#include <lua.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
 
-#include "../../runtime/host.h"
+#include "lua_target.h"
 
 static const char CHECK[] =
     "local mp = require 'squall.msgpack'\n"
@@ -40,34 +36,11 @@ static const char CHECK[] =
     "  end\n"
     "end\n";
 
-static lua_State *L;
-
-/* Close the state at exit, so LeakSanitizer sees buffers that userdata
- * in LuaJIT's own arena still own as freed, not as leaked. */
-static void close_state(void) {
-  lua_close(L);
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-  if (L == NULL) {
-    L = squall_host_new();
-    if (L == NULL || luaL_loadstring(L, CHECK) != 0 ||
-        lua_pcall(L, 0, 1, 0) != 0) {
-      fprintf(stderr, "msgpack_fuzz: %s\n",
-              L ? lua_tostring(L, -1) : "no state");
-      abort();
-    }
-    lua_setfield(L, LUA_REGISTRYINDEX, "msgpack_fuzz");
-    atexit(close_state);
-  }
-  lua_getfield(L, LUA_REGISTRYINDEX, "msgpack_fuzz");
+  lua_State *L = fuzz_check("msgpack_fuzz", CHECK);
   lua_pushlstring(L, (const char *)data, size);
   lua_pushinteger(L, size > 0 ? (lua_Integer)(data[0] % (size + 1)) : 0);
   lua_pushinteger(L, size > 1 ? (lua_Integer)(data[1] % (size + 1)) : 0);
-  if (lua_pcall(L, 3, 0, 0) != 0) {
-    fprintf(stderr, "msgpack_fuzz: %s\n", lua_tostring(L, -1));
-    abort();
-  }
-  lua_gc(L, LUA_GCCOLLECT, 0); /* buffers freed per input, for LSan */
+  fuzz_run("msgpack_fuzz", 3);
   return 0;
 }

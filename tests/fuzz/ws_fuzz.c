@@ -8,14 +8,10 @@
  * payload. utf8_valid must agree with a plain Lua reading of RFC 3629.
  * Run by make check-fuzz over the seeds in tests/fuzz/corpus/ws.
  */
-#include <lauxlib.h>
-#include <lua.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
 
-#include "../../runtime/host.h"
+#include "lua_target.h"
 
 static const char CHECK[] =
     "local core = require 'squall.core'\n"
@@ -74,30 +70,10 @@ static const char CHECK[] =
     "  end\n"
     "end\n";
 
-static lua_State *L;
-
-static void close_state(void) {
-  lua_close(L);
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-  if (L == NULL) {
-    L = squall_host_new();
-    if (L == NULL || luaL_loadstring(L, CHECK) != 0 ||
-        lua_pcall(L, 0, 1, 0) != 0) {
-      fprintf(stderr, "ws_fuzz: %s\n", L ? lua_tostring(L, -1) : "no state");
-      abort();
-    }
-    lua_setfield(L, LUA_REGISTRYINDEX, "ws_fuzz");
-    atexit(close_state);
-  }
-  lua_getfield(L, LUA_REGISTRYINDEX, "ws_fuzz");
+  lua_State *L = fuzz_check("ws_fuzz", CHECK);
   lua_pushlstring(L, (const char *)data, size);
   lua_pushinteger(L, size > 0 ? (lua_Integer)(data[0] % (size + 1)) : 0);
-  if (lua_pcall(L, 2, 0, 0) != 0) {
-    fprintf(stderr, "ws_fuzz: %s\n", lua_tostring(L, -1));
-    abort();
-  }
-  lua_gc(L, LUA_GCCOLLECT, 0);
+  fuzz_run("ws_fuzz", 2);
   return 0;
 }
