@@ -434,12 +434,6 @@ static int l_expect_no_body(lua_State *L) {
   return 0;
 }
 
-/* p:needs_eof() -> true when the message's body runs until the close */
-static int l_needs_eof(lua_State *L) {
-  lua_pushboolean(L, llhttp_message_needs_eof(&check_parser(L)->p));
-  return 1;
-}
-
 static int l_gc(lua_State *L) {
   parser *p = check_parser(L);
   free(p->head.d);
@@ -656,9 +650,9 @@ static int l_response(lua_State *L) {
 
 int squall_http_open(lua_State *L) {
   static const luaL_Reg methods[] = {
-      {"execute", l_execute},     {"finish", l_finish},
-      {"head", l_head},           {"expect_no_body", l_expect_no_body},
-      {"needs_eof", l_needs_eof}, {NULL, NULL},
+      {"execute", l_execute}, {"finish", l_finish},
+      {"head", l_head},       {"expect_no_body", l_expect_no_body},
+      {NULL, NULL},
   };
   llhttp_settings_init(&settings);
   settings.on_message_begin = on_message_begin;

@@ -241,43 +241,12 @@ static int l_accept(lua_State *L) {
   return 1;
 }
 
-/* core.base64_encode(s) -> s in base64 (RFC 4648, padded) */
-static int l_base64(lua_State *L) {
-  size_t n;
-  const char *s = luaL_checklstring(L, 1, &n);
-  luaL_argcheck(L, n <= 1 << 20, 1, "at most 1 MiB");
-  luaL_Buffer b;
-  luaL_buffinit(L, &b);
-  unsigned char out[4 * (LUAL_BUFFERSIZE / 4) + 1];
-  size_t step = 3 * (LUAL_BUFFERSIZE / 4);
-  for (size_t i = 0; i < n; i += step) {
-    size_t k = n - i < step ? n - i : step;
-    int len = EVP_EncodeBlock(out, (const unsigned char *)s + i, (int)k);
-    luaL_addlstring(&b, (const char *)out, (size_t)len);
-  }
-  luaL_pushresult(&b);
-  return 1;
-}
-
-/* core.random_bytes(n) -> n random bytes (a handshake's key) */
-static int l_random_bytes(lua_State *L) {
-  lua_Integer n = luaL_checkinteger(L, 1);
-  luaL_argcheck(L, n >= 0 && n <= 4096, 1, "between 0 and 4096 bytes");
-  unsigned char buf[4096];
-  if (n > 0 && RAND_bytes(buf, (int)n) != 1)
-    return luaL_error(L, "no random bytes");
-  lua_pushlstring(L, (const char *)buf, (size_t)n);
-  return 1;
-}
-
 int squall_ws_open(lua_State *L) {
   static const luaL_Reg fns[] = {
       {"ws_frame", l_frame},
       {"ws_build", l_build},
       {"utf8_valid", l_utf8_valid},
       {"ws_accept", l_accept},
-      {"random_bytes", l_random_bytes},
-      {"base64_encode", l_base64},
       {NULL, NULL},
   };
   for (const luaL_Reg *r = fns; r->name; r++) {

@@ -118,24 +118,18 @@ end
 
 -- The request's bytes.
 local function request_text(method, host, port, scheme, target, headers, body, level)
-  local text = ""
-  local has = {}
-  if headers then
-    local lines, clen, te, _, connection = httpserver.header_lines(headers, level + 1)
-    text = lines
-    has.clen, has.te, has.connection = clen, te, connection
-    for k in pairs(headers) do has[lower(k)] = true end
-  end
+  local text, has = "", {}
+  if headers then text, has = httpserver.header_lines(headers, level + 1) end
   if not has.host then
     local h = find(host, ":", 1, true) and "[" .. host .. "]" or host
     if port ~= DEFAULT_PORTS[scheme] then h = h .. ":" .. port end
     text = "Host: " .. h .. "\r\n" .. text
   end
   if not has["user-agent"] then text = text .. "User-Agent: squall\r\n" end
-  if body and not has.clen and not has.te then
+  if body and not has["content-length"] and not has["transfer-encoding"] then
     text = text .. "Content-Length: " .. #body .. "\r\n"
   elseif not body and (method == "POST" or method == "PUT" or method == "PATCH") and
-      not has.clen then
+      not has["content-length"] then
     text = text .. "Content-Length: 0\r\n"
   end
   return method .. " " .. target .. " HTTP/1.1\r\n" .. text .. "\r\n" .. (body or "")

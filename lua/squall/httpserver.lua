@@ -36,7 +36,12 @@ local s_read_bytes, s_set_timeout, s_set_idle, s_close, s_closed, s_flush =
 -- that call, on a side exit of the wrapper's own trace, sends the JIT back
 -- to the interpreter for the rest of the request ("return to lower frame").
 local s_write = core.stream_c_methods.write
-local execute, head_of = nil, nil -- the parser's methods, taken from the first parser
+-- The parser's methods, called as plain functions on the hot path.
+local execute, head_of
+do
+  local p = new_parser("request")
+  execute, head_of = p.execute, p.head
+end
 
 --- Reason phrases for the status codes a server sends.
 M.REASONS = {
@@ -132,12 +137,12 @@ local function header_line(k, v, level)
 end
 
 --- The header lines of `headers` (name -> value, or a list of values),
--- as one string. Raises on a name or value that would break the framing.
--- Also returns the values of Content-Length, Transfer-Encoding, Date and
--- Connection when set (the framing a server or client adds itself).
+-- as one string, for a request (HTTPServer's responses are built in C,
+-- core.http_response). Raises on a name or value that would break the
+-- framing. Also returns the set of the names given, in lower case.
 function M.header_lines(headers, level)
   level = (level or 1) + 1
-  local text, clen, te, date, connection = "", nil, nil, nil, nil
+  local text, names = "", {}
   for k, v in pairs(headers) do
     local l = checked[k]
     if not l then
@@ -147,18 +152,14 @@ function M.header_lines(headers, level)
       l = lower(k)
       checked[k] = l
     end
-    if l == "content-length" then clen = v
-    elseif l == "transfer-encoding" then te = v
-    elseif l == "date" then date = v
-    elseif l == "connection" then connection = v
-    end
+    names[l] = true
     if type(v) == "table" then
       for i = 1, #v do text = text .. header_line(k, v[i], level) end
     else
       text = text .. header_line(k, v, level)
     end
   end
-  return text, clen, te, date, connection
+  return text, names
 end
 
 local function http_error(msg)
@@ -204,6 +205,14 @@ local function fill(conn, secs)
   return true
 end
 
+-- The server's own answer when a connection is to end: `status` with a
+-- short text body (its length even for HEAD, whose body is left out).
+local function answer_and_close(conn, status, body, head_only)
+  s_write(conn.stream, format("HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\n" ..
+    "Content-Length: %d\r\nConnection: close\r\nDate: %s\r\n\r\n%s",
+    status, REASONS[status] or "Error", #body, http_date(), head_only and "" or body))
+end
+
 -- Refuse the request's input: answer `status` (unless a response began)
 -- and close once it is out.
 local function refuse(conn, req, status, why)
@@ -213,10 +222,7 @@ local function refuse(conn, req, status, why)
     if req._state ~= SENT_NOTHING then return end
     req._state = FINISHED
   end
-  local body = why .. "\n"
-  s_write(conn.stream, format("HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\n" ..
-    "Content-Length: %d\r\nConnection: close\r\nDate: %s\r\n\r\n%s",
-    status, REASONS[status] or "Error", #body, http_date(), body))
+  answer_and_close(conn, status, why .. "\n")
 end
 
 local TOO_LARGE = "the request body is larger than max_body_size"
@@ -558,17 +564,11 @@ local function handler_failed(conn, req, tb)
   log.error("Error in HTTP handler for %s %s from %s\n%s", req.method, req.uri,
     tostring(req.remote_ip), tb)
   stats.handler_errors = stats.handler_errors + 1
-  if req._state ~= SENT_NOTHING then
-    conn.close = conn.close or true
-    return
-  end
   conn.close = conn.close or true
-  local body = "Internal Server Error\n"
+  if req._state ~= SENT_NOTHING then return end -- it answered in part: just close
   req._state = FINISHED
   req.status = 500
-  s_write(conn.stream, format("HTTP/1.1 500 Internal Server Error\r\n" ..
-    "Content-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\nDate: %s\r\n\r\n%s",
-    #body, http_date(), req.method == "HEAD" and "" or body))
+  answer_and_close(conn, 500, "Internal Server Error\n", req.method == "HEAD")
 end
 
 -- Run the handler for req and answer with what it returned, unless it
@@ -622,10 +622,6 @@ local function sweep(server)
 end
 
 function HTTPServer:handle_stream(stream, address)
-  if not execute then
-    local p = new_parser("request")
-    execute, head_of = p.execute, p.head
-  end
   local conn = { stream = stream, parser = new_parser("request", self._max_header),
     data = "", pos = 1, server = self, remote = address and address.host, close = false,
     idle_tick = false }

@@ -170,4 +170,47 @@ function M.check_port(port, level)
   end
 end
 
+-- ---- bytes: base64 and randomness, through OpenSSL ------------------------
+
+pcall(ffi.cdef, [[
+int EVP_EncodeBlock(unsigned char *t, const unsigned char *f, int n);
+int EVP_DecodeBlock(unsigned char *t, const unsigned char *f, int n);
+int RAND_bytes(unsigned char *buf, int num);
+]])
+local C = ffi.C
+local floor, sub = math.floor, string.sub
+
+local scratch, scratch_len = nil, 0
+local function buffer(n)
+  if n > scratch_len then
+    scratch_len = n
+    scratch = ffi.new("unsigned char[?]", n)
+  end
+  return scratch
+end
+
+--- Base64 (RFC 4648, padded).
+function M.base64(s)
+  local out = buffer(floor((#s + 2) / 3) * 4 + 1)
+  return ffi.string(out, C.EVP_EncodeBlock(out, s, #s))
+end
+
+--- The bytes of base64 text, or nil when it is not base64.
+function M.unbase64(s)
+  if #s % 4 ~= 0 or find(s, "[^%w+/=]") then return nil end
+  local out = buffer(#s / 4 * 3 + 1)
+  local n = C.EVP_DecodeBlock(out, s, #s)
+  if n < 0 then return nil end
+  -- OpenSSL counts the padding as zero bytes
+  if sub(s, -2) == "==" then n = n - 2 elseif sub(s, -1) == "=" then n = n - 1 end
+  return ffi.string(out, n)
+end
+
+--- `n` random bytes from OpenSSL (keys, nonces); raises when it has none.
+function M.random_bytes(n)
+  local out = buffer(n > 0 and n or 1)
+  if n > 0 and C.RAND_bytes(out, n) ~= 1 then error("no random bytes from OpenSSL", 2) end
+  return ffi.string(out, n)
+end
+
 return M

@@ -71,8 +71,7 @@ end
 local function fail(self, code, reason)
   log.debug("websocket: closing with %d: %s", code, reason)
   if self._state == "open" then
-    s_write(self.stream, ws_build(CLOSE, two(code) .. reason,
-      self._client))
+    s_write(self.stream, ws_build(CLOSE, two(code) .. reason, self._client))
   end
   self._failed = core.error("protocol", format("%s (closed with %d)", reason, code))
   finish(self)
@@ -99,8 +98,7 @@ local function on_close_frame(self, payload)
   self.close_code, self.close_reason = code, reason
   if self._state == "open" then
     -- echo the code, as the RFC asks, then end
-    s_write(self.stream, ws_build(CLOSE, code ~= 1005 and two(code) or "",
-      self._client))
+    s_write(self.stream, ws_build(CLOSE, code ~= 1005 and two(code) or "", self._client))
   end
   finish(self)
   return nil, closed_error(self)
@@ -203,8 +201,7 @@ end
 function WebSocket:close(code, reason)
   code = code or 1000
   reason = reason or ""
-  if type(code) ~= "number" or not (code == 1000 or (code >= 3000 and code <= 4999) or
-      (code >= 1001 and code <= 1003) or (code >= 1007 and code <= 1014)) then
+  if type(code) ~= "number" or not valid_code(code) then
     error("close: code must be 1000-1003, 1007-1014 or 3000-4999, got " .. util.describe(code), 2)
   end
   if type(reason) ~= "string" or #reason > 123 then
@@ -320,7 +317,7 @@ function M.connect(url, opts)
   local stream, err = tcpclient.connect(host, port, { timeout = timeout,
     ssl_options = scheme == "wss" and (opts.ssl_options or {}) or nil })
   if not stream then return nil, err end
-  local key = core.base64_encode(core.random_bytes(16))
+  local key = util.base64(util.random_bytes(16))
   local lines = { "GET " .. target .. " HTTP/1.1", "Host: " .. host .. ":" .. port,
     "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: " .. key,
     "Sec-WebSocket-Version: 13" }

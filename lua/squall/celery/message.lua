@@ -18,51 +18,26 @@ local core = require "squall.core"
 local ffi = require "ffi"
 local json = require "squall.json"
 local msgpack = require "squall.msgpack"
+local util = require "squall.util"
 
 local M = {}
 
 local type, tostring, tonumber, pairs, ipairs, next = type, tostring, tonumber, pairs, ipairs, next
 local getmetatable = getmetatable
-local format, byte, sub, find, concat = string.format, string.byte, string.sub, string.find,
+local format, byte, find, concat = string.format, string.byte, string.find,
   table.concat
 local floor = math.floor
 
-pcall(ffi.cdef, [[
-int EVP_EncodeBlock(unsigned char *t, const unsigned char *f, int n);
-int EVP_DecodeBlock(unsigned char *t, const unsigned char *f, int n);
-int RAND_bytes(unsigned char *buf, int num);
-]])
+pcall(ffi.cdef, "int RAND_bytes(unsigned char *buf, int num);")
 local C = ffi.C
 
 local function bad(why) return nil, core.error("celery", why) end
 
 -- ---- building blocks ------------------------------------------------------
 
-local scratch, scratch_len = nil, 0
-local function buffer(n)
-  if n > scratch_len then
-    scratch_len = n
-    scratch = ffi.new("unsigned char[?]", n)
-  end
-  return scratch
-end
-
---- Base64 (RFC 4648, padded), through OpenSSL.
-function M.base64(s)
-  local out = buffer(floor((#s + 2) / 3) * 4 + 1)
-  return ffi.string(out, C.EVP_EncodeBlock(out, s, #s))
-end
-
---- The bytes of base64 text, or nil when it is not base64.
-function M.unbase64(s)
-  if #s % 4 ~= 0 or find(s, "[^%w+/=]") then return nil end
-  local out = buffer(#s / 4 * 3 + 1)
-  local n = C.EVP_DecodeBlock(out, s, #s)
-  if n < 0 then return nil end
-  -- OpenSSL counts the padding as zero bytes
-  if sub(s, -2) == "==" then n = n - 2 elseif sub(s, -1) == "=" then n = n - 1 end
-  return ffi.string(out, n)
-end
+--- Base64 (RFC 4648, padded), and back (nil when it is not base64):
+-- squall.util's.
+M.base64, M.unbase64 = util.base64, util.unbase64
 
 -- Random bytes come from OpenSSL 16 UUIDs' worth at a time.
 local random = ffi.new("unsigned char[256]")
