@@ -76,6 +76,20 @@ squall_stream *squall_stream_check(lua_State *L, int idx);
 int squall_stream_write_bytes(lua_State *L, squall_stream *s, const char *p,
                               size_t n);
 
+/* write() for a C function that builds its bytes in place, in two steps
+ * with nothing between them (http.c's responses): room for n bytes at the
+ * end of the write queue of `s`, argument 1 of the running C function; or
+ * NULL with what write() returns for a refused write pushed (*nret
+ * results: closed, buffer_full). Raises when out of memory. */
+char *squall_stream_write_reserve(lua_State *L, squall_stream *s, size_t n,
+                                  int *nret);
+/* Then count the n bytes written there as queued, as write() does but
+ * without waiting: returns 0, with *over set when the unsent bytes are
+ * past write_high_water (the caller may wait, with flush()); or pushes
+ * nil, err and returns 2 when sending failed. */
+int squall_stream_write_commit(lua_State *L, squall_stream *s, size_t n,
+                               int *over);
+
 /* The fast paths lua/squall/iostream.lua calls through the FFI (declared
  * there too; stream_lua.c says what they take). */
 int squall_stream_ffi_line(squall_stream **p, const char *delim, size_t dlen,

@@ -85,7 +85,8 @@ struct squall_stream {
   int close_cb_ref;
   int self_ref; /* the userdata, while `holds` > 0 */
   int holds;
-  double timeout; /* seconds; 0: none */
+  double timeout;   /* seconds; 0: none */
+  uint64_t idle_at; /* uv_now() when set_idle(true) came; kept while idle */
 
   /* Why it closed: a kind from docs/guide.md's table (always a static string)
    * and a message, kept only once something failed. */

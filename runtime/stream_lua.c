@@ -269,12 +269,27 @@ static int l_set_close_callback(lua_State *L) {
 /* stream:set_idle(flag): the handler is between requests, so a graceful
  * shutdown may close this stream without losing a request. */
 static int l_set_idle(lua_State *L) {
-  stream_check(L, 1)->idle = lua_toboolean(L, 2);
+  squall_stream *s = stream_check(L, 1);
+  int idle = lua_toboolean(L, 2);
+  if (idle && !s->idle)
+    s->idle_at = uv_now(&s->loop->uv);
+  s->idle = idle;
   return 0;
 }
 
 static int l_is_idle(lua_State *L) {
   lua_pushboolean(L, stream_check(L, 1)->idle);
+  return 1;
+}
+
+/* stream:idle_time(): seconds since the handler marked the stream idle
+ * (by the loop's clock), or nil when it is not idle. HTTPServer's
+ * idle_timeout sweeps with it instead of a timer per request. */
+static int l_idle_time(lua_State *L) {
+  squall_stream *s = stream_check(L, 1);
+  if (!s->idle)
+    return 0;
+  lua_pushnumber(L, (double)(uv_now(&s->loop->uv) - s->idle_at) / 1000.0);
   return 1;
 }
 
@@ -500,6 +515,7 @@ int squall_stream_open(lua_State *L) {
       {"uses_tls", stream_l_uses_tls},
       {"set_idle", l_set_idle},
       {"is_idle", l_is_idle},
+      {"idle_time", l_idle_time},
       {NULL, NULL},
   };
   luaL_newmetatable(L, STREAM_MT);

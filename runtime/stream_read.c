@@ -375,6 +375,11 @@ int stream_try_inline_read(lua_State *L, squall_stream *s, const char *what) {
    * twice that: memory per idle connection is a figure we track. */
   squall_buffer_shrink(&s->rbuf);
   squall_stream_hold(L, s, 1);
+  /* Likewise the write state, when the flush above sent everything: a
+   * keep-alive connection parked between requests keeps no write buffer
+   * (about 1.3 KB each). A busy stream makes it again on its next write:
+   * a malloc and a hold per park, not per message. */
+  stream_settle_unsent(s);
   s->reader_ref = squall_coro_park(L, what);
   if (s->timeout > 0 && s->timers != NULL)
     uv_timer_start(&s->timers->r, on_read_timeout,

@@ -295,3 +295,25 @@ int squall_stream_write_bytes(lua_State *L, squall_stream *s, const char *p,
     return luaL_error(L, "out of memory queueing a write");
   return stream_write_queued(L, s, n, 1);
 }
+
+char *squall_stream_write_reserve(lua_State *L, squall_stream *s, size_t n,
+                                  int *nret) {
+  *nret = stream_write_refused(L, s, n);
+  if (*nret)
+    return NULL;
+  char *tail = stream_writes(s) ? squall_buffer_reserve(&s->w->wq, n) : NULL;
+  if (tail == NULL)
+    luaL_error(L, "out of memory queueing a write");
+  return tail;
+}
+
+int squall_stream_write_commit(lua_State *L, squall_stream *s, size_t n,
+                               int *over) {
+  squall_buffer_commit(&s->w->wq, n);
+  int r = stream_write_queued(L, s, n, 0);
+  if (r != 1 || !lua_toboolean(L, -1))
+    return r; /* nil, err: the send failed and closed the stream */
+  lua_pop(L, 1);
+  *over = stream_unsent(s) > s->o.write_high_water;
+  return 0;
+}
