@@ -235,7 +235,7 @@ print("socket reused:", c.sock is not None)
       server:stop()
     end))
 
-    it("answers 408 to a head that does not come in time; closes an idle connection",
+    it("answers 408 to a head that does not come in time; closes idle connections",
       async(function()
         local server, port = serve(echo, { header_timeout = 0.3, idle_timeout = 0.3 })
         local s = assert(iostream.connect("127.0.0.1", port))
@@ -246,6 +246,12 @@ print("socket reused:", c.sock is not None)
         s = assert(iostream.connect("127.0.0.1", port))
         all = s:read_until_close()
         assert.equal("", all)
+        s:close()
+        -- kept alive after a request, then idle: closed too
+        s = assert(iostream.connect("127.0.0.1", port))
+        s:write("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert.equal(200, (read_response(s)))
+        assert.equal("", s:read_until_close())
         s:close()
         server:stop()
       end))
@@ -329,6 +335,62 @@ print("socket reused:", c.sock is not None)
         -- each write returned once what was queued fell under the mark:
         -- at most the mark and the block just written (its chunk framing)
         assert.is_true(most <= 65536 + 65536 + 16, "queued " .. most)
+        s:close()
+        server:stop()
+      end, { timeout = 30 }))
+
+    it("keeps no request's state for the next connection (idle ones hold no parser)",
+      async(function()
+        local server, port = serve(echo)
+        -- a, idle after a request with a header and a body; b, with neither
+        local a = assert(iostream.connect("127.0.0.1", port))
+        a:write("POST /a?k=1 HTTP/1.1\r\nHost: a\r\nX-Test: from-a\r\nContent-Length: 3\r\n\r\nabc")
+        local status, headers, body = read_response(a)
+        assert.equal(200, status)
+        assert.equal("from-a", headers["x-seen"])
+        assert.equal("POST\n/a\nk=1\nk=1\nHTTP/1.1\n127.0.0.1\nabc", body)
+        local b = assert(iostream.connect("127.0.0.1", port))
+        -- and c, half-way through a head while b is served
+        local c = assert(iostream.connect("127.0.0.1", port))
+        c:write("GET /c HTTP/1.1\r\nHo")
+        b:write("GET /b HTTP/1.0\r\n\r\n")
+        status, headers, body = read_response(b)
+        assert.equal(200, status)
+        assert.equal("-", headers["x-seen"])
+        assert.equal("GET\n/b\n\n\nHTTP/1.0\n127.0.0.1\n", body)
+        c:write("st: c\r\nX-Test: from-c\r\n\r\n")
+        status, headers, body = read_response(c)
+        assert.equal("from-c", headers["x-seen"])
+        assert.equal("GET\n/c\n\n\nHTTP/1.1\n127.0.0.1\n", body)
+        a:write("GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
+        status, headers, body = read_response(a)
+        assert.equal("-", headers["x-seen"])
+        assert.equal("GET\n/again\n\n\nHTTP/1.1\n127.0.0.1\n", body)
+        a:close()
+        b:close()
+        c:close()
+        server:stop()
+      end))
+
+    it("waits after a whole response past write_high_water before serving the next",
+      async(function()
+        local most = 0
+        local big = ("w"):rep(1024 * 1024)
+        local server, port = serve(function(req)
+          local queued = req.stream:get_write_buffer_size()
+          if queued > most then most = queued end
+          return 200, nil, big
+        end, { write_high_water = 65536 })
+        local s = assert(iostream.connect("127.0.0.1", port))
+        s:write(("GET / HTTP/1.1\r\nHost: a\r\n\r\n"):rep(8))
+        for _ = 1, 8 do
+          local status, _, body = read_response(s)
+          assert.equal(200, status)
+          assert.equal(#big, #body)
+        end
+        -- pipelined requests were served one answer at a time: a handler
+        -- never found more than the mark still queued
+        assert.is_true(most <= 65536, "queued " .. most)
         s:close()
         server:stop()
       end, { timeout = 30 }))

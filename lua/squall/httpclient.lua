@@ -164,11 +164,11 @@ local function read_response(c, method, deadline, secs, max_body)
       got = true
       c.data, c.pos = chunk, 1
     end
-    local pos, head, done, body, status, reason = parser:execute(c.data, c.pos)
+    local pos, head, done, body, status, reason, code, why, _, _, headers, keep =
+      parser:execute(c.data, c.pos)
     c.pos = pos
     if status then return nil, http_error("bad response: " .. tostring(reason)), true end
     if head then
-      local code, why, _, _, headers, keep = parser:head()
       res = { code = code, reason = why, headers = setmetatable(headers, HEADERS_MT),
         keep_alive = keep }
       n = 0

@@ -332,6 +332,7 @@ function M.connect(url, opts)
   s_set_timeout(stream, timeout)
   local parser = core.http_parser("response")
   local data, pos = "", 1
+  local code, why, headers
   while true do
     if pos > #data then
       local chunk
@@ -342,15 +343,17 @@ function M.connect(url, opts)
       end
       data, pos = chunk, 1
     end
-    local npos, head, _, _, status, reason = parser:execute(data, pos)
+    local npos, head, _, _, status, reason, c, w, _, _, h = parser:execute(data, pos)
     pos = npos
     if status then
       s_close(stream)
       return nil, core.error("http", "bad handshake response: " .. tostring(reason))
     end
-    if head then break end
+    if head then
+      code, why, headers = c, w, h
+      break
+    end
   end
-  local code, why, _, _, headers = parser:head()
   local function refused(msg)
     s_close(stream)
     return nil, core.error("http", msg)
