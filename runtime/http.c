@@ -598,8 +598,8 @@ static ptrdiff_t walk_fields(lua_State *L, int idx, char *out,
       for (size_t i = 0; i < kn && !bad; i++)
         bad = !token_char((unsigned char)k[i]);
       if (bad) {
-        lua_pushfstring(L, kn ? "bad header name %s" : "bad header name (empty)",
-                        k);
+        lua_pushfstring(
+            L, kn ? "bad header name %s" : "bad header name (empty)", k);
         lua_replace(L, top + 1);
         lua_settop(L, top + 1);
         return -1;
@@ -663,11 +663,10 @@ static const char *http_date(size_t *n) {
     static const char months[] = "JanFebMarAprMayJunJulAugSepOctNovDec";
     struct tm tm;
     gmtime_r(&t, &tm);
-    len = (size_t)snprintf(text, sizeof text,
-                           "%.3s, %02d %.3s %04d %02d:%02d:%02d GMT",
-                           days + 3 * tm.tm_wday, tm.tm_mday,
-                           months + 3 * tm.tm_mon, tm.tm_year + 1900,
-                           tm.tm_hour, tm.tm_min, tm.tm_sec);
+    len = (size_t)snprintf(
+        text, sizeof text, "%.3s, %02d %.3s %04d %02d:%02d:%02d GMT",
+        days + 3 * tm.tm_wday, tm.tm_mday, months + 3 * tm.tm_mon,
+        tm.tm_year + 1900, tm.tm_hour, tm.tm_min, tm.tm_sec);
     made = t;
   }
   *n = len;
@@ -794,8 +793,8 @@ static int l_response(lua_State *L) {
     return 2; /* nil, why */
   }
   r.apart = r.send_body && r.body_n > INLINE_BODY;
-  r.total = r.line_n + r.fields + r.en + 2 +
-            (r.send_body && !r.apart ? r.body_n : 0);
+  r.total =
+      r.line_n + r.fields + r.en + 2 + (r.send_body && !r.apart ? r.body_n : 0);
   /* written in the closure's scratch (kept between calls, up to 64 KiB),
    * else a userdata of its own: the GC frees either, even on an error */
   char *out;
