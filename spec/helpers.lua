@@ -191,6 +191,92 @@ function M.start_redis(extra, dir, port)
   return { port = port, dir = dir, wait = wait, signal = signal }
 end
 
+-- A free port whose cluster bus port (the port + 10000) is free too.
+local function free_cluster_port()
+  local netutil = require "squall.netutil"
+  for _ = 1, 100 do
+    local p = M.free_port()
+    if p + 10000 < 65536 then
+      local ok, socks = pcall(netutil.bind_sockets, p + 10000, "127.0.0.1")
+      if ok and socks then
+        for _, sock in ipairs(socks) do sock:close() end
+        return p
+      end
+    end
+  end
+  error("no free port pair for a cluster node")
+end
+
+--- Inside a coroutine: a Redis Cluster of our own, 3 masters with one
+-- replica each: six redis-servers (`--cluster-enabled yes`, a node
+-- timeout of 1 s) on free loopback ports in one temporary folder, joined
+-- by `redis-cli --cluster create ... --cluster-replicas 1`. Returns once
+-- every node says cluster_state:ok and every master has its replica:
+-- { nodes = { "127.0.0.1:port", ... }, servers = { srv... }, dir }, where
+-- each srv is as start_redis gives (srv.signal("KILL") kills a node).
+function M.start_redis_cluster()
+  local redis = require "squall.redis"
+  local dir = M.tmpdir()
+  local c = { nodes = {}, servers = {}, dir = dir }
+  for i = 1, 6 do
+    local port = free_cluster_port()
+    local d = dir .. "/" .. port
+    assert(os.execute("mkdir -p " .. M.q(d)) == 0)
+    local wait, signal = M.start(("cd %s && exec redis-server --port %d --bind 127.0.0.1 " ..
+      "--save '' --appendonly no --daemonize no --loglevel warning --cluster-enabled yes " ..
+      "--cluster-config-file nodes.conf --cluster-node-timeout 1000"):format(M.q(d), port), 600)
+    c.servers[i] = { port = port, dir = d, wait = wait, signal = signal }
+    c.nodes[i] = "127.0.0.1:" .. port
+  end
+  for _, srv in ipairs(c.servers) do
+    local r = M.eventually(function() return (redis.connect({ port = srv.port })) end,
+      "cluster node " .. srv.port .. " to accept", 20)
+    r:close()
+  end
+  M.run_ok("redis-cli --cluster create " .. table.concat(c.nodes, " ") ..
+    " --cluster-replicas 1 --cluster-yes")
+  M.eventually(function()
+    for _, srv in ipairs(c.servers) do
+      local r = redis.connect({ port = srv.port })
+      if not r then return false end
+      local info, slots = r:call("CLUSTER", "INFO"), r:call("CLUSTER", "SLOTS")
+      r:close()
+      if type(info) ~= "string" or not info:find("cluster_state:ok", 1, true) then
+        return false
+      end
+      if type(slots) ~= "table" or #slots ~= 3 then return false end
+      for _, range in ipairs(slots) do
+        if #range < 4 then return false end -- its replica is not in yet
+      end
+    end
+    return true
+  end, "the cluster to be ok, every master with its replica", 30)
+  return c
+end
+
+--- Stop a cluster start_redis_cluster started, and remove its folder.
+function M.stop_redis_cluster(c)
+  for _, srv in ipairs(c.servers) do
+    srv.signal("KILL")
+    srv.wait()
+  end
+  os.execute("rm -rf " .. M.q(c.dir))
+end
+
+--- Inside a coroutine: the address ("127.0.0.1:port") of the master that
+-- holds `slot` now, as node `port` sees it.
+function M.cluster_master_of(port, slot)
+  local redis = require "squall.redis"
+  local r = assert(redis.connect({ port = port }))
+  local slots = assert(r:call("CLUSTER", "SLOTS"))
+  r:close()
+  for _, range in ipairs(slots) do
+    if slot >= range[1] and slot <= range[2] then
+      return range[3][1] .. ":" .. range[3][2]
+    end
+  end
+end
+
 --- A MariaDB of our own (scripts/mariadb-scratch: user squall, password
 -- "secret", database squall_test) on a free port, or `dir` and `port`
 -- again to restart one; TLS with the test certificates.

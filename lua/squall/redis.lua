@@ -36,9 +36,13 @@ local error_mt = {}
 error_mt.__index = error_mt
 error_mt.__tostring = function(e) return "redis: " .. e.message end
 
-local function error_value(message)
-  return setmetatable({ kind = "redis", message = message }, error_mt)
+local function error_value(message, kind)
+  return setmetatable({ kind = kind or "redis", message = message }, error_mt)
 end
+--- An error value (as a pipeline's replies hold) for `message`, of `kind`
+-- ("redis" unless given): the cluster client puts one where a command
+-- failed.
+M.error_value = error_value
 
 --- True when `v` is an error reply standing in a pipeline's or EXEC's
 -- results (`v.message` is the server's text).
@@ -580,6 +584,11 @@ function Pool:call(name, ...)
   util.need_coroutine("pool:call", 2)
   local args = util.pack(...)
   return self:with(function(r) return r:call(name, unpack(args, 1, args.n)) end)
+end
+
+--- A Redis Cluster client (squall.redis.cluster): `redis.cluster(opts)`.
+function M.cluster(opts)
+  return require("squall.redis.cluster").new(opts, 2)
 end
 
 M.Redis = Redis
