@@ -277,6 +277,85 @@ function M.cluster_master_of(port, slot)
   end
 end
 
+-- A redis-server (or, with `sentinel`, redis-sentinel over a config
+-- file it may rewrite) in `d` on `port`, stopped after `secs` at most.
+local function redis_process(d, port, args, sentinel)
+  assert(os.execute("mkdir -p " .. M.q(d)) == 0)
+  local cmd
+  if sentinel then
+    M.spit(d .. "/sentinel.conf", sentinel)
+    cmd = ("cd %s && exec redis-sentinel sentinel.conf"):format(M.q(d))
+  else
+    cmd = ("cd %s && exec redis-server --port %d --bind 127.0.0.1 --save '' " ..
+      "--appendonly no --daemonize no --loglevel warning %s"):format(M.q(d), port, args or "")
+  end
+  local wait, signal = M.start(cmd, 600)
+  return { port = port, dir = d, wait = wait, signal = signal, addr = "127.0.0.1:" .. port }
+end
+
+--- Inside a coroutine: a Redis master with one replica, watched by three
+-- redis-sentinels as "mymaster" (quorum 2, down after 1 s), all on free
+-- loopback ports in one temporary folder. Returns once every sentinel
+-- knows the master, its replica and the other two: { master = srv,
+-- replica = srv, sentinels = { srv... }, addrs = { "127.0.0.1:port"... }
+-- (the sentinels'), name = "mymaster", dir }. `restart(srv)` starts a
+-- killed master or replica again on its port.
+function M.start_redis_sentinel()
+  local redis = require "squall.redis"
+  local dir = M.tmpdir()
+  local g = { name = "mymaster", dir = dir, sentinels = {}, addrs = {} }
+  local mport, rport = M.free_port(), M.free_port()
+  g.master = redis_process(dir .. "/master", mport)
+  g.replica = redis_process(dir .. "/replica", rport, "--replicaof 127.0.0.1 " .. mport)
+  for _, srv in ipairs({ g.master, g.replica }) do
+    local r = M.eventually(function() return (redis.connect({ port = srv.port })) end,
+      "redis-server " .. srv.port .. " to accept", 20)
+    r:close()
+  end
+  for i = 1, 3 do
+    local port = M.free_port()
+    g.sentinels[i] = redis_process(dir .. "/sentinel" .. i, port, nil, table.concat({
+      "port " .. port, "bind 127.0.0.1", "daemonize no", "loglevel warning",
+      "sentinel monitor mymaster 127.0.0.1 " .. mport .. " 2",
+      "sentinel down-after-milliseconds mymaster 1000",
+      "sentinel failover-timeout mymaster 3000",
+      "sentinel parallel-syncs mymaster 1", "" }, "\n"))
+    g.addrs[i] = "127.0.0.1:" .. port
+  end
+  M.eventually(function()
+    for _, srv in ipairs(g.sentinels) do
+      local s = redis.connect({ port = srv.port })
+      if not s then return false end
+      local info = s:call("SENTINEL", "MASTER", "mymaster")
+      local reps = s:call("SENTINEL", "REPLICAS", "mymaster")
+      s:close()
+      if type(info) ~= "table" or type(reps) ~= "table" or #reps ~= 1 then return false end
+      local f = {}
+      for k = 1, #info - 1, 2 do f[info[k]] = info[k + 1] end
+      for k = 1, #reps[1] - 1, 2 do f["replica " .. reps[1][k]] = reps[1][k + 1] end
+      if f["num-slaves"] ~= "1" or f["num-other-sentinels"] ~= "2" or
+        f["replica master-link-status"] ~= "ok" then
+        return false
+      end
+    end
+    return true
+  end, "the sentinels to know the master, its replica (in sync) and each other", 30)
+  function g.restart(srv, args)
+    local again = redis_process(srv.dir, srv.port, args)
+    srv.wait, srv.signal = again.wait, again.signal
+  end
+  return g
+end
+
+--- Stop what start_redis_sentinel started, and remove its folder.
+function M.stop_redis_sentinel(g)
+  for _, srv in ipairs({ g.master, g.replica, unpack(g.sentinels) }) do
+    srv.signal("KILL")
+    srv.wait()
+  end
+  os.execute("rm -rf " .. M.q(g.dir))
+end
+
 --- A MariaDB of our own (scripts/mariadb-scratch: user squall, password
 -- "secret", database squall_test) on a free port, or `dir` and `port`
 -- again to restart one; TLS with the test certificates.

@@ -588,7 +588,15 @@ end
 
 --- A Redis Cluster client (squall.redis.cluster): `redis.cluster(opts)`.
 function M.cluster(opts)
-  return require("squall.redis.cluster").new(opts, 2)
+  local c, err = require("squall.redis.cluster").new(opts, 2) -- not a tail call: misuse
+  return c, err                                               -- raises at the caller's line
+end
+
+--- A pool on the master a Redis Sentinel group names, following its
+-- failovers (squall.redis.sentinel): `redis.sentinel(opts)`.
+function M.sentinel(opts)
+  local p, err = require("squall.redis.sentinel").new(opts, 2) -- (as cluster)
+  return p, err
 end
 
 M.Redis = Redis
