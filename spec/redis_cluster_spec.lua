@@ -150,6 +150,44 @@ describe("squall.redis.cluster", function()
     c:close()
   end))
 
+  it("delivers SUBSCRIBE, PSUBSCRIBE and SSUBSCRIBE messages through the nodes that hold them",
+    async(function()
+      local c = assert(redis.cluster({ nodes = c0.nodes }))
+      local pub = assert(redis.cluster({ nodes = c0.nodes }))
+      -- two shard channels on different masters
+      local a, b = "{a}ch", "{b}ch"
+      assert.are_not.equal(helpers.cluster_master_of(c0.servers[1].port, cluster.slot(a)),
+        helpers.cluster_master_of(c0.servers[1].port, cluster.slot(b)))
+      assert.equal(1, #assert(c:subscribe("news")))
+      assert.equal(1, #assert(c:psubscribe("ev.*")))
+      assert.equal(2, #assert(c:ssubscribe(a, b)))
+      -- PUBLISH from another node reaches the subscriber; SPUBLISH goes to
+      -- the channel's master, where the subscription is
+      assert.is_true(pub:publish("news", "n1") >= 1)
+      assert.is_true(pub:publish("ev.x", "e1") >= 1)
+      assert.equal(1, pub:spublish(a, "sa"))
+      assert.equal(1, pub:spublish(b, "sb"))
+      local got = {}
+      for _ = 1, 4 do
+        local m = assert(c:read_message(5))
+        got[#got + 1] = m.kind .. " " .. m.channel .. " " .. m.data
+      end
+      table.sort(got)
+      assert.same({ "message news n1", "pmessage ev.x e1", "smessage " .. a .. " sa",
+        "smessage " .. b .. " sb" }, got)
+      local v, err = c:read_message(0.2)
+      assert.is_nil(v)
+      assert.equal("timeout", err.kind)
+      -- unsubscribed, nothing more comes
+      assert.equal(2, #assert(c:sunsubscribe()))
+      assert.equal(1, #assert(c:unsubscribe()))
+      assert.equal(1, #assert(c:punsubscribe()))
+      assert.equal(0, pub:spublish(a, "late"))
+      assert.equal(0, pub:publish("news", "late"))
+      c:close()
+      pub:close()
+    end))
+
   it("loses no key while `redis-cli --cluster reshard` moves slots under writes",
     async(function()
       local c = assert(redis.cluster({ nodes = c0.nodes }))
@@ -210,6 +248,9 @@ describe("squall.redis.cluster", function()
       for _, s in ipairs(c0.servers) do
         if "127.0.0.1:" .. s.port == victim then srv = s end
       end
+      -- a shard channel on the victim: its subscription follows the slot
+      local sub = assert(redis.cluster({ nodes = c0.nodes }))
+      assert(sub:ssubscribe("fo:{1}"))
       local ok_n, failed, wrong, lost = 0, 0, 0, 0
       local killed_at, ok_after = nil, 0
       local i = 0
@@ -250,6 +291,13 @@ describe("squall.redis.cluster", function()
       assert.are_not.equal(victim, helpers.cluster_master_of(survivor.port, slot))
       print(("\n    failover: %d commands ok, %d failed (nil, err), %d lost, 0 wrong"):format(
         ok_n, failed, lost))
+      -- the subscription moved to the new master by itself
+      eventually(function()
+        c:spublish("fo:{1}", "after")
+        local m = sub:read_message(0.2)
+        return m and m.data == "after"
+      end, "the shard subscription to follow its slot", 15)
+      sub:close()
       c:close()
     end, { timeout = 120 }))
 end)

@@ -110,14 +110,15 @@ function Pool:acquire()
   end
 end
 
--- Wake the first waiter on the next iteration, in arrival order.
+local function wake(w)
+  if not w:done() then w:set_result(true) end
+end
+
+-- Wake the first waiter on the next iteration, in arrival order. (No
+-- closure: a release that wakes nobody, the usual case, compiles.)
 function Pool:_wake()
   local w = remove(self._waiters, 1)
-  if w then
-    ioloop.current():add_callback(function()
-      if not w:done() then w:set_result(true) end
-    end)
-  end
+  if w then ioloop.current():add_callback(wake, w) end
 end
 
 --- Give a connection back. `how`: nil keeps it for the next caller,

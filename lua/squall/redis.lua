@@ -297,8 +297,8 @@ end
 -- A published message as read_message gives it, or nil for any other reply.
 local function message(v)
   if type(v) ~= "table" then return nil end
-  if v[1] == "message" then
-    return { kind = "message", channel = v[2], data = v[3] }
+  if v[1] == "message" or v[1] == "smessage" then
+    return { kind = v[1], channel = v[2], data = v[3] }
   elseif v[1] == "pmessage" then
     return { kind = "pmessage", pattern = v[2], channel = v[3], data = v[4] }
   end
@@ -318,7 +318,8 @@ local function read_answer(self)
 end
 
 local SUBSCRIPTION_SET = { subscribe = "_channels", unsubscribe = "_channels",
-  psubscribe = "_patterns", punsubscribe = "_patterns" }
+  psubscribe = "_patterns", punsubscribe = "_patterns",
+  ssubscribe = "_shard_channels", sunsubscribe = "_shard_channels" }
 -- call()'s names for them, checked per command without a string made
 local SUBSCRIPTION_COMMAND = {}
 for k in pairs(SUBSCRIPTION_SET) do
@@ -351,9 +352,11 @@ local function confirmations(self, name, ...)
       got[#got + 1] = v
       local kind = type(v[1]) == "string" and v[1]:lower()
       if SUBSCRIPTION_SET[kind] and type(v[2]) == "string" then
-        self[SUBSCRIPTION_SET[kind]][v[2]] = (kind:find("^p?subscribe$") and true) or nil
+        self[SUBSCRIPTION_SET[kind]][v[2]] = (kind:find("^[ps]?subscribe$") and true) or nil
       end
-      self._subscribed = v[3] > 0
+      -- subscribed while any set holds something (each kind counts its own)
+      self._subscribed = v[3] > 0 or next(self._channels) ~= nil or
+        next(self._patterns) ~= nil or next(self._shard_channels) ~= nil
     else
       return broken(self, core.error("protocol", "redis: " .. name ..
         " was answered with something other than its confirmation"))
@@ -384,8 +387,17 @@ function Redis:call(name, ...)
   return result(v)
 end
 
--- A pipeline's queue: commands as methods, made once per name.
+-- A pipeline's queue: p:call records a command; p:incr and the rest are
+-- commands, named as on a connection (they end in p:call), made once per
+-- name. (No closure per pipeline: the JIT compiles a loop of them.)
 local queue_methods = {}
+function queue_methods.call(q, ...)
+  if type((...)) ~= "string" then
+    error("call: the command name must be a string, got " .. util.describe((...)), 2)
+  end
+  q._n = q._n + 1
+  request(q._parts, ...)
+end
 local queue_mt = { __index = function(_, key)
   local m = queue_methods[key]
   if not m and type(key) == "string" and find(key, "^%a[%w_]*$") then
@@ -395,21 +407,8 @@ local queue_mt = { __index = function(_, key)
   return m
 end }
 
---- Queue the commands `fn(p)` makes on `p` (as methods, or p:call) and
--- send them in one write; wait for every reply.
--- @treturn table the replies in order; an error reply stands in its place
---   as an error value (`redis.is_error`)
--- @return nil, err when the connection failed
-function Redis:pipeline(fn)
-  util.check_callable(fn, 2, "pipeline's function")
-  local parts, n = {}, 0
-  -- p:call records a command; p:incr and the rest are commands, named as
-  -- on a connection (they end in p:call)
-  local queue = setmetatable({ call = function(_, ...)
-    n = n + 1
-    request(parts, ...)
-  end }, queue_mt)
-  fn(queue)
+-- Send what `parts` holds (n commands) and read the n replies.
+local function exchange(self, parts, n)
   if n == 0 then return {} end
   local ok, err = send(self, parts)
   if not ok then return nil, err end
@@ -421,6 +420,30 @@ function Redis:pipeline(fn)
     replies[i] = v
   end
   return replies
+end
+
+--- Queue the commands `fn(p)` makes on `p` (as methods, or p:call) and
+-- send them in one write; wait for every reply.
+-- @treturn table the replies in order; an error reply stands in its place
+--   as an error value (`redis.is_error`)
+-- @return nil, err when the connection failed
+function Redis:pipeline(fn)
+  util.check_callable(fn, 2, "pipeline's function")
+  local queue = setmetatable({ _parts = {}, _n = 0 }, queue_mt)
+  fn(queue)
+  return exchange(self, queue._parts, queue._n)
+end
+
+--- Send the commands of `list` in one write, as pipeline does: each a
+-- table of the name and its arguments (`n`: its length, when it holds
+-- nils), as `{ "SET", "k", "v" }`; the replies in order.
+function Redis:pipeline_list(list)
+  local parts = {}
+  for i = 1, #list do
+    local c = list[i]
+    request(parts, unpack(c, 1, c.n or #c))
+  end
+  return exchange(self, parts, #list)
 end
 
 --- Subscribe to channels; returns the server's confirmations. The
@@ -443,6 +466,17 @@ end
 --- Unsubscribe from patterns (from all when none are named).
 function Redis:punsubscribe(...)
   return confirmations(self, "PUNSUBSCRIBE", ...)
+end
+
+--- Subscribe to shard channels (Redis 7, SSUBSCRIBE: on a cluster, the
+-- node of their slot); their messages come with kind "smessage".
+function Redis:ssubscribe(...)
+  return confirmations(self, "SSUBSCRIBE", ...)
+end
+
+--- Unsubscribe from shard channels (from all when none are named).
+function Redis:sunsubscribe(...)
+  return confirmations(self, "SUNSUBSCRIBE", ...)
 end
 
 --- The next published message on a subscribed connection: `{kind =
@@ -526,7 +560,7 @@ function M.connect(opts)
   if not stream then return nil, err end
   if opts.timeout then stream:set_timeout(opts.timeout) end
   local self = setmetatable({ stream = stream, _timeout = opts.timeout,
-    _channels = {}, _patterns = {},
+    _channels = {}, _patterns = {}, _shard_channels = {},
     _reader = setmetatable({ r = reader.new(stream), max_line = 65536, used = 0, max = max },
       StreamReader) }, Redis)
   if opts.password then

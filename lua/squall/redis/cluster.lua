@@ -30,6 +30,7 @@ local byte, find, format, lower, upper, match = string.byte, string.find, string
   string.lower, string.upper, string.match
 local band, bxor, lshift, rshift = bit.band, bit.bxor, bit.lshift, bit.rshift
 local unpack, min = unpack, math.min
+local xpcall, traceback = xpcall, debug.traceback
 
 local NSLOTS = 16384
 
@@ -129,15 +130,13 @@ end
 -- The pool of connections to node `addr` ("host:port"), made when first
 -- needed. With read_from_replicas every connection says READONLY (a
 -- master ignores it, and a replica then serves reads).
-local function node_pool(self, addr)
-  local p = self._pools[addr]
-  if p then return p end
+local function make_pool(self, addr)
   local host, port = match(addr, "^(.+):(%d+)$")
   local o = {}
   for k, v in pairs(self._conn_opts) do o[k] = v end
   o.host, o.port = host, tonumber(port)
   local readonly = self._read_from_replicas
-  p = pool.new({ size = self._pool_size, queue_timeout = self._queue_timeout,
+  local p = pool.new({ size = self._pool_size, queue_timeout = self._queue_timeout,
     connect = function()
       local r, err = redis.connect(o)
       if r and readonly then
@@ -154,15 +153,28 @@ local function node_pool(self, addr)
   return p
 end
 
--- Run fn(r) on a connection to addr. Returns fn's results, or nil, err,
--- sent: sent is false when no connection could be had (nothing ran).
-local function on_node(self, addr, fn)
-  local sent = false
-  local a, b = node_pool(self, addr):with(function(r)
-    sent = true
-    return fn(r)
-  end, function(r) return r._subscribed and "discard" or nil end)
-  return a, b, sent
+local function node_pool(self, addr)
+  return self._pools[addr] or make_pool(self, addr)
+end
+
+-- A connection given back: kept unless it was left subscribed.
+local function keep_unless_subscribed(r)
+  return r._subscribed and "discard" or nil
+end
+
+-- Run fn(r, x) on a connection to addr. Returns fn's results, or nil,
+-- err, sent: sent is false when no connection could be had (nothing ran).
+local function on_node(self, addr, fn, x)
+  local p = node_pool(self, addr)
+  local r, err = p:acquire()
+  if not r then return nil, err, false end
+  local ok, a, b = xpcall(fn, traceback, r, x)
+  if not ok then
+    p:release(r, "discard")
+    error(a, 0)
+  end
+  p:release(r, keep_unless_subscribed(r))
+  return a, b, true
 end
 
 -- Read CLUSTER SLOTS from one node and make the slot map of it. Returns
@@ -281,7 +293,7 @@ function M.new(opts, level)
   local self = setmetatable({ _seeds = seeds, _pools = {}, _conn_opts = conn_opts,
     _pool_size = size, _queue_timeout = qt, _read_from_replicas = opts.read_from_replicas
       and true or false, _max_redirects = mr, _retry_delay = rd, _slots = {},
-    _masters = {} }, Cluster)
+    _masters = {}, _subs = {}, _messages = {}, _by_name = {} }, Cluster)
   local ok, err = self:refresh()
   if not ok then return nil, err end
   ok, err = load_commands(self)
@@ -291,50 +303,58 @@ end
 
 local CROSSSLOT = "CROSSSLOT Keys in request don't hash to the same slot"
 
--- The keys of a command (name, then args[1..n]): a list, or nil for a
--- command that takes none; nil, err when they are in different slots.
--- Returns the slot (or false when the command has no key) and whether
--- the command only reads.
-local function route(self, name, args, n)
-  local lname = lower(name)
-  local info = self._commands[lname]
-  if info and info.sub and type(args[1]) == "string" then
-    info = self._commands[lname .. "|" .. lower(args[1])] or info
+-- Commands travel as tables: the name, its arguments, and n (how many
+-- of those, when some are nil): { "SET", "k", "v", n = 3 }. A COMMAND key
+-- position p (the name is 0) is c[p + 1].
+
+-- COMMAND GETKEYS for c, run on connection r.
+local function getkeys(r, c)
+  return r:call("COMMAND", "GETKEYS", unpack(c, 1, c.n))
+end
+
+-- Where command c goes: its slot (false for a command without keys) and
+-- whether it only reads; or nil, err for keys in different slots.
+local function route(self, c)
+  local name = c[1]
+  -- COMMAND's entry by the name as given ("GET", "get"), found once
+  local info = self._by_name[name]
+  if info == nil then
+    info = self._commands[lower(name)] or false
+    self._by_name[name] = info
+  end
+  if info and info.sub and type(c[2]) == "string" then
+    info = self._commands[lower(name) .. "|" .. lower(c[2])] or info
   end
   if not info then return false, false end
-  local keys
+  local keys, first, last, step = c, info.first, info.last, info.step
   if info.movable then
+    local lname = lower(name)
     if lname == "eval" or lname == "evalsha" or lname == "eval_ro" or lname == "evalsha_ro"
       or lname == "fcall" or lname == "fcall_ro" then
-      local nk = tonumber(args[2]) or 0
-      keys = {}
-      for i = 3, 2 + nk do keys[#keys + 1] = args[i] end
+      first, last, step = 3, 2 + (tonumber(c[3]) or 0), 1 -- the keys after numkeys
     else
       -- the server knows where the keys are (ZUNIONSTORE, XREAD, SORT...)
-      local v, err = on_node(self, next(self._masters) or self._seeds[1], function(r)
-        return r:call("COMMAND", "GETKEYS", name, unpack(args, 1, n))
-      end)
+      local v, err = on_node(self, next(self._masters) or self._seeds[1], getkeys, c)
       if v == nil then
         if err and err.kind == "redis" then return false, info.readonly end
         return nil, err
       end
-      keys = v
+      keys, first, last, step = v, 0, #v - 1, 1
     end
-  elseif info.first and info.first > 0 then
-    local last = info.last
-    if last < 0 then last = n + 1 + last end
-    keys = {}
-    for i = info.first, min(last, n), info.step > 0 and info.step or 1 do
-      keys[#keys + 1] = args[i]
-    end
+  elseif not first or first <= 0 then
+    return false, info.readonly
   end
-  if not keys or #keys == 0 then return false, info.readonly end
+  local n = keys == c and c.n - 1 or last
+  if last < 0 then last = n + 1 + last end
+  if last > n then last = n end
   local slot
-  for _, k in ipairs(keys) do
-    local s = slot_of(tostring(k))
+  for p = first, last, step > 0 and step or 1 do
+    local k = keys[p + 1]
+    local s = slot_of(type(k) == "string" and k or tostring(k))
     if slot and s ~= slot then return nil, core.error("redis", CROSSSLOT) end
     slot = s
   end
+  if not slot then return false, info.readonly end
   return slot, info.readonly
 end
 
@@ -376,21 +396,26 @@ local function backoff(self, tries)
   gen.sleep(min(self._retry_delay * 2 ^ (tries - 1), 1))
 end
 
--- Run one command (slot already known) with redirects and retries.
-local function run(self, slot, readonly, name, args, n)
+-- Command x.c on connection r, after ASKING when x.asking.
+local function call_on(r, x)
+  if x.asking then
+    local ok, e = r:call("ASKING")
+    if not ok then return nil, e end
+  end
+  local c = x.c
+  return r:call(unpack(c, 1, c.n))
+end
+
+-- Run command c (its slot known) with redirects and retries.
+local function run(self, slot, readonly, c)
+  local x = { c = c, asking = false }
   local ask, tries = nil, 0
   while true do
     local addr = ask or node_for(self, slot, readonly)
     local to_replica = readonly and self._masters[addr] == nil and ask == nil
-    local asking = ask ~= nil
+    x.asking = ask ~= nil
     ask = nil
-    local v, err, sent = on_node(self, addr, function(r)
-      if asking then
-        local ok, e = r:call("ASKING")
-        if not ok then return nil, e end
-      end
-      return r:call(name, unpack(args, 1, n))
-    end)
+    local v, err, sent = on_node(self, addr, call_on, x)
     if v ~= nil then return v end
     local what, s, to
     if err.kind == "redis" then
@@ -433,11 +458,10 @@ function Cluster:call(name, ...)
     error("call: the command name must be a string, got " .. util.describe(name), 2)
   end
   util.need_coroutine("cluster:call", 2)
-  local n = select("#", ...)
-  local args = { ... }
-  local slot, readonly = route(self, name, args, n)
+  local c = { name, n = select("#", ...) + 1, ... }
+  local slot, readonly = route(self, c)
   if slot == nil then return nil, readonly end
-  return run(self, slot or nil, readonly, name, args, n)
+  return run(self, slot or nil, readonly, c)
 end
 
 -- A pipeline's queue: commands as methods, recorded.
@@ -456,7 +480,7 @@ function Queue.call(q, name, ...)
     error("call: the command name must be a string, got " .. util.describe(name), 2)
   end
   local cmds = q._cmds
-  cmds[#cmds + 1] = { name = name, n = select("#", ...), ... }
+  cmds[#cmds + 1] = { name, n = select("#", ...) + 1, ... }
 end
 --- Send what was queued (a pipeline made without a function).
 function Queue.execute(q)
@@ -475,63 +499,70 @@ end
 -- through call(); a node no connection could be had to gets its commands
 -- run one by one the same way; one whose connection failed with them sent
 -- gets error values.
+-- A node's part of a pipeline (its commands, and where each stands in
+-- the whole as part.at[k]), sent on connection r.
+local function send_part(r, part)
+  return r:pipeline_list(part)
+end
+
+-- Send one node's part of pipeline `pl` and put its replies in place; a
+-- reply that redirects, and the commands of a node no connection could
+-- be had to, go to pl.again.
+local function send_group(self, pl, addr)
+  local part = pl.parts[addr]
+  local replies, again = pl.replies, pl.again
+  local v, err, sent = on_node(self, addr, send_part, part)
+  if v == nil then
+    for _, i in ipairs(part.at) do
+      if sent then replies[i] = error_value(err) else again[#again + 1] = i end
+    end
+    return true
+  end
+  for k, i in ipairs(part.at) do
+    local r = v[k]
+    if redis.is_error(r) and redirect(r.message) then
+      again[#again + 1] = i
+    else
+      replies[i] = r
+    end
+  end
+  return true
+end
+
 function Cluster:_pipeline(cmds)
-  local replies, groups, order = {}, {}, {}
+  local replies, parts, order = {}, {}, {}
   for i, c in ipairs(cmds) do
-    local slot, readonly = route(self, c.name, c, c.n)
+    local slot, readonly = route(self, c)
     if slot == nil then
       replies[i] = error_value(readonly)
     else
       local addr = node_for(self, slot or nil, readonly)
-      local g = groups[addr]
-      if not g then
-        g = {}
-        groups[addr] = g
+      local part = parts[addr]
+      if not part then
+        part = { at = {} }
+        parts[addr] = part
         order[#order + 1] = addr
       end
-      g[#g + 1] = i
-      c.slot, c.readonly = slot, readonly
+      local k = #part + 1
+      part[k], part.at[k] = c, i
     end
   end
-  local again = {}
-  local function send_group(addr)
-    local g = groups[addr]
-    local v, err, sent = on_node(self, addr, function(r)
-      return r:pipeline(function(p)
-        for _, i in ipairs(g) do
-          local c = cmds[i]
-          p:call(c.name, unpack(c, 1, c.n))
-        end
-      end)
-    end)
-    if v == nil then
-      for _, i in ipairs(g) do
-        if sent then replies[i] = error_value(err) else again[#again + 1] = i end
-      end
-      return true
-    end
-    for k, i in ipairs(g) do
-      local r = v[k]
-      if redis.is_error(r) and redirect(r.message) then
-        again[#again + 1] = i
-      else
-        replies[i] = r
-      end
-    end
-    return true
-  end
+  local pl = { parts = parts, replies = replies, again = {} }
   if #order == 1 then
-    send_group(order[1])
+    send_group(self, pl, order[1])
   elseif #order > 1 then
     local tasks = {}
-    for k, addr in ipairs(order) do tasks[k] = function() return send_group(addr) end end
+    for k, addr in ipairs(order) do tasks[k] = gen.task(send_group, self, pl, addr) end
     gen.multi(tasks)
   end
-  table.sort(again)
-  for _, i in ipairs(again) do
-    local c = cmds[i]
-    local v, err = run(self, c.slot or nil, c.readonly, c.name, c, c.n)
-    replies[i] = v == nil and error_value(err) or v
+  local again = pl.again
+  if #again > 0 then
+    table.sort(again)
+    for _, i in ipairs(again) do
+      local slot, readonly = route(self, cmds[i])
+      local v, err = run(self, slot or nil, readonly, cmds[i])
+      replies[i] = v == nil and error_value(err) or v
+    end
   end
   return replies
 end
@@ -560,7 +591,7 @@ function Cluster:transaction(fn)
   local cmds = q._cmds
   local slot
   for _, c in ipairs(cmds) do
-    local s, err = route(self, c.name, c, c.n)
+    local s, err = route(self, c)
     if s == nil then return nil, err end
     if s then
       if slot and s ~= slot then return nil, core.error("redis", CROSSSLOT) end
@@ -569,13 +600,10 @@ function Cluster:transaction(fn)
   end
   local tries = 0
   while true do
-    local v, err, sent = on_node(self, node_for(self, slot, false), function(r)
-      return r:pipeline(function(p)
-        p:call("MULTI")
-        for _, c in ipairs(cmds) do p:call(c.name, unpack(c, 1, c.n)) end
-        p:call("EXEC")
-      end)
-    end)
+    local list = { { "MULTI" } }
+    for _, c in ipairs(cmds) do list[#list + 1] = c end
+    list[#list + 1] = { "EXEC" }
+    local v, err, sent = on_node(self, node_for(self, slot, false), send_part, list)
     if v == nil and sent then return nil, err end
     local moved = v == nil
     if v then
@@ -598,10 +626,243 @@ function Cluster:transaction(fn)
   end
 end
 
---- Close every idle pooled connection; the client stays usable (the
--- next command connects anew).
+-- ---- pub/sub ---------------------------------------------------------------
+
+-- Subscriptions live on connections of their own, one per node, each
+-- driven by one reader task: messages go to the client's queue in
+-- arrival order, and a (un)subscribe waits for the reader to run it
+-- between two reads (it reads with a short timeout, so none waits long).
+-- SUBSCRIBE and PSUBSCRIBE go to one master (Redis Cluster sends every
+-- PUBLISH to all nodes), SSUBSCRIBE to the master of each channel's slot.
+-- When a node's connection fails, its reader connects again, or, once
+-- the map no longer names that node, moves its subscriptions to the
+-- nodes that hold them now.
+local POLL = 0.1
+local reader
+
+local function subscriber(self, addr)
+  local sub = self._subs[addr]
+  if sub then return sub end
+  sub = { addr = addr, ops = {}, sets = { SUBSCRIBE = {}, PSUBSCRIBE = {}, SSUBSCRIBE = {} } }
+  self._subs[addr] = sub
+  gen.spawn(reader, self, sub)
+  return sub
+end
+
+local UNSUB = { SUBSCRIBE = "UNSUBSCRIBE", PSUBSCRIBE = "PUNSUBSCRIBE",
+  SSUBSCRIBE = "SUNSUBSCRIBE" }
+local SET_OF = { SUBSCRIBE = "SUBSCRIBE", PSUBSCRIBE = "PSUBSCRIBE",
+  SSUBSCRIBE = "SSUBSCRIBE", UNSUBSCRIBE = "SUBSCRIBE", PUNSUBSCRIBE = "PSUBSCRIBE",
+  SUNSUBSCRIBE = "SSUBSCRIBE" }
+
+-- Queue `cmd` with `names` on node sub and wait for the reader to run it.
+local function ask(sub, cmd, names)
+  local f = gen.Future()
+  sub.ops[#sub.ops + 1] = { cmd = cmd, names = names, fut = f }
+  return f:result()
+end
+
+-- Where a subscription of kind `set` (SUBSCRIBE, PSUBSCRIBE: any master;
+-- SSUBSCRIBE: its slot's master) belongs now.
+local function home(self, set, name)
+  if set == "SSUBSCRIBE" then return node_for(self, slot_of(name), false) end
+  return self._pubsub_home or node_for(self, nil, false)
+end
+
+-- Move what node `sub` held to where it belongs now (its node is gone).
+local function rehome(self, sub)
+  self._subs[sub.addr] = nil
+  sub.closed = true
+  for set, names in pairs(sub.sets) do
+    for name in pairs(names) do
+      if set ~= "SSUBSCRIBE" then self._pubsub_home = nil end
+      local to = subscriber(self, home(self, set, name))
+      to.sets[set][name] = true -- its reader subscribes on connecting
+      if to.conn and not to.conn:closed() then
+        to.ops[#to.ops + 1] = { cmd = set, names = { name } }
+      end
+    end
+  end
+  for _, op in ipairs(sub.ops) do
+    if op.fut then op.fut:set_result(nil, core.error("closed", "the node " .. sub.addr ..
+      " went away; subscribe again")) end
+  end
+end
+
+function reader(self, sub)
+  local host, port = match(sub.addr, "^(.+):(%d+)$")
+  local o = {}
+  for k, v in pairs(self._conn_opts) do o[k] = v end
+  o.host, o.port = host, tonumber(port)
+  local fails = 0
+  while not sub.closed do
+    if not sub.conn or sub.conn:closed() then
+      local conn, err = redis.connect(o)
+      if conn then
+        -- subscribe again to what this node held
+        for set, names in pairs(sub.sets) do
+          local list = {}
+          for name in pairs(names) do list[#list + 1] = name end
+          if #list > 0 and conn:call(set, unpack(list)) == nil then
+            conn:close()
+            conn = nil
+            break
+          end
+        end
+      end
+      if conn then
+        sub.conn, fails = conn, 0
+      else
+        fails = fails + 1
+        if fails >= 3 then
+          -- the node is down: once the map has moved on, so do its subscriptions
+          self:refresh()
+          if not self._masters[sub.addr] then
+            rehome(self, sub)
+            return
+          end
+        end
+        for _, op in ipairs(sub.ops) do
+          if op.fut then op.fut:set_result(nil, err) end
+        end
+        sub.ops = {}
+        backoff(self, fails)
+      end
+    else
+      local conn = sub.conn
+      while #sub.ops > 0 do
+        local op = table.remove(sub.ops, 1)
+        local got, err = conn:call(op.cmd, unpack(op.names))
+        if got then
+          local set = sub.sets[SET_OF[op.cmd]]
+          for _, c in ipairs(got) do
+            if type(c[2]) == "string" then
+              set[c[2]] = (UNSUB[op.cmd] and true) or nil
+            end
+          end
+        end
+        if op.fut then op.fut:set_result(got, err) end
+      end
+      local msg, err = conn:read_message(POLL)
+      if msg then
+        local q = self._messages
+        q[#q + 1] = msg
+        local w = self._message_waiter
+        if w then
+          self._message_waiter = nil
+          w:set_result(true)
+        end
+      elseif err.kind ~= "timeout" then
+        conn:close()
+      end
+      local idle = true
+      for _, names in pairs(sub.sets) do
+        if next(names) then idle = false end
+      end
+      if idle and #sub.ops == 0 then
+        -- nothing held here any more
+        conn:close()
+        self._subs[sub.addr] = nil
+        return
+      end
+    end
+  end
+end
+
+-- (un)subscribe through the nodes the names belong to; the confirmations
+-- of all of them, in order of the nodes.
+local function subscription(self, cmd, ...)
+  util.need_coroutine("cluster:" .. lower(cmd), 3)
+  local set = SET_OF[cmd]
+  local names = { ... }
+  local by_node, order = {}, {}
+  if #names == 0 then
+    -- an unsubscribe naming nothing: everywhere it has something
+    for addr, sub in pairs(self._subs) do
+      if next(sub.sets[set]) then
+        by_node[addr] = {}
+        order[#order + 1] = addr
+      end
+    end
+  else
+    for _, name in ipairs(names) do
+      if type(name) ~= "string" then
+        error(lower(cmd) .. ": a channel must be a string, got " .. util.describe(name), 3)
+      end
+      local addr = home(self, set, name)
+      if not UNSUB[cmd] then
+        -- an unsubscribe goes where the name is held
+        for a, sub in pairs(self._subs) do
+          if sub.sets[set][name] then addr = a end
+        end
+      end
+      if set ~= "SSUBSCRIBE" then self._pubsub_home = addr end
+      if not by_node[addr] then
+        by_node[addr] = {}
+        order[#order + 1] = addr
+      end
+      local l = by_node[addr]
+      l[#l + 1] = name
+    end
+  end
+  local all = {}
+  for _, addr in ipairs(order) do
+    local got, err = ask(subscriber(self, addr), cmd, by_node[addr])
+    if not got then return nil, err end
+    for _, c in ipairs(got) do all[#all + 1] = c end
+  end
+  return all
+end
+
+--- Subscribe to channels (on one master: a cluster delivers every
+-- PUBLISH everywhere); the confirmations. Messages: read_message.
+function Cluster:subscribe(...) return subscription(self, "SUBSCRIBE", ...) end
+--- Subscribe to channel patterns, as subscribe.
+function Cluster:psubscribe(...) return subscription(self, "PSUBSCRIBE", ...) end
+--- Subscribe to shard channels, each on the master of its slot.
+function Cluster:ssubscribe(...) return subscription(self, "SSUBSCRIBE", ...) end
+--- Unsubscribe (from every channel when none are named).
+function Cluster:unsubscribe(...) return subscription(self, "UNSUBSCRIBE", ...) end
+--- Unsubscribe from patterns (from all when none are named).
+function Cluster:punsubscribe(...) return subscription(self, "PUNSUBSCRIBE", ...) end
+--- Unsubscribe from shard channels (from all when none are named).
+function Cluster:sunsubscribe(...) return subscription(self, "SUNSUBSCRIBE", ...) end
+
+--- The next message of any subscription, in arrival order, as a
+-- connection's read_message gives it; nil, err (kind `timeout`) when
+-- none came within `timeout` seconds (by default, wait for one).
+function Cluster:read_message(timeout)
+  if timeout ~= nil and (type(timeout) ~= "number" or timeout <= 0) then
+    error("read_message: timeout must be a positive number", 2)
+  end
+  util.need_coroutine("cluster:read_message", 2)
+  local q = self._messages
+  while #q == 0 do
+    local f = gen.Future()
+    self._message_waiter = f
+    if timeout then
+      local ok = gen.with_timeout(timeout, f)
+      if not ok and #q == 0 then
+        if self._message_waiter == f then self._message_waiter = nil end
+        return nil, core.error("timeout", format("redis.cluster: no message came within %g s",
+          timeout))
+      end
+    else
+      f:result()
+    end
+  end
+  return table.remove(q, 1)
+end
+
+--- Close every idle pooled connection and every subscription; the
+-- client stays usable (the next command connects anew).
 function Cluster:close()
   for _, p in pairs(self._pools) do p:close() end
+  for addr, sub in pairs(self._subs) do
+    sub.closed = true
+    if sub.conn then sub.conn:close() end
+    self._subs[addr] = nil
+  end
 end
 
 M.Cluster = Cluster
