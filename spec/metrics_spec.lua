@@ -97,6 +97,12 @@ describe("squall.metrics", function()
     assert.matches("missing the label a", raised(function() l:inc(1, {}) end))
     assert.matches("buckets must be increasing",
       raised(function() metrics.histogram("spec_h3", "x", nil, { 1, 0.5 }) end))
+    -- a port already taken (it used to fail inside add_sockets, naming nothing)
+    local taken = assert(require("squall.netutil").bind_sockets(0, "127.0.0.1"))
+    local port = select(2, taken[1]:getsockname())
+    assert.matches("metrics.serve: cannot listen on 127.0.0.1:" .. port .. ": address_in_use",
+      raised(function() metrics.serve(port, "127.0.0.1") end))
+    taken[1]:close()
   end)
 
   it("counts connections, bytes, handler errors and RPC calls with no code", async(function()

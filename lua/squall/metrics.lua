@@ -529,7 +529,12 @@ function M.serve(port, address)
   end
   local id = core.task_id()
   if id and not peers_dir then start_peer_listener(id, core.process_stats().ppid) end
-  local socks = netutil.bind_sockets(port, address, { reuse_port = id ~= nil })
+  local socks, err = netutil.bind_sockets(port, address, { reuse_port = id ~= nil })
+  if not socks then
+    -- as TCPServer:listen does: a port taken is the caller's to fix
+    error(format("metrics.serve: cannot listen on %s:%d: %s", address or "*", port,
+      tostring(err)), 2)
+  end
   local server = require("squall.httpserver").HTTPServer(handle_http,
     { max_header_size = MAX_HEAD, idle_timeout = 30 })
   server:add_sockets(socks)

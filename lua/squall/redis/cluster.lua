@@ -421,6 +421,9 @@ local function run(self, slot, readonly, c)
     if err.kind == "redis" then
       what, s, to = redirect(err.message)
       if not what then return nil, err end
+      -- "MOVED 3999 :6381": the node that answered did not know the
+      -- host's name (cluster-preferred-endpoint-type): it is its own
+      if to and find(to, "^:%d+$") then to = match(addr, "^(.+):%d+$") .. to end
     elseif sent then
       -- the connection failed with the command sent: it may have run
       return nil, err
