@@ -12,7 +12,7 @@
 -- (kind `http`).
 -- @module squall.httpclient
 local core = require "squall.core"
-local httpserver = require "squall.httpserver"
+local http = require "squall.http"
 local ioloop = require "squall.ioloop"
 local tcpclient = require "squall.tcpclient"
 local util = require "squall.util"
@@ -23,7 +23,7 @@ local type, tostring, error, tonumber, pairs = type, tostring, error, tonumber, 
 local find, lower, sub, format = string.find, string.lower, string.sub, string.format
 local concat = table.concat
 local now = core.time
-local HEADERS_MT = httpserver.HEADERS_MT
+local HEADERS_MT = http.HEADERS_MT
 
 --- Idle connections kept per scheme, host and port.
 M.max_idle_per_host = 16
@@ -119,7 +119,7 @@ end
 -- The request's bytes.
 local function request_text(method, host, port, scheme, target, headers, body, level)
   local text, has = "", {}
-  if headers then text, has = httpserver.header_lines(headers, level + 1) end
+  if headers then text, has = http.header_lines(headers, level + 1) end
   if not has.host then
     local h = find(host, ":", 1, true) and "[" .. host .. "]" or host
     if port ~= DEFAULT_PORTS[scheme] then h = h .. ":" .. port end

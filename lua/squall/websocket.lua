@@ -325,7 +325,7 @@ function M.connect(url, opts)
     lines[#lines + 1] = "Sec-WebSocket-Protocol: " .. concat(opts.protocols, ", ")
   end
   if opts.headers then
-    local text = require("squall.httpserver").header_lines(opts.headers, 2)
+    local text = require("squall.http").header_lines(opts.headers, 2)
     lines[#lines + 1] = text:sub(1, -3)
   end
   s_write(stream, concat(lines, "\r\n") .. "\r\n\r\n")
