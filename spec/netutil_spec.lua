@@ -31,6 +31,14 @@ describe("squall.netutil", function()
       assert.equal(4, s:family())
       s:close()
     end
+    -- "unspec" is the default spelled out: every family the name has
+    socks = assert(netutil.bind_sockets(0, "127.0.0.1", { family = "unspec" }))
+    assert.equal(1, #socks)
+    assert.equal(4, socks[1]:family())
+    socks[1]:close()
+    assert.matches("unknown family inet7", helpers.raised(function()
+      netutil.bind_sockets(0, "127.0.0.1", { family = "inet7" })
+    end))
   end)
 
   it("returns address_in_use for a port taken without reuse_port", function()

@@ -223,8 +223,9 @@ end
 
 --- Wait for all of `children` (Futures, or functions started in new
 -- coroutines) and return a table of their first results, with the same
--- keys. Returns nil, err for the first that resolved with an error; an
--- error a function raised is raised again here.
+-- keys. Returns nil, err when one resolved with an error (the first met
+-- in `pairs` order, which is not the order they resolved in); an error a
+-- function raised is raised again here.
 function M.multi(children)
   if type(children) ~= "table" then
     error(format("multi expects a table, got %s", type(children)), 2)

@@ -10,7 +10,8 @@ local M = {}
 
 local listening = 0 -- accept handlers added and not removed
 
-local FAMILIES = { inet = 4, inet6 = 6, [4] = 4, [6] = 6, unspec = nil }
+-- opts.family -> what core.bind_sockets takes (0: every family, as nil)
+local FAMILIES = { inet = 4, inet6 = 6, [4] = 4, [6] = 6, unspec = 0 }
 
 --- Bind listening sockets for `address` (nil or "" for every interface)
 -- and `port`: one socket per address it resolves to, IPv4 and IPv6 each on
@@ -18,7 +19,8 @@ local FAMILIES = { inet = 4, inet6 = 6, [4] = 4, [6] = 6, unspec = nil }
 -- them. SO_REUSEADDR is always set; the sockets are close-on-exec.
 -- @tparam number port
 -- @tparam[opt] string address
--- @tparam[opt] table opts `family` ("inet", "inet6", 4 or 6), `backlog`
+-- @tparam[opt] table opts `family` ("unspec", the default: every family;
+--   "inet", "inet6", 4 or 6), `backlog`
 --   (default 128), `reuse_port` (SO_REUSEPORT)
 -- @treturn table a list of sockets (`fileno`, `getsockname`, `close`)
 -- @return nil, err (kinds `resolve`, `address_in_use`, `io`)
@@ -33,6 +35,7 @@ function M.bind_sockets(port, address, opts)
   if family ~= nil then
     family = FAMILIES[family]
     if not family then error("unknown family " .. tostring(opts.family), 2) end
+    if family == 0 then family = nil end
   end
   return core.bind_sockets(port, address, family, opts.backlog or 128,
     opts.reuse_port and true or false)

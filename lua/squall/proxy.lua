@@ -2,7 +2,7 @@
 -- a load balancer puts in front of a connection to say who the client is.
 --
 -- `proxy.parse(bytes)` is a pure parser (fuzzed alone by
--- tests/fuzz/proxy_fuzz.lua); `proxy.read_header(stream, timeout)` takes
+-- tests/fuzz/proxy_fuzz.lua); `proxy.read_header(stream)` takes
 -- exactly the header off a stream, never a byte of what follows. The
 -- specification: haproxy's doc/proxy-protocol.txt.
 -- @module squall.proxy
