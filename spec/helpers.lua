@@ -254,13 +254,18 @@ function M.start_redis_cluster()
   return c
 end
 
---- Stop a cluster start_redis_cluster started, and remove its folder.
-function M.stop_redis_cluster(c)
-  for _, srv in ipairs(c.servers) do
+-- Kill the servers of a group and remove its folder.
+local function stop_group(servers, dir)
+  for _, srv in ipairs(servers) do
     srv.signal("KILL")
     srv.wait()
   end
-  os.execute("rm -rf " .. M.q(c.dir))
+  os.execute("rm -rf " .. M.q(dir))
+end
+
+--- Stop a cluster start_redis_cluster started, and remove its folder.
+function M.stop_redis_cluster(c)
+  stop_group(c.servers, c.dir)
 end
 
 --- Inside a coroutine: the address ("127.0.0.1:port") of the master that
@@ -349,11 +354,7 @@ end
 
 --- Stop what start_redis_sentinel started, and remove its folder.
 function M.stop_redis_sentinel(g)
-  for _, srv in ipairs({ g.master, g.replica, unpack(g.sentinels) }) do
-    srv.signal("KILL")
-    srv.wait()
-  end
-  os.execute("rm -rf " .. M.q(g.dir))
+  stop_group({ g.master, g.replica, unpack(g.sentinels) }, g.dir)
 end
 
 --- A MariaDB of our own (scripts/mariadb-scratch: user squall, password

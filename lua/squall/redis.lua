@@ -242,18 +242,42 @@ local function command_method(key)
   return function(r, ...) return r:call(a, b, ...) end
 end
 
-local Redis = util.class()
-
--- A command Redis has no method for becomes one when first asked for
--- (after what every class inherits, such as `extend`).
-local inherited = getmetatable(Redis).__index
-getmetatable(Redis).__index = function(cls, key)
-  local v = inherited[key]
-  if v ~= nil or type(key) ~= "string" or not find(key, "^%a[%w_]*$") then return v end
-  v = command_method(key)
-  rawset(cls, key, v)
-  return v
+-- A name that may be a command's: a method made for it when asked for.
+local function command_name(key)
+  return type(key) == "string" and find(key, "^%a[%w_]*$") ~= nil
 end
+
+--- Give class `cls` (a util.class whose objects have `call`) a method for
+-- every command, made when first asked for (after what every class
+-- inherits, such as `extend`). The cluster client's class has them too.
+function M.command_methods(cls)
+  local mt = getmetatable(cls)
+  local inherited = mt.__index
+  mt.__index = function(c, key)
+    local v = inherited[key]
+    if v ~= nil or not command_name(key) then return v end
+    v = command_method(key)
+    rawset(c, key, v)
+    return v
+  end
+end
+
+--- An __index for a pipeline's queue whose own methods are in `methods`
+-- (at least `call`): any other command name becomes a method, made once
+-- and kept in `methods`. The cluster client's queue uses it too.
+function M.queue_index(methods)
+  return function(_, key)
+    local m = methods[key]
+    if m == nil and command_name(key) then
+      m = command_method(key)
+      methods[key] = m
+    end
+    return m
+  end
+end
+
+local Redis = util.class()
+M.command_methods(Redis)
 
 local broken = util.broken -- fail for good: every later call says why
 
@@ -398,14 +422,7 @@ function queue_methods.call(q, ...)
   q._n = q._n + 1
   request(q._parts, ...)
 end
-local queue_mt = { __index = function(_, key)
-  local m = queue_methods[key]
-  if not m and type(key) == "string" and find(key, "^%a[%w_]*$") then
-    m = command_method(key)
-    queue_methods[key] = m
-  end
-  return m
-end }
+local queue_mt = { __index = M.queue_index(queue_methods) }
 
 -- Send what `parts` holds (n commands) and read the n replies.
 local function exchange(self, parts, n)
@@ -618,6 +635,32 @@ function Pool:call(name, ...)
   util.need_coroutine("pool:call", 2)
   local args = util.pack(...)
   return self:with(function(r) return r:call(name, unpack(args, 1, args.n)) end)
+end
+
+-- ---- what the cluster and sentinel clients share ------------------------------
+
+--- Raise at `level` unless `list` is a non-empty list of "host:port"
+-- strings: `who` names the caller ("redis.cluster"), `what` the option.
+function M.check_addresses(list, who, what, level)
+  if type(list) ~= "table" or #list == 0 then
+    error(format("%s: %s must be a list of \"host:port\"", who, what), level + 1)
+  end
+  for _, a in ipairs(list) do
+    if type(a) ~= "string" or not find(a, "^.+:%d+$") then
+      error(format("%s: each of %s must be \"host:port\", got %s", who, what,
+        util.describe(a)), level + 1)
+    end
+  end
+end
+
+--- redis.connect's options: those of `base`, with the host and port of
+-- `addr` ("host:port").
+function M.address_options(base, addr)
+  local o = {}
+  for k, v in pairs(base) do o[k] = v end
+  local host, port = addr:match("^(.+):(%d+)$")
+  o.host, o.port = host, tonumber(port)
+  return o
 end
 
 --- A Redis Cluster client (squall.redis.cluster): `redis.cluster(opts)`.

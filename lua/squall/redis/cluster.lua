@@ -26,8 +26,8 @@ local M = {}
 
 local type, tostring, tonumber, error, select, pairs, ipairs = type, tostring, tonumber,
   error, select, pairs, ipairs
-local byte, find, format, lower, upper, match = string.byte, string.find, string.format,
-  string.lower, string.upper, string.match
+local byte, find, format, lower, match = string.byte, string.find, string.format,
+  string.lower, string.match
 local band, bxor, lshift, rshift = bit.band, bit.bxor, bit.lshift, bit.rshift
 local unpack, min = unpack, math.min
 local xpcall, traceback = xpcall, debug.traceback
@@ -79,15 +79,7 @@ local function check_opts(opts, level)
   for k in pairs(opts) do
     if not OPTS[k] then error("redis.cluster: unknown option " .. tostring(k), level + 1) end
   end
-  local nodes = opts.nodes
-  if type(nodes) ~= "table" or #nodes == 0 then
-    error("redis.cluster: nodes must be a list of \"host:port\" seeds", level + 1)
-  end
-  for _, n in ipairs(nodes) do
-    if type(n) ~= "string" or not match(n, "^.+:%d+$") then
-      error("redis.cluster: a node must be \"host:port\", got " .. util.describe(n), level + 1)
-    end
-  end
+  redis.check_addresses(opts.nodes, "redis.cluster", "nodes", level + 1)
   local mr = opts.max_redirects or 5
   if type(mr) ~= "number" or mr < 0 or mr % 1 ~= 0 then
     error("redis.cluster: max_redirects must be a non-negative integer", level + 1)
@@ -110,31 +102,15 @@ end
 -- @type Cluster
 local Cluster = util.class()
 
--- A command Cluster has no method for becomes one when first asked for,
--- as on a connection: c:hset(...) is c:call("HSET", ...), and
--- c:client_list() is c:call("CLIENT", "LIST").
-local function command_method(key)
-  local a, b = upper(key):match("^([^_]+)_?(.*)$")
-  if b == "" then return function(c, ...) return c:call(a, ...) end end
-  return function(c, ...) return c:call(a, b, ...) end
-end
-local inherited = getmetatable(Cluster).__index
-getmetatable(Cluster).__index = function(cls, key)
-  local v = inherited[key]
-  if v ~= nil or type(key) ~= "string" or not find(key, "^%a[%w_]*$") then return v end
-  v = command_method(key)
-  rawset(cls, key, v)
-  return v
-end
+-- Commands as methods, as on a connection: c:hset(...) is
+-- c:call("HSET", ...), and c:client_list() is c:call("CLIENT", "LIST").
+redis.command_methods(Cluster)
 
 -- The pool of connections to node `addr` ("host:port"), made when first
 -- needed. With read_from_replicas every connection says READONLY (a
 -- master ignores it, and a replica then serves reads).
 local function make_pool(self, addr)
-  local host, port = match(addr, "^(.+):(%d+)$")
-  local o = {}
-  for k, v in pairs(self._conn_opts) do o[k] = v end
-  o.host, o.port = host, tonumber(port)
+  local o = redis.address_options(self._conn_opts, addr)
   local readonly = self._read_from_replicas
   local p = pool.new({ size = self._pool_size, queue_timeout = self._queue_timeout,
     connect = function()
@@ -468,16 +444,8 @@ function Cluster:call(name, ...)
 end
 
 -- A pipeline's queue: commands as methods, recorded.
-local queue_methods = {}
 local Queue = {}
-Queue.__index = function(_, key)
-  local m = rawget(Queue, key) or queue_methods[key]
-  if not m and type(key) == "string" and find(key, "^%a[%w_]*$") then
-    m = command_method(key)
-    queue_methods[key] = m
-  end
-  return m
-end
+Queue.__index = redis.queue_index(Queue)
 function Queue.call(q, name, ...)
   if type(name) ~= "string" then
     error("call: the command name must be a string, got " .. util.describe(name), 2)

@@ -10,9 +10,8 @@ local util = require "squall.util"
 
 local M = {}
 
-local type, tonumber, error, pairs, ipairs, next = type, tonumber, error, pairs, ipairs,
-  next
-local format, lower, match = string.format, string.lower, string.match
+local type, error, pairs, ipairs, next = type, error, pairs, ipairs, next
+local format, lower = string.format, string.lower
 local unpack = unpack
 
 local node_for, slot_of, backoff -- from cluster.lua (install)
@@ -79,10 +78,7 @@ local function rehome(self, sub)
 end
 
 function reader(self, sub)
-  local host, port = match(sub.addr, "^(.+):(%d+)$")
-  local o = {}
-  for k, v in pairs(self._conn_opts) do o[k] = v end
-  o.host, o.port = host, tonumber(port)
+  local o = redis.address_options(self._conn_opts, sub.addr)
   local fails = 0
   while not sub.closed do
     if not sub.conn or sub.conn:closed() then

@@ -23,8 +23,7 @@ local util = require "squall.util"
 
 local M = {}
 
-local type, tostring, tonumber, error, ipairs, pairs = type, tostring, tonumber, error,
-  ipairs, pairs
+local type, tostring, error, ipairs, pairs = type, tostring, error, ipairs, pairs
 local format, match, lower = string.format, string.match, string.lower
 local unpack = unpack
 
@@ -40,16 +39,7 @@ local function check_opts(opts, level)
       error("redis.sentinel: unknown option " .. tostring(k), level + 1)
     end
   end
-  local list = opts.sentinels
-  if type(list) ~= "table" or #list == 0 then
-    error("redis.sentinel: sentinels must be a list of \"host:port\"", level + 1)
-  end
-  for _, s in ipairs(list) do
-    if type(s) ~= "string" or not match(s, "^.+:%d+$") then
-      error("redis.sentinel: a sentinel must be \"host:port\", got " .. util.describe(s),
-        level + 1)
-    end
-  end
+  redis.check_addresses(opts.sentinels, "redis.sentinel", "sentinels", level + 1)
   if type(opts.master) ~= "string" or opts.master == "" then
     error("redis.sentinel: master must be the monitored group's name", level + 1)
   end
@@ -60,16 +50,10 @@ local function check_opts(opts, level)
   return role
 end
 
-local function split(addr)
-  local host, port = match(addr, "^(.+):(%d+)$")
-  return host, tonumber(port)
-end
-
 -- A connection to sentinel `addr` (its own password, if any).
 local function sentinel_conn(self, addr)
-  local host, port = split(addr)
-  return redis.connect({ host = host, port = port, password = self._sentinel_password,
-    timeout = self._conn_opts.timeout or 5 })
+  return redis.connect(redis.address_options({ password = self._sentinel_password,
+    timeout = self._conn_opts.timeout or 5 }, addr))
 end
 
 -- A replica from SENTINEL replicas' reply that is up, or nil.
@@ -164,11 +148,8 @@ local function connect(self)
       self._addr = addr
     end
     local gen_now = self._gen
-    local host, port = split(addr)
-    local o = { host = host, port = port }
-    for k, v in pairs(self._conn_opts) do o[k] = v end
     local r
-    r, err = redis.connect(o)
+    r, err = redis.connect(redis.address_options(self._conn_opts, addr))
     if r then
       local role
       role, err = r:call("ROLE")
