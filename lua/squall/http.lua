@@ -1,6 +1,7 @@
 --- What squall.httpserver, squall.httpclient and squall.websocket share:
 -- reason phrases, header tables that answer any spelling of a name, query
--- strings, the Date header's value and header lines for a request.
+-- strings and header lines for a request. (Responses, their Date
+-- included, are built in C: runtime/http_response.c.)
 -- @module squall.http
 local util = require "squall.util"
 
@@ -63,21 +64,6 @@ function M.parse_query(q)
     end
   end
   return args
-end
-
--- The Date header's value, made once a second. time() through the FFI:
--- the JIT compiles it into the request's trace, where os.time would end
--- the trace (it is not compiled).
-local ffi = require "ffi"
-pcall(ffi.cdef, "long time(void *t);")
-local c_time = ffi.C.time
-local date_now, date_text = -1, nil
-function M.http_date()
-  local t = tonumber(c_time(nil))
-  if t ~= date_now then
-    date_now, date_text = t, os.date("!%a, %d %b %Y %H:%M:%S GMT", t)
-  end
-  return date_text
 end
 
 -- Header names handlers send, checked once and kept in lower case (a

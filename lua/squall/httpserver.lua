@@ -41,9 +41,10 @@ local execute = new_parser("request").execute
 
 -- What httpclient and websocket share with this module (squall.http),
 -- kept under its old names here too.
-local REASONS, HEADERS_MT, http_date = http.REASONS, http.HEADERS_MT, http.http_date
-M.REASONS, M.HEADERS_MT, M.unescape, M.parse_query, M.http_date, M.header_lines =
-  REASONS, HEADERS_MT, http.unescape, http.parse_query, http_date, http.header_lines
+local REASONS, HEADERS_MT = http.REASONS, http.HEADERS_MT
+M.REASONS, M.HEADERS_MT, M.unescape, M.parse_query, M.header_lines =
+  REASONS, HEADERS_MT, http.unescape, http.parse_query, http.header_lines
+local build_response, send_response = core.http_response, core.http_send
 local STATUS_LINES = {}
 for code, reason in pairs(REASONS) do
   STATUS_LINES[code] = "HTTP/1.1 " .. code .. " " .. reason .. "\r\n"
@@ -110,10 +111,10 @@ end
 
 -- The server's own answer when a connection is to end: `status` with a
 -- short text body (its length even for HEAD, whose body is left out).
+local CLOSING = { ["Content-Type"] = "text/plain", Connection = "close" }
 local function answer_and_close(conn, status, body, head_only)
-  s_write(conn.stream, format("HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\n" ..
-    "Content-Length: %d\r\nConnection: close\r\nDate: %s\r\n\r\n%s",
-    status, REASONS[status] or "Error", #body, http_date(), head_only and "" or body))
+  send_response(conn.stream, status, STATUS_LINES[status], CLOSING, body, nil, head_only,
+    false, false)
 end
 
 -- Refuse the request's input: answer `status` (unless a response began)
@@ -226,7 +227,6 @@ function Request:body_chunks()
   end
 end
 
-local build_response, send_response = core.http_response, core.http_send
 
 -- The status line for `status` (a number 100-999), or nil, why; also
 -- checks that `headers` is a table or nil.
