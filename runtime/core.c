@@ -11,6 +11,7 @@
 #include "msgpack.h"
 #include "process.h"
 #include "stream.h"
+#include "sysinfo.h"
 #include "tcp.h"
 #include "thread.h"
 #include "tls.h"
@@ -25,6 +26,7 @@ int luaopen_squall_core(lua_State *L) {
   squall_stream_open(L);
   squall_tls_open(L);
   squall_process_open(L);
+  squall_sysinfo_open(L);
   squall_msgpack_open(L);
   squall_http_open(L);
   squall_ws_open(L);

@@ -9,7 +9,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -92,6 +91,117 @@ static void on_sigchld(int sig) {
   (void)sig; /* a handler, not SIG_DFL, so SIGCHLD is surely queued */
 }
 
+/* The supervisor: its children, what it counts, and the signal state to
+ * give back once it is done. */
+typedef struct {
+  child *kids;
+  int n, alive, restarts, max_restarts;
+  int stopping; /* children stopped on purpose are not restarted */
+  int failed;   /* past max_restarts */
+  sigset_t set, old_mask;
+  struct sigaction old_chld;
+} supervisor;
+
+/* Block the supervised signals (so none is lost before sigwaitinfo takes
+ * it) and catch SIGCHLD. */
+static void supervise_begin(supervisor *sv) {
+  fflush(NULL); /* buffered output would be written by every child */
+  supervised_set(&sv->set);
+  sigprocmask(SIG_BLOCK, &sv->set, &sv->old_mask);
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_sigchld;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGCHLD, &sa, &sv->old_chld);
+}
+
+/* The parent gives the signal state back as it found it. */
+static void supervise_end(supervisor *sv) {
+  free(sv->kids);
+  sigaction(SIGCHLD, &sv->old_chld, NULL);
+  sigprocmask(SIG_SETMASK, &sv->old_mask, NULL);
+}
+
+/* Fork the n children: 0 in a child (its task id in *id), 1 in the
+ * parent, -1 with errno set when a fork failed (those started are sent
+ * SIGTERM). */
+static int start_children(supervisor *sv, int *id) {
+  for (int i = 0; i < sv->n; i++) {
+    int r = spawn(&sv->kids[i], i, &sv->old_mask);
+    if (r == 0) {
+      *id = i;
+      return 0;
+    }
+    if (r < 0) {
+      int e = errno;
+      for (int j = 0; j < i; j++)
+        kill(sv->kids[j].pid, SIGTERM);
+      errno = e;
+      return -1;
+    }
+  }
+  return 1;
+}
+
+/* A child exited with `status`: count it, or restart it when it died
+ * before a stop. 0 in the restarted child (its task id in *id), else 1. */
+static int child_exited(supervisor *sv, child *c, int status, int *id) {
+  pid_t pid = c->pid;
+  c->pid = 0;
+  int normal = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+  if (normal || sv->stopping) {
+    sv->alive--;
+    return 1;
+  }
+  if (WIFSIGNALED(status))
+    log_line('W', "child %d (pid %d) killed by signal %d; restarting", c->id,
+             (int)pid, WTERMSIG(status));
+  else
+    log_line('W', "child %d (pid %d) exited with status %d; restarting", c->id,
+             (int)pid, WEXITSTATUS(status));
+  if (++sv->restarts > sv->max_restarts) {
+    sv->failed = 1;
+    sv->alive--;
+    sv->stopping = 1;
+    kill_all(sv->kids, sv->n, SIGTERM);
+    return 1;
+  }
+  int r = spawn(c, c->id, &sv->old_mask);
+  if (r == 0) {
+    *id = c->id;
+    return 0;
+  }
+  if (r < 0)
+    sv->alive--;
+  return 1;
+}
+
+/* Reap every child that exited: 0 in a restarted child (its task id in
+ * *id), else 1. */
+static int reap(supervisor *sv, int *id) {
+  int status;
+  pid_t pid;
+  while (sv->alive > 0 && (pid = waitpid(-1, &status, WNOHANG)) > 0) {
+    int k = 0;
+    while (k < sv->n && sv->kids[k].pid != pid)
+      k++;
+    if (k < sv->n && child_exited(sv, &sv->kids[k], status, id) == 0)
+      return 0;
+  }
+  return 1;
+}
+
+/* Wait for the next signal: a child's exit (reaped next round), or one to
+ * forward to every child. */
+static void forward_next_signal(supervisor *sv) {
+  int sig = sigwaitinfo(&sv->set, NULL);
+  if (sig < 0 || sig == SIGCHLD)
+    return;
+  if (sig != SIGHUP)
+    sv->stopping = 1;
+  kill_all(sv->kids, sv->n, sig);
+}
+
 /* core.fork_processes(n, max_restarts) -> task id, in each child; nil in
  * the parent once every child exited normally or stopped on a forwarded
  * signal. The parent raises when children died more than max_restarts
@@ -103,94 +213,35 @@ static int l_fork_processes(lua_State *L) {
   luaL_argcheck(L, max_restarts >= 0, 2, "max_restarts must not be negative");
   if (task_id >= 0)
     return luaL_error(L, "fork_processes: already forked (task %d)", task_id);
-  child *kids = calloc((size_t)n, sizeof *kids);
-  if (kids == NULL)
+  supervisor sv;
+  memset(&sv, 0, sizeof sv);
+  sv.kids = calloc((size_t)n, sizeof *sv.kids);
+  if (sv.kids == NULL)
     return luaL_error(L, "out of memory");
-  fflush(NULL); /* buffered output would be written by every child */
-  sigset_t set, old_mask;
-  supervised_set(&set);
-  sigprocmask(SIG_BLOCK, &set, &old_mask);
-  struct sigaction sa, old_chld;
-  memset(&sa, 0, sizeof sa);
-  sa.sa_handler = on_sigchld;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGCHLD, &sa, &old_chld);
-  for (int i = 0; i < n; i++) {
-    int r = spawn(&kids[i], i, &old_mask);
-    if (r == 0) {
-      free(kids);
-      lua_pushinteger(L, i);
-      return 1;
-    }
-    if (r < 0) {
-      int e = errno;
-      for (int j = 0; j < i; j++)
-        kill(kids[j].pid, SIGTERM);
-      free(kids);
-      sigaction(SIGCHLD, &old_chld, NULL);
-      sigprocmask(SIG_SETMASK, &old_mask, NULL);
-      return luaL_error(L, "fork: %s", strerror(e));
-    }
+  sv.n = sv.alive = n;
+  sv.max_restarts = max_restarts;
+  supervise_begin(&sv);
+  int id, r = start_children(&sv, &id);
+  if (r < 0) {
+    int e = errno;
+    supervise_end(&sv);
+    return luaL_error(L, "fork: %s", strerror(e));
   }
-  log_line('I',
-           "supervising %d processes; signal pid %d: TERM or INT stops "
-           "them all, HUP reaches each (a reload under --reload)",
-           n, (int)getpid());
-
-  int alive = n, restarts = 0, stopping = 0, failed = 0;
-  while (alive > 0) {
-    /* Reap whoever exited; restart those that died before a stop. */
-    int status;
-    pid_t pid;
-    while (alive > 0 && (pid = waitpid(-1, &status, WNOHANG)) > 0) {
-      int k = 0;
-      while (k < n && kids[k].pid != pid)
-        k++;
-      if (k == n)
-        continue;
-      kids[k].pid = 0;
-      int normal = WIFEXITED(status) && WEXITSTATUS(status) == 0;
-      if (normal || stopping) {
-        alive--;
-        continue;
-      }
-      if (WIFSIGNALED(status))
-        log_line('W', "child %d (pid %d) killed by signal %d; restarting",
-                 kids[k].id, (int)pid, WTERMSIG(status));
-      else
-        log_line('W', "child %d (pid %d) exited with status %d; restarting",
-                 kids[k].id, (int)pid, WEXITSTATUS(status));
-      if (++restarts > max_restarts) {
-        failed = 1;
-        alive--;
-        stopping = 1;
-        kill_all(kids, n, SIGTERM);
-        continue;
-      }
-      int r = spawn(&kids[k], kids[k].id, &old_mask);
-      if (r == 0) {
-        int id = kids[k].id;
-        free(kids);
-        lua_pushinteger(L, id);
-        return 1;
-      }
-      if (r < 0)
-        alive--;
-    }
-    if (alive == 0)
-      break;
-    /* Then wait for the next signal: a child's exit, or one to forward. */
-    int sig = sigwaitinfo(&set, NULL);
-    if (sig < 0 || sig == SIGCHLD)
-      continue;
-    if (sig != SIGHUP)
-      stopping = 1; /* children stopped on purpose are not restarted */
-    kill_all(kids, n, sig);
+  if (r > 0) {
+    log_line('I',
+             "supervising %d processes; signal pid %d: TERM or INT stops "
+             "them all, HUP reaches each (a reload under --reload)",
+             n, (int)getpid());
+    while ((r = reap(&sv, &id)) != 0 && sv.alive > 0)
+      forward_next_signal(&sv);
   }
-  free(kids);
-  sigaction(SIGCHLD, &old_chld, NULL);
-  sigprocmask(SIG_SETMASK, &old_mask, NULL);
-  if (failed)
+  if (r == 0) { /* a child: spawn set its signals up */
+    free(sv.kids);
+    lua_pushinteger(L, id);
+    return 1;
+  }
+  supervise_end(&sv);
+  if (sv.failed)
     return luaL_error(L, "fork_processes: children died more than %d times",
                       max_restarts);
   lua_pushnil(L); /* the parent: process.lua exits 0, closing the state */
@@ -212,87 +263,7 @@ static int l_cpu_count(lua_State *L) {
   return 1;
 }
 
-/* Entries of a folder, without "." and "..": a table of names, or nil,
- * err. Synchronous (uv_fs_scandir without a loop): for /proc and small
- * folders only. */
-static int scandir_count(const char *path, lua_State *L) {
-  uv_fs_t req;
-  int n = uv_fs_scandir(NULL, &req, path, 0, NULL);
-  if (n < 0) {
-    uv_fs_req_cleanup(&req);
-    return n;
-  }
-  uv_dirent_t ent;
-  int i = 0;
-  while (uv_fs_scandir_next(&req, &ent) != UV_EOF) {
-    if (L != NULL) {
-      lua_pushstring(L, ent.name);
-      lua_rawseti(L, -2, ++i);
-    } else {
-      i++;
-    }
-  }
-  uv_fs_req_cleanup(&req);
-  return i;
-}
-
-/* core.listdir(path) -> {names...}, or nil, err. */
-static int l_listdir(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
-  lua_newtable(L);
-  int n = scandir_count(path, L);
-  if (n < 0)
-    return squall_push_uv_error(L, n);
-  return 1;
-}
-
-/* core.process_stats(): what Prometheus clients export as process_*:
- * cpu (user+system seconds), rss and vsize (bytes), open_fds, max_fds,
- * and the parent's pid (a fork_processes child's supervisor). */
-static int l_process_stats(lua_State *L) {
-  lua_createtable(L, 0, 6);
-  uv_rusage_t ru;
-  if (uv_getrusage(&ru) == 0) {
-    double cpu = (double)ru.ru_utime.tv_sec +
-                 (double)ru.ru_utime.tv_usec / 1e6 +
-                 (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
-    lua_pushnumber(L, cpu);
-    lua_setfield(L, -2, "cpu");
-  }
-  size_t rss;
-  if (uv_resident_set_memory(&rss) == 0) {
-    lua_pushnumber(L, (double)rss);
-    lua_setfield(L, -2, "rss");
-  }
-  FILE *f = fopen("/proc/self/statm", "r");
-  unsigned long pages;
-  if (f != NULL) {
-    if (fscanf(f, "%lu", &pages) == 1) {
-      lua_pushnumber(L, (double)pages * (double)sysconf(_SC_PAGESIZE));
-      lua_setfield(L, -2, "vsize");
-    }
-    fclose(f);
-  }
-  int fds = scandir_count("/proc/self/fd", NULL);
-  if (fds > 0) {
-    lua_pushinteger(L, fds - 1); /* less the one scandir itself held */
-    lua_setfield(L, -2, "open_fds");
-  }
-  struct rlimit rl;
-  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
-    lua_pushnumber(L, (double)rl.rlim_cur);
-    lua_setfield(L, -2, "max_fds");
-  }
-  lua_pushinteger(L, (lua_Integer)uv_os_getppid());
-  lua_setfield(L, -2, "ppid");
-  return 1;
-}
-
 int squall_process_open(lua_State *L) {
-  lua_pushcfunction(L, l_listdir);
-  lua_setfield(L, -2, "listdir");
-  lua_pushcfunction(L, l_process_stats);
-  lua_setfield(L, -2, "process_stats");
   lua_pushcfunction(L, l_fork_processes);
   lua_setfield(L, -2, "fork_processes");
   lua_pushcfunction(L, l_task_id);

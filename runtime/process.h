@@ -1,4 +1,4 @@
-/* process.h: fork_processes, child restarts, cpu_count.
+/* process.h: fork_processes, child restarts, task_id, cpu_count.
  *
  * The parent of fork_processes never returns to Lua: it waits for its
  * children in C, restarts those that die abnormally, forwards SIGTERM,
