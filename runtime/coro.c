@@ -169,7 +169,7 @@ static int l_can_wait(lua_State *L) {
 int squall_coro_open(lua_State *L) {
   lua_pushcfunction(L, l_can_wait);
   lua_setfield(L, -2, "can_wait");
-  lua_newtable(L); /* table of coroutines -> error handler, weak */
+  lua_newtable(L); /* handler tables -> their finish function, weak */
   lua_createtable(L, 0, 1);
   lua_pushliteral(L, "kv");
   lua_setfield(L, -2, "__mode");

@@ -61,8 +61,10 @@ void squall_register_udata(lua_State *L, const char *name);
  * the address of `name`, as squall_register_udata stored it. */
 void *squall_checkudata(lua_State *L, int idx, const char *name);
 
-/* Register metatable `name` whose __index is itself, holding `methods`:
- * the one way a C module defines a userdata type's methods. */
+/* Register metatable `name` whose __index is itself, holding `methods`.
+ * Most C types use it; the stream (stream_lua.c) builds its own, because
+ * its methods table is also core.stream_methods for iostream.lua to extend,
+ * and tls.c's context has no methods, only __gc. */
 void squall_new_metatable(lua_State *L, const char *name,
                           const luaL_Reg *methods);
 

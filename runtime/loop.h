@@ -57,7 +57,8 @@ void squall_loop_call(squall_loop *loop, int nargs, const char *where);
  * Zero, negative or NaN give 0. The one conversion every timer uses. */
 uint64_t squall_timeout_ms(double seconds);
 
-/* Add core.loop_new, core.time, core.watch_fd, core.watch_signal. */
+/* Add core.loop_new, time, wall_time, close_fd, watch_fd, watch_signal and
+ * watch_path. */
 int squall_loop_open(lua_State *L);
 
 #endif

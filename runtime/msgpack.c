@@ -418,11 +418,11 @@ static int l_encode_array(lua_State *L) {
   return 1;
 }
 
-/* core.msgpack_write_array(stream, ...): stream:write(encode_array(...))
- * with no Lua string in between: the bytes go from the encoding buffer
- * into the stream's write queue. Returns what write() returns, waiting
- * as it does past write_high_water (after the copy, so the buffer is
- * free again by then). */
+/* write_array(stream, ...) (from msgpack_setup):
+ * stream:write(encode_array(...)) with no Lua string in between: the bytes go
+ * from the encoding buffer into the stream's write queue. Returns what write()
+ * returns, waiting as it does past write_high_water (after the copy, so the
+ * buffer is free again by then). */
 static int l_write_array(lua_State *L) {
   squall_stream *s = squall_stream_check(L, 1); /* raises before we begin */
   enc e;
@@ -1076,7 +1076,8 @@ static int l_unpacker(lua_State *L) {
   return 1;
 }
 
-/* core.msgpack_setup(hooks) -> encode, decode, new_unpacker, encode_array:
+/* core.msgpack_setup(hooks) -> encode, decode, new_unpacker, encode_array,
+ * write_array:
  * closures over `hooks` ({classify =, make_int =, ext_mt =, map_mt =}). */
 static int l_setup(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);

@@ -24,9 +24,9 @@
  * thread calls it before it ends. */
 void squall_msgpack_thread_exit(void);
 
-/* Add core.msgpack_setup (which returns the encode, decode, unpacker and
- * encode_array functions) and core.msgpack_null to the table at the top
- * of the stack. */
+/* Add core.msgpack_setup (which returns the encode, decode, unpacker,
+ * encode_array and write_array functions) and core.msgpack_null to the table at
+ * the top of the stack. */
 int squall_msgpack_open(lua_State *L);
 
 #endif

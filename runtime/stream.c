@@ -190,9 +190,6 @@ void stream_clear_read(squall_stream *s, lua_State *L) {
     uv_timer_stop(&s->timers->r);
 }
 
-/* Resume the parked reader with what `push` leaves on its stack. The
- * stream stays anchored until the reader has run, so the collector cannot
- * free it underneath. */
 /* Resume the coroutine parked as `ref` with the `nres` values on top of
  * the loop's thread, then drop the hold its wait took. The hold lasts
  * across the resume, so the collector cannot free the stream underneath.

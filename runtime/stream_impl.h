@@ -51,11 +51,15 @@ struct write_waiter {
 };
 
 /* Owned by its userdata and by libuv (see stream.h for when it is freed).
- * Registry references are released in one place each: a parked
- * coroutine's by stream_resume_parked (readers, writers, the handshake), the
- * close callback's by run_close_callback, the rest (delimiter, TLS
- * context) by stream_clear_read or l_gc; the userdata's own by
- * squall_stream_release once the last hold goes. */
+ * Who releases each registry reference:
+ * - a parked coroutine's: stream_resume_parked (readers, writers, the
+ *   handshake);
+ * - the close callback's: run_close_callback when it runs, else
+ *   set_close_callback when replaced, or l_gc when the stream is collected
+ *   unclosed;
+ * - the delimiter's: stream_clear_read, or l_gc;
+ * - the TLS context's: l_gc;
+ * - the userdata's own: squall_stream_release once the last hold goes. */
 struct squall_stream {
   squall_handle h; /* first: the loop closes us through it */
   uv_tcp_t tcp;

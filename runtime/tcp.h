@@ -10,7 +10,8 @@
 #include <lua.h>
 #include <sys/socket.h>
 
-/* Add core.bind_sockets to the table at the top of the stack. */
+/* Add core.bind_sockets, adopt_socket, accept, connect, connect_unix and
+ * udp_send to the table at the top of the stack. */
 int squall_tcp_open(lua_State *L);
 
 #endif

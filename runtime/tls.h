@@ -3,9 +3,10 @@
  * A context ("squall.ssl_context" userdata) is built once from an
  * ssl_options table and shared by every connection of a server or client.
  * A squall_tls is one connection's SSL object between two memory BIOs:
- * stream.c feeds it the ciphertext libuv read, takes plaintext out into the
- * stream's read buffer, puts plaintext in, and sends the ciphertext it
- * drains. The read state machine never knows TLS is there.
+ * the stream (stream_read.c and stream_tls.c) feeds it the ciphertext
+ * libuv read, takes plaintext out into the stream's read buffer, puts
+ * plaintext in, and sends the ciphertext it drains. The read state machine
+ * never knows TLS is there.
  *
  * Ownership: a squall_tls belongs to its stream, which frees it exactly
  * once with squall_tls_free. It holds its own reference to the SSL_CTX.
@@ -72,7 +73,8 @@ int squall_tls_push_alpn(lua_State *L, const squall_tls *t);
  * not_before=, serial=} (or nil). */
 int squall_tls_push_peer_certificate(lua_State *L, const squall_tls *t);
 
-/* Add core.ssl_context to the table at the top of the stack. */
+/* Add core.ssl_context, digest and rsa_encrypt to the table at the top of
+ * the stack. */
 int squall_tls_open(lua_State *L);
 
 #endif

@@ -59,7 +59,8 @@ function M.call_back(fn, s, callback, ...)
   resume(co, s, ...)
 end
 
--- runtime/stream.c hands a call whose last argument is a function here.
+-- runtime/stream_lua.c (stream_call_back) hands a call whose last argument
+-- is a function here.
 core.stream_call_back(M.call_back)
 
 local c_read_until_close = c.read_until_close
