@@ -10,6 +10,7 @@
 #include "loop.h"
 #include "msgpack.h"
 #include "process.h"
+#include "rpc_frame.h"
 #include "stream.h"
 #include "sysinfo.h"
 #include "tcp.h"
@@ -28,6 +29,7 @@ int luaopen_squall_core(lua_State *L) {
   squall_process_open(L);
   squall_sysinfo_open(L);
   squall_msgpack_open(L);
+  squall_rpc_frame_open(L);
   squall_http_open(L);
   squall_ws_open(L);
   squall_thread_open(L);

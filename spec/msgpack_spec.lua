@@ -265,46 +265,53 @@ describe("squall.msgpack", function()
       assert.equal("msgpack", select(2, w:next()).kind)
     end)
 
-    it("next_items gives a short array's items as values", function()
-      local u = msgpack.unpacker()
-      u:feed(msgpack.encode({ 1, "two", { 3 } }) .. msgpack.encode({ a = 1 }) ..
-        msgpack.encode(msgpack.array({}, 9)))
-      local n, a, b, c = u:next_items()
-      assert.equal(3, n); assert.equal(1, a); assert.equal("two", b); assert.same({ 3 }, c)
-      n, a = u:next_items()
-      assert.equal(-1, n); assert.same({ a = 1 }, a)
-      n, a = u:next_items() -- 9 items: too many to spread
-      assert.equal(-1, n); assert.equal(9, #a)
-      assert.is_nil((u:next_items()))
-    end)
-
-    it("next_rpc spreads a request's and a notification's parameters, nil in place", function()
+    it("rpc_frame_reader spreads a request's and a notification's parameters, nil in place", function()
+      local core = require("squall.core")
+      local F = core.rpc_frame_constants
+      local next_message = core.rpc_frame_reader()
       local u = msgpack.unpacker()
       u:feed(msgpack.encode_array(0, 7, "sum", msgpack.array({ 1, nil, 3 }, 3)) ..
         msgpack.encode_array(2, "tick", {}) ..
         msgpack.encode_array(1, 7, nil, { 9 }))
-      local r = { u:next_rpc() }
-      assert.equal(4, r[1]); assert.equal(0, r[2]); assert.equal(7, r[3])
-      assert.equal("sum", r[4]); assert.equal(3, r[5])
-      assert.equal(1, r[6]); assert.is_nil(r[7]); assert.equal(3, r[8])
-      local n, kind, msgid, method, count = u:next_rpc()
-      assert.equal(4, n); assert.equal(2, kind); assert.is_nil(msgid)
+      local r = { next_message(u) }
+      assert.equal(F.REQUEST, r[1]); assert.equal(7, r[2])
+      assert.equal("sum", r[3]); assert.equal(3, r[4])
+      assert.equal(1, r[5]); assert.is_nil(r[6]); assert.equal(3, r[7])
+      local kind, msgid, method, count = next_message(u)
+      assert.equal(F.NOTIFY, kind); assert.is_nil(msgid)
       assert.equal("tick", method); assert.equal(0, count)
-      -- a response is not spread
-      local rn, rkind, rid, rerr, rres = u:next_rpc()
-      assert.equal(4, rn); assert.equal(1, rkind); assert.equal(7, rid)
+      -- a response: msgid, error, result
+      local rkind, rid, rerr, rres = next_message(u)
+      assert.equal(F.RESPONSE, rkind); assert.equal(7, rid)
       assert.equal(msgpack.null, rerr); assert.same({ 9 }, rres)
-      -- more than 64 parameters come as their table
+      assert.is_nil(next_message(u))
+      -- more than MAX_SPREAD parameters come as their table
       local many = {}
-      for i = 1, 70 do many[i] = i end
+      for i = 1, F.MAX_SPREAD + 6 do many[i] = i end
       u:feed(msgpack.encode_array(0, 1, "f", many))
-      local _, _, _, _, c2, t = u:next_rpc()
-      assert.equal(-1, c2); assert.equal(70, #t)
-      -- params that are not an array at all: -2, nothing decoded
+      local _, _, _, c2, t = next_message(u)
+      assert.equal(F.PARAMS_TABLE, c2); assert.equal(F.MAX_SPREAD + 6, #t)
+      -- params that are not an array at all: nothing decoded
       u:feed(msgpack.encode_array(0, 2, "f", { a = 1 }) .. msgpack.encode_array(2, "g", 5))
-      local n3, _, _, _, c3, t3 = u:next_rpc()
-      assert.equal(4, n3); assert.equal(-2, c3); assert.is_nil(t3)
-      assert.equal(-2, select(5, u:next_rpc()))
+      local k3, _, _, c3, t3 = next_message(u)
+      assert.equal(F.REQUEST, k3); assert.equal(F.PARAMS_NOT_ARRAY, c3); assert.is_nil(t3)
+      assert.equal(F.PARAMS_NOT_ARRAY, select(4, next_message(u)))
+      -- the message type in a longer integer format (0xcc 0x00) is still a request
+      u:feed("\148\204\0\5\161f\145\1")
+      local k4, id4, m4, n4, p4 = next_message(u)
+      assert.same({ F.REQUEST, 5, "f", 1, 1 }, { k4, id4, m4, n4, p4 })
+      -- anything else comes whole, as OTHER
+      u:feed(msgpack.encode({ 0, 1, "f" }) .. msgpack.encode("x") .. msgpack.encode({ a = 1 }))
+      local k5, v5 = next_message(u)
+      assert.equal(F.OTHER, k5); assert.same({ 0, 1, "f" }, v5)
+      assert.same({ F.OTHER, "x" }, { next_message(u) })
+      local k6, v6 = next_message(u)
+      assert.equal(F.OTHER, k6); assert.same({ a = 1 }, v6)
+      -- bytes that are not MessagePack break it for good
+      u:feed("\193")
+      local none, err = next_message(u)
+      assert.is_nil(none); assert.equal("msgpack", err.kind)
+      assert.equal("msgpack", select(2, next_message(u)).kind)
     end)
 
     it("refuses a container whose items pass max_size before they all arrive", function()

@@ -39,7 +39,13 @@ local now = core.time
 local sm = iostream.methods
 local s_closed, s_read_bytes, s_set_idle = sm.closed, sm.read_bytes, sm.set_idle
 
-local REQUEST, RESPONSE, NOTIFY = 0, 1, 2
+-- The message kinds and the params' counts that are not counts, as
+-- runtime/rpc_frame.h names them: next_message spreads a message on the
+-- stack, so a request costs no table.
+local frame = core.rpc_frame_constants
+local REQUEST, RESPONSE, NOTIFY = frame.REQUEST, frame.RESPONSE, frame.NOTIFY
+local PARAMS_TABLE, PARAMS_NOT_ARRAY = frame.PARAMS_TABLE, frame.PARAMS_NOT_ARRAY
+local next_message = core.rpc_frame_reader()
 local DEFAULTS = { call_timeout = 30, max_message_size = 16777216, max_pending = 256 }
 
 local function rpc_error(kind, message, remote)
@@ -269,30 +275,25 @@ local function too_many_params(conn, msgid, method, n)
   return true
 end
 
--- One message, as the unpacker's next_rpc gives it; true to read on,
--- false when it is incomplete or broke the protocol.
-local function dispatch(conn, n, kind, b, c, d, ...)
-  if n == nil then
-    if kind ~= nil then return protocol_error(conn, tostring(kind)) end
-    return false
-  end
-  if n == 4 and (kind == REQUEST or kind == NOTIFY) then
-    -- spread by next_rpc: msgid (nil for a notification), method, count, params...
+-- One message, as next_message gives it (runtime/rpc_frame.h); true to
+-- read on, false when it is incomplete or broke the protocol.
+local function dispatch(conn, kind, b, c, d, ...)
+  if kind == REQUEST or kind == NOTIFY then
+    -- b: msgid (nil for a notification), c: method, d: nparams, params...
     if (kind == REQUEST and type(b) ~= "number") or type(c) ~= "string" then
       return protocol_error(conn, "a request is not [0, msgid, method, params]" ..
         " nor a notification [2, method, params]")
     end
-    if d == -2 then
+    if d == PARAMS_NOT_ARRAY then
       return protocol_error(conn, "the params of " .. c .. " are not an array")
     end
-    local params = ... -- only read when not spread (d == -1)
-    if d == -1 and #params > MAX_PARAMS then
+    local params = ... -- only read when not spread (d == PARAMS_TABLE)
+    if d == PARAMS_TABLE and #params > MAX_PARAMS then
       -- valid MessagePack-RPC, but more arguments than a Lua call takes
       return too_many_params(conn, b, c, #params)
     end
     if kind == REQUEST then conn._inflight = conn._inflight + 1 end
-    if d == -1 then
-      -- more than 64 parameters come as their table
+    if d == PARAMS_TABLE then
       run_request(conn, b, c, msgpack.values(params))
     else
       run_request(conn, b, c, ...)
@@ -304,7 +305,8 @@ local function dispatch(conn, n, kind, b, c, d, ...)
       conn._marked_busy = true
       s_set_idle(conn.stream, false)
     end
-  elseif n == 4 and kind == RESPONSE then
+  elseif kind == RESPONSE then
+    -- b: msgid, c: error, d: result
     local fut = conn._pending[b]
     if fut == nil then
       if conn._late[b] then
@@ -322,8 +324,12 @@ local function dispatch(conn, n, kind, b, c, d, ...)
       fut:set_result(false, nil, rpc_error("remote", "the peer answered an error: " ..
         (type(c) == "string" and c or util.describe(c)), c))
     end
-  elseif n < 0 and type(kind) ~= "table" then
-    return protocol_error(conn, "a message is not an array: " .. util.describe(kind))
+  elseif kind == nil then
+    -- nothing whole yet, or (b) the input is not MessagePack
+    if b ~= nil then return protocol_error(conn, tostring(b)) end
+    return false
+  elseif type(b) ~= "table" then
+    return protocol_error(conn, "a message is not an array: " .. util.describe(b))
   else
     return protocol_error(conn, "a message is not a MessagePack-RPC request, response " ..
       "or notification")
@@ -335,7 +341,7 @@ end
 local function read_messages(conn)
   local stream = conn.stream
   local unpacker = msgpack.unpacker({ max_size = conn._max_message_size })
-  local feed, next_rpc = unpacker.feed, unpacker.next_rpc
+  local feed = unpacker.feed
   s_set_idle(stream, true)
   -- While paused at max_pending the reader waits on _slot, not on the
   -- stream: a peer that goes away meanwhile must wake it too.
@@ -351,7 +357,7 @@ local function read_messages(conn)
     if not chunk then break end
     feed(unpacker, chunk)
     while not conn._broken do
-      if not dispatch(conn, next_rpc(unpacker)) then break end
+      if not dispatch(conn, next_message(unpacker)) then break end
       -- Backpressure: past max_pending running requests, read no more. A
       -- peer gone meanwhile gets no answers: what it sent past the bound
       -- is dropped, never run beyond max_pending.
