@@ -265,7 +265,7 @@ describe("squall.msgpack", function()
       assert.equal("msgpack", select(2, w:next()).kind)
     end)
 
-    it("rpc_frame_reader spreads a request's and a notification's parameters, nil in place", function()
+    it("rpc_frame_reader spreads requests and notifications, nil in place", function()
       local core = require("squall.core")
       local F = core.rpc_frame_constants
       local next_message = core.rpc_frame_reader()
