@@ -97,24 +97,25 @@ struct squall_stream {
   const char *err_kind;
   char *err_msg;
 
-  unsigned tcp_init : 1;      /* tcp handle initialized and not closed */
-  unsigned connected : 1;     /* reading and writing are possible */
-  unsigned reading : 1;       /* uv_read_start is active */
-  unsigned eof : 1;           /* the peer closed; rbuf may still hold data */
-  unsigned closed : 1;        /* closed, as close()/closed() see it */
-  unsigned closing : 1;       /* uv_close called on the handles */
-  unsigned flush_close : 1;   /* close once the queued writes are out */
-  unsigned in_flight : 1;     /* a uv_write is pending */
-  unsigned dirty : 1;         /* on the loop's dirty list */
-  unsigned held_unsent : 1;   /* a hold for bytes not yet sent */
-  unsigned ud_alive : 1;      /* the userdata is not collected */
-  unsigned close_cb_run : 1;  /* the close callback has been called */
-  unsigned need_pump : 1;     /* TLS holds data the reader can now take */
-  unsigned tls_eof : 1;       /* the peer sent close_notify */
-  unsigned shutdown_sent : 1; /* close_notify queued */
-  unsigned idle : 1;          /* between requests (set_idle) */
-  unsigned close_called : 1;  /* close() ran: a second one aborts */
-  int handles_open;           /* libuv handles not yet closed */
+  unsigned tcp_init : 1;        /* tcp handle initialized and not closed */
+  unsigned connected : 1;       /* reading and writing are possible */
+  unsigned reading : 1;         /* uv_read_start is active */
+  unsigned eof : 1;             /* the peer closed; rbuf may still hold data */
+  unsigned closed : 1;          /* closed, as close()/closed() see it */
+  unsigned closing : 1;         /* uv_close called on the handles */
+  unsigned flush_close : 1;     /* close once the queued writes are out */
+  unsigned in_flight : 1;       /* a uv_write is pending */
+  unsigned dirty : 1;           /* on the loop's dirty list */
+  unsigned held_unsent : 1;     /* a hold for bytes not yet sent */
+  unsigned ud_alive : 1;        /* the userdata is not collected */
+  unsigned close_cb_run : 1;    /* the close callback has been called */
+  unsigned need_pump : 1;       /* TLS holds data the reader can now take */
+  unsigned tls_eof : 1;         /* the peer sent close_notify */
+  unsigned shutdown_sent : 1;   /* close_notify queued */
+  unsigned idle : 1;            /* between requests (set_idle) */
+  unsigned close_when_idle : 1; /* a graceful shutdown: close at set_idle */
+  unsigned close_called : 1;    /* close() ran: a second one aborts */
+  int handles_open;             /* libuv handles not yet closed */
 };
 
 /* What a stream has while it writes: made by the first write, freed once

@@ -215,15 +215,15 @@ static int l_flush(lua_State *L) {
 /* stream:close(): flush what is queued, then close. A reader parked on
  * the stream gets nil, closed now. Called again while the flush waits,
  * it closes at once, as abort() does. */
-static int l_close(lua_State *L) {
-  squall_stream *s = stream_check(L, 1);
+/* stream:close(): what this program's close does (see iostream.lua). */
+static void close_by_program(squall_stream *s) {
   if (s->closed) {
     /* Only a flush this program asked for is cut short: one that began
      * when the peer half-closed still delivers what was written. */
     if (s->close_called && s->flush_close && !s->closing)
       stream_close_with(s, NULL, NULL);
     s->close_called = 1;
-    return 0;
+    return;
   }
   s->close_called = 1;
   s->closed = 1; /* what the woken reader does next sees it closed */
@@ -234,6 +234,10 @@ static int l_close(lua_State *L) {
   }
   squall_buffer_free(&s->rbuf);
   stream_close_flushing(s);
+}
+
+static int l_close(lua_State *L) {
+  close_by_program(stream_check(L, 1));
   return 0;
 }
 
@@ -274,7 +278,30 @@ static int l_set_idle(lua_State *L) {
   if (idle && !s->idle)
     s->idle_at = uv_now(&s->loop->uv);
   s->idle = idle;
+  if (idle && s->close_when_idle)
+    close_by_program(s);
   return 0;
+}
+
+/* stream:close_when_idle(): close it now when it is idle, else as soon as
+ * its handler marks it idle (TCPServer:close_gracefully). */
+static int l_close_when_idle(lua_State *L) {
+  squall_stream *s = stream_check(L, 1);
+  if (s->idle)
+    close_by_program(s);
+  else
+    s->close_when_idle = 1;
+  return 0;
+}
+
+/* stream:get_close_callback() -> the function set_close_callback holds,
+ * or nil (TCPServer:close_gracefully calls it from a callback of its own). */
+static int l_close_callback(lua_State *L) {
+  squall_stream *s = stream_check(L, 1);
+  if (s->close_cb_ref == LUA_NOREF)
+    return 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, s->close_cb_ref);
+  return 1;
 }
 
 static int l_is_idle(lua_State *L) {
@@ -515,6 +542,8 @@ int squall_stream_open(lua_State *L) {
       {"uses_tls", stream_l_uses_tls},
       {"set_idle", l_set_idle},
       {"is_idle", l_is_idle},
+      {"close_when_idle", l_close_when_idle},
+      {"get_close_callback", l_close_callback},
       {"idle_time", l_idle_time},
       {NULL, NULL},
   };

@@ -151,9 +151,13 @@ function TCPServer:add_sockets(sockets)
   end
   local ctx = self._ssl_ctx
   if not self._on_finish then
-    -- Every handler's coroutine ends here (runtime/coro.c finds it among
-    -- the keys of _conns): `tb` is the traceback when it raised. The
-    -- server holds the function: core.on_finish holds it weakly.
+    -- Every handler's coroutine ends here. Who calls this: when any
+    -- coroutine returns or raises, runtime/coro.c's squall_coro_resume
+    -- calls run_on_finish, which looks the coroutine up among the keys of
+    -- each table given to core.on_finish (ours: _conns, registered just
+    -- below) and calls that table's function: this one. `tb` is the
+    -- traceback when it raised. The server holds the function:
+    -- core.on_finish holds it weakly.
     self._on_finish = function(co, tb)
       if tb then
         local stream = self._conns[co]
@@ -250,6 +254,22 @@ function TCPServer:draining()
   return self._draining == true
 end
 
+-- A Future resolved once every stream in `streams` has closed: each
+-- one's close callback counts it, then calls the callback its handler set.
+local function all_closed(gen, streams)
+  local fut, left = gen.Future(), #streams
+  for _, stream in ipairs(streams) do
+    local prev = stream:get_close_callback()
+    stream:set_close_callback(function()
+      left = left - 1
+      if left == 0 then fut:set_result(true) end
+      if prev then prev() end
+    end)
+  end
+  if left == 0 then fut:set_result(true) end
+  return fut
+end
+
 --- Stop accepting, then wait (inside a coroutine) until every running
 -- handle_stream has returned, closing at once the streams whose handler
 -- marked them idle (`stream:set_idle(true)` between requests) and, at the
@@ -263,44 +283,45 @@ function TCPServer:close_gracefully(deadline)
     error("deadline must be a non-negative number", 2)
   end
   local gen = require "squall.gen"
-  local ioloop = require "squall.ioloop"
+  local loop = require("squall.ioloop").current()
   self:stop()
   self._draining = true
-  local loop = ioloop.current()
   local t_end = loop:time() + deadline
-  local done = gen.Future()
-  self._drained = function() if not done:done() then done:set_result(true) end end
-  -- Idle streams are closed now and whenever a handler marks one idle
-  -- later; checking a few times a second is plenty for a shutdown.
-  while self._nstreams > 0 and loop:time() < t_end do
-    for _, stream in pairs(self._conns) do
-      if stream:is_idle() then stream:close() end
-    end
-    gen.with_timeout(math.min(0.05, math.max(0, t_end - loop:time())), done)
-  end
   local closed = 0
   if self._nstreams > 0 then
-    for _, stream in pairs(self._conns) do
-      if not stream:closed() then closed = closed + 1 end
-      stream:abort() -- the time is up: what is still queued is dropped
+    -- Every handler's end is an event (finished() calls _drained), and so
+    -- is a handler marking its stream idle (close_when_idle closes it
+    -- then, in C): nothing is polled.
+    local all_done = gen.Future()
+    self._drained = function() if not all_done:done() then all_done:set_result(true) end end
+    for _, stream in pairs(self._conns) do stream:close_when_idle() end
+    gen.with_timeout(deadline, all_done)
+    if self._nstreams > 0 then
+      for _, stream in pairs(self._conns) do
+        if not stream:closed() then closed = closed + 1 end
+        stream:abort() -- the time is up: what is still queued is dropped
+      end
+      -- handlers see `closed` on their next call and return
+      gen.with_timeout(1, all_done)
     end
-    -- handlers see `closed` on their next call and return
-    gen.with_timeout(1, done)
+    self._drained = nil
   end
-  -- Streams whose handlers closed them but whose peers never read what
-  -- was queued: wait for them until the deadline too, then drop them.
-  while next(self._flushing) ~= nil and loop:time() < t_end do
-    for stream in pairs(self._flushing) do
-      if not stream:writing() then self._flushing[stream] = nil end
-    end
-    gen.sleep(math.min(0.05, math.max(0, t_end - loop:time())))
-  end
+  -- Streams whose handlers closed them but whose peers have not read what
+  -- was queued: wait for their close until the deadline too, then drop them.
+  local flushing = {}
   for stream in pairs(self._flushing) do
-    closed = closed + 1
-    stream:abort()
+    if stream:writing() then flushing[#flushing + 1] = stream end
   end
   self._flushing = setmetatable({}, { __mode = "k" })
-  self._drained = nil
+  if #flushing > 0 then
+    gen.with_timeout(math.max(0, t_end - loop:time()), all_closed(gen, flushing))
+    for _, stream in ipairs(flushing) do
+      if stream:writing() then
+        closed = closed + 1
+        stream:abort()
+      end
+    end
+  end
   return closed == 0, closed
 end
 
