@@ -32,6 +32,9 @@
 
 #define STREAM_MT "squall.stream"
 
+/* string.find as it was when the stream module loaded (stream_read.c). */
+#define STREAM_FIND_KEY "squall.stream.find"
+
 enum read_kind { READ_NONE, READ_UNTIL, READ_PATTERN, READ_BYTES, READ_CLOSE };
 enum write_wait { WAIT_HIGH_WATER, WAIT_FLUSH };
 

@@ -87,12 +87,10 @@ static int l_read_until_pattern(lua_State *L) {
   const char *pat = luaL_checkstring(L, 2);
   size_t max_bytes = opt_max_bytes(L, 3);
   /* A malformed pattern is misuse: raise here, not later in a callback. */
-  lua_getglobal(L, "string");
-  lua_getfield(L, -1, "find");
+  lua_getfield(L, LUA_REGISTRYINDEX, STREAM_FIND_KEY);
   lua_pushliteral(L, "");
   lua_pushvalue(L, 2);
   lua_call(L, 2, 0);
-  lua_pop(L, 1);
   if (s->read_kind != READ_NONE)
     return stream_busy(L);
   s->read_kind = READ_PATTERN;
@@ -547,6 +545,10 @@ int squall_stream_open(lua_State *L) {
       {"idle_time", l_idle_time},
       {NULL, NULL},
   };
+  lua_getglobal(L, "string");
+  lua_getfield(L, -1, "find");
+  lua_setfield(L, LUA_REGISTRYINDEX, STREAM_FIND_KEY);
+  lua_pop(L, 1);
   luaL_newmetatable(L, STREAM_MT);
   squall_register_udata(L, STREAM_MT);
   lua_newtable(L);

@@ -44,8 +44,20 @@ size_t stream_pattern_max_len(const char *p) {
   return n;
 }
 
+/* Why the last pattern search raised (find_pattern returned -2). */
+static _Thread_local char pattern_error[200];
+
 /* READ_PATTERN: where the first match ends, 0 when there is none yet, -1
- * past max_bytes. string.find runs over what is buffered from `scanned`
+ * past max_bytes, -2 when the search raised (pattern_error says why: a
+ * pattern too complex for the bytes that came, out of memory).
+ *
+ * Where this belongs: here, in the read state machine, because
+ * read_outcome is the one decision for every kind of read; the search is
+ * Lua's own string.find (the pattern language is Lua's), taken once from
+ * the registry (stream_lua.c stores it at load, so a program that replaces
+ * string.find does not change how streams read). C adds only the bound
+ * that makes the search resumable (stream_pattern_max_len).
+ * string.find runs over what is buffered from `scanned`
  * on: a match of at most `dlen` bytes (stream_pattern_max_len) that starts
  * earlier would have been found by an earlier search, so a line arriving
  * in many chunks is searched in linear time overall. A pattern with no
@@ -64,9 +76,7 @@ static long find_pattern(lua_State *L, squall_stream *s) {
   } else if (s->dlen != SIZE_MAX) {
     from = s->rbuf.scanned;
   }
-  lua_getglobal(L, "string");
-  lua_getfield(L, -1, "find");
-  lua_remove(L, -2);
+  lua_getfield(L, LUA_REGISTRYINDEX, STREAM_FIND_KEY);
   lua_pushlstring(L, squall_buffer_head(&s->rbuf) + from, n - from);
   lua_pushstring(L, s->delim);
   long r = 0;
@@ -84,7 +94,11 @@ static long find_pattern(lua_State *L, squall_stream *s) {
     }
     lua_pop(L, 2);
   } else {
+    const char *why = lua_tostring(L, -1);
+    snprintf(pattern_error, sizeof pattern_error,
+             "the pattern search failed: %s", why ? why : "(no message)");
     lua_pop(L, 1);
+    r = -2;
   }
   return r;
 }
@@ -132,6 +146,7 @@ enum read_outcome {
   OUTCOME_DATA,          /* finish with *n buffered bytes */
   OUTCOME_CLOSED,        /* finish with nil, closed (or the stream's error) */
   OUTCOME_UNSATISFIABLE, /* max_bytes passed without the delimiter */
+  OUTCOME_SEARCH_FAILED, /* the pattern search raised (pattern_error) */
   OUTCOME_BUFFER_FULL,   /* the read needs more than max_buffer_size */
 };
 
@@ -145,6 +160,8 @@ static enum read_outcome read_outcome(lua_State *L, squall_stream *s,
     *n = pos > 0 ? (size_t)pos : 0;
     return OUTCOME_DATA;
   }
+  if (pos == -2)
+    return OUTCOME_SEARCH_FAILED;
   if (pos < 0)
     return OUTCOME_UNSATISFIABLE;
   if (s->eof)
@@ -160,6 +177,8 @@ static void fail_read(squall_stream *s, enum read_outcome o) {
   if (o == OUTCOME_UNSATISFIABLE)
     stream_close_with(s, "unsatisfiable",
                       "max_bytes reached without finding the delimiter");
+  else if (o == OUTCOME_SEARCH_FAILED)
+    stream_close_with(s, "unsatisfiable", pattern_error);
   else if (o == OUTCOME_BUFFER_FULL)
     stream_close_with(s, "buffer_full",
                       "the read needs more than max_buffer_size bytes");

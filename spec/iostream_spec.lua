@@ -112,6 +112,33 @@ describe("squall.iostream", function()
     assert.has_error(function() server:read_until_pattern("[") end)
   end))
 
+  it("read_until_pattern fails a read whose search raises, instead of waiting", async(function()
+    local server, client = pair()
+    -- well-formed, but too complex for 300 bytes that match it
+    local reading = gen.spawn(function()
+      return server:read_until_pattern(string.rep("a?", 300) .. "b")
+    end)
+    client:write(string.rep("a", 300))
+    local r, err = reading:result()
+    assert.is_nil(r)
+    assert.equal("unsatisfiable", err.kind)
+    assert.matches("pattern search failed: pattern too complex", err.message, 1, true)
+    assert.is_true(server:closed())
+  end))
+
+  it("read_until_pattern uses string.find as it was at load", async(function()
+    local server, client = pair()
+    local find = string.find
+    string.find = function() error("replaced") end -- luacheck: ignore 122
+    local ok, r = pcall(function()
+      client:write("x;")
+      return server:read_until_pattern("%a;")
+    end)
+    string.find = find -- luacheck: ignore 122
+    assert.is_true(ok)
+    assert.equal("x;", r)
+  end))
+
   describe("read_bytes", function()
     it("waits for exactly n bytes", async(function()
       local server, client = pair()

@@ -91,7 +91,10 @@ describe("squall.redis.sentinel", function()
   it("never hands out a connection to the old master once it is back as a replica",
     async(function()
       local p = assert(redis.sentinel({ sentinels = g.addrs, master = g.name, size = 4 }))
-      -- the old master comes back; the sentinels make it a replica of the new one
+      -- the old master comes back; the sentinels make it a replica of the new
+      -- one once they have seen it claim to be a master for a while (four
+      -- publish periods, then its next INFO refresh: about 10-20 s, more on a
+      -- loaded machine)
       g.restart(g.master)
       eventually(function()
         local r = redis.connect({ port = g.master.port })
@@ -99,12 +102,12 @@ describe("squall.redis.sentinel", function()
         local role = r:call("ROLE")
         r:close()
         return type(role) == "table" and role[1] == "slave"
-      end, "the old master to be a replica", 20)
+      end, "the old master to be a replica", 50)
       for _ = 1, 40 do
         assert.equal("master", p:call("ROLE")[1])
         assert.equal("OK", p:call("SET", "s:after", "x"))
       end
       assert.equal(g.replica.addr, p:address())
       p:close()
-    end, { timeout = 60 }))
+    end, { timeout = 90 }))
 end)
