@@ -220,7 +220,6 @@ void stream_wake_handshake(squall_stream *s, int ok);
 
 /* stream_lua.c */
 int stream_busy(lua_State *L);
-int stream_call_back(lua_State *L, lua_CFunction fn);
 squall_stream *stream_check(lua_State *L, int idx);
 
 #endif

@@ -5,38 +5,9 @@
 
 #include <limits.h>
 
-#define CALL_BACK_KEY "squall.stream.call_back"
-
 squall_stream *stream_check(lua_State *L, int idx) {
   squall_stream **p = squall_checkudata(L, idx, STREAM_MT);
   return *p;
-}
-
-/* Callback style: when the last argument is a function, hand the call to
- * the Lua helper iostream.lua registered (core.stream_call_back), which
- * runs `fn` in a coroutine of its own and calls the callback later.
- * Returns 1 when it did. Checked in C so the direct style pays nothing. */
-int stream_call_back(lua_State *L, lua_CFunction fn) {
-  int top = lua_gettop(L);
-  if (top < 2 || lua_type(L, top) != LUA_TFUNCTION)
-    return 0;
-  lua_getfield(L, LUA_REGISTRYINDEX, CALL_BACK_KEY);
-  if (lua_isnil(L, -1))
-    luaL_error(L, "callback style needs squall.iostream loaded");
-  lua_pushcfunction(L, fn);
-  lua_pushvalue(L, 1);
-  lua_pushvalue(L, top);
-  for (int i = 2; i < top; i++)
-    lua_pushvalue(L, i);
-  lua_call(L, top + 1, 0);
-  return 1;
-}
-
-static int l_stream_call_back(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TFUNCTION);
-  lua_settop(L, 1);
-  lua_setfield(L, LUA_REGISTRYINDEX, CALL_BACK_KEY);
-  return 0;
 }
 
 int stream_busy(lua_State *L) {
@@ -63,8 +34,6 @@ static size_t opt_max_bytes(lua_State *L, int idx) {
 /* stream:read_until(delimiter [, max_bytes]) */
 static int l_read_until(lua_State *L) {
   squall_stream *s = stream_check(L, 1);
-  if (stream_call_back(L, l_read_until))
-    return 0;
   size_t dlen;
   const char *delim = luaL_checklstring(L, 2, &dlen);
   luaL_argcheck(L, dlen > 0, 2, "the delimiter is empty");
@@ -82,8 +51,6 @@ static int l_read_until(lua_State *L) {
 /* stream:read_until_pattern(pattern [, max_bytes]) */
 static int l_read_until_pattern(lua_State *L) {
   squall_stream *s = stream_check(L, 1);
-  if (stream_call_back(L, l_read_until_pattern))
-    return 0;
   const char *pat = luaL_checkstring(L, 2);
   size_t max_bytes = opt_max_bytes(L, 3);
   /* A malformed pattern is misuse: raise here, not later in a callback. */
@@ -104,8 +71,6 @@ static int l_read_until_pattern(lua_State *L) {
 /* stream:read_bytes(n [, partial]) */
 static int l_read_bytes(lua_State *L) {
   squall_stream *s = stream_check(L, 1);
-  if (stream_call_back(L, l_read_bytes))
-    return 0;
   lua_Number n = luaL_checknumber(L, 2);
   luaL_argcheck(L, n >= 0 && n == (lua_Number)(uint64_t)n, 2,
                 "n must be a non-negative integer");
@@ -138,9 +103,10 @@ static int l_read_until_close(lua_State *L) {
   return stream_try_inline_read(L, s, "read_until_close");
 }
 
-/* stream:write(data [, callback]): data is a string or an array of
- * strings. With a callback (iostream.lua waits for it with flush in a
- * coroutine of its own) the caller never waits here. */
+/* write(stream, data [, nowait]): data is a string or an array of
+ * strings. With nowait the caller never waits past write_high_water
+ * (iostream.lua's callback style passes it, and waits with flush in a
+ * coroutine of its own). */
 static int l_write(lua_State *L) {
   squall_stream *s = stream_check(L, 1);
   size_t total = 0;
@@ -185,7 +151,7 @@ static int l_write(lua_State *L) {
   }
   if (err != 0)
     return luaL_error(L, "out of memory queueing a write");
-  return stream_write_queued(L, s, total, lua_isnoneornil(L, 3));
+  return stream_write_queued(L, s, total, !lua_toboolean(L, 3));
 }
 
 squall_stream *squall_stream_check(lua_State *L, int idx) {
@@ -195,8 +161,6 @@ squall_stream *squall_stream_check(lua_State *L, int idx) {
 /* stream:flush(): wait until everything queued reached the kernel. */
 static int l_flush(lua_State *L) {
   squall_stream *s = stream_check(L, 1);
-  if (stream_call_back(L, l_flush))
-    return 0;
   squall_coro_check(L, "flush");
   if (s->closed && !s->flush_close)
     return stream_push_closed(L, s);
@@ -561,8 +525,6 @@ int squall_stream_open(lua_State *L) {
   lua_pushcfunction(L, l_tostring);
   lua_setfield(L, -2, "__tostring");
   lua_setfield(L, -2, "stream_mt"); /* core.stream_mt */
-  lua_pushcfunction(L, l_stream_call_back);
-  lua_setfield(L, -2, "stream_call_back");
   lua_pushcfunction(L, stream_l_tls_log);
   lua_setfield(L, -2, "stream_tls_log");
   lua_pushcfunction(L, l_io_bytes);

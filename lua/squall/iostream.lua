@@ -29,7 +29,7 @@ end
 local c_error = c._error
 local create = coroutine.create
 local resume = core.resume
-local type, error = type, error
+local type, error, select, unpack = type, error, select, unpack
 
 --- The stream's methods, for code that extends streams (TLS does).
 M.methods = methods
@@ -47,6 +47,12 @@ function M.is_stream(x)
   return getmetatable(x) == mt
 end
 
+-- ---- callback style ----------------------------------------------------
+-- Owned here, and only here: the C methods (runtime/stream_lua.c) know
+-- only the direct style. Every waiting method also takes a function as
+-- its last argument: it then runs in a coroutine of its own, returns at
+-- once, and callback(result, err) runs on a later loop iteration.
+
 --- Callback style: run `fn(s, ...)` in a coroutine of its own and pass
 -- its results to `callback(result, err)` on a later loop iteration, never
 -- synchronously (what every stream method does with a function last).
@@ -59,9 +65,19 @@ function M.call_back(fn, s, callback, ...)
   resume(co, s, ...)
 end
 
--- runtime/stream_lua.c (stream_call_back) hands a call whose last argument
--- is a function here.
-core.stream_call_back(M.call_back)
+-- `direct` taking a callback as its last argument too.
+local function callback_style(direct)
+  return function(s, ...)
+    local n = select("#", ...)
+    if n > 0 and type((select(n, ...))) == "function" then
+      local args = { ... }
+      local callback = args[n]
+      M.call_back(direct, s, callback, unpack(args, 1, n - 1))
+      return
+    end
+    return direct(s, ...)
+  end
+end
 
 local c_read_until_close = c.read_until_close
 local c_read_bytes = c.read_bytes
@@ -112,10 +128,10 @@ int squall_stream_ffi_write(void *p, const char *data, size_t n);
 ]])
 local C = ffi.C
 local fast = pcall(function() return C.squall_stream_ffi_write end)
-local ffi_string, getmetatable, select = ffi.string, getmetatable, select
+local ffi_string, getmetatable = ffi.string, getmetatable
 local NO_LIMIT = 2 ^ 53 -- stands for "no max_bytes": no line is that long
 
-local read_until = c.read_until
+local read_until = callback_style(c.read_until)
 --- Read up to and including `delim`; see docs/api.md.
 function methods.read_until(s, delim, max_bytes, ...)
   if fast and getmetatable(s) == mt and type(delim) == "string" and select("#", ...) == 0 then
@@ -134,6 +150,10 @@ function methods.read_until(s, delim, max_bytes, ...)
 end
 
 local write = c.write
+
+methods.read_until_pattern = callback_style(c.read_until_pattern)
+methods.read_bytes = callback_style(c.read_bytes)
+methods.flush = callback_style(c.flush)
 --- Queue data (a string or an array of strings) for writing; see docs/api.md.
 -- With a callback, it is called with (true) once the data reached the
 -- kernel, or (nil, err).
@@ -148,9 +168,8 @@ function methods.write(s, data, callback)
   if type(callback) ~= "function" then
     error("write: callback must be a function", 2)
   end
-  -- Passing the callback tells C not to wait past write_high_water: the
-  -- callback, not the caller, learns when the bytes are out.
-  local ok, err = write(s, data, callback)
+  -- nowait: the callback, not the caller, learns when the bytes are out
+  local ok, err = write(s, data, true)
   if not ok then
     ioloop.current():add_callback(callback, nil, err)
     return
