@@ -21,6 +21,24 @@ describe("squall.redis", function()
   setup(function() srv = start_redis() end)
   teardown(async(function() stop_redis(srv) end))
 
+  it("has a method for each of Redis' commands; any other name raises at the caller's line",
+    async(function()
+      local r = connect(srv)
+      assert.is_table(r:client_list() and r:command_count() and { r:config_get("maxmemory") })
+      local ok, err = pcall(function() return r:gett("k") end)
+      assert.is_false(ok)
+      assert.matches("redis_spec.lua:%d+: redis: no command gett", err)
+      -- nothing was sent: the connection answers the next command in step
+      assert.equal("PONG", r:ping())
+      -- a pipeline's queue refuses the same way
+      assert.has_error(function() r:pipeline(function(p) p:sett("a", 1) end) end)
+      -- what the list does not know still goes through call
+      local reply, rerr = r:call("GETT", "k")
+      assert.is_nil(reply)
+      assert.matches("unknown command", tostring(rerr))
+      r:close()
+    end))
+
   it("runs commands as methods; replies of every type", async(function()
     local r = connect(srv)
     assert.equal("OK", r:set("k", "v"))

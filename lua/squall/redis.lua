@@ -16,6 +16,7 @@ local iostream = require "squall.iostream"
 local pool = require "squall.pool"
 local reader = require "squall.reader"
 local util = require "squall.util"
+local KNOWN = require "squall.redis.commands"
 
 local M = {}
 
@@ -230,7 +231,7 @@ local function request(parts, name, ...)
   parts[#parts + 1] = cur
 end
 
---- A connection: `r:call(name, ...)`, every command as a lower-case
+--- A connection: `r:call(name, ...)`, each of Redis' commands as a lower-case
 -- method, `r:pipeline(fn)`, `r:subscribe(...)`, `r:read_message()`,
 -- `r:close()`.
 -- @type Redis
@@ -242,9 +243,15 @@ local function command_method(key)
   return function(r, ...) return r:call(a, b, ...) end
 end
 
--- A name that may be a command's: a method made for it when asked for.
-local function command_name(key)
-  return type(key) == "string" and find(key, "^%a[%w_]*$") ~= nil
+-- A method for `key` when it names a command Redis has (squall.redis.
+-- commands); nil for a name no method could have; raises, at the line
+-- that asked (level), for a name shaped like a command that is none, so
+-- r:gett() is a mistake found here, not a round trip the server refuses.
+local function command_for(key, level)
+  if type(key) ~= "string" or find(key, "^%a[%w_]*$") == nil then return nil end
+  if KNOWN[(key:match("^[^_]+")):lower()] then return command_method(key) end
+  error(format("redis: no command %s: not one of Redis' commands (send others with " ..
+    "r:call(%q, ...))", key, (key:upper():gsub("_", " "))), level + 1)
 end
 
 --- Give class `cls` (a util.class whose objects have `call`) a method for
@@ -255,9 +262,9 @@ function M.command_methods(cls)
   local inherited = mt.__index
   mt.__index = function(c, key)
     local v = inherited[key]
-    if v ~= nil or not command_name(key) then return v end
-    v = command_method(key)
-    rawset(c, key, v)
+    if v ~= nil then return v end
+    v = command_for(key, 2)
+    if v then rawset(c, key, v) end
     return v
   end
 end
@@ -268,8 +275,8 @@ end
 function M.queue_index(methods)
   return function(_, key)
     local m = methods[key]
-    if m == nil and command_name(key) then
-      m = command_method(key)
+    if m == nil then
+      m = command_for(key, 2)
       methods[key] = m
     end
     return m
