@@ -83,7 +83,8 @@ void squall_stream_hold(lua_State *L, squall_stream *s, int idx) {
 }
 
 void squall_stream_release(lua_State *L, squall_stream *s) {
-  if (s->holds > 0 && --s->holds == 0) {
+  assert(s->holds > 0); /* every release matches a hold */
+  if (--s->holds == 0) {
     if (L != NULL)
       luaL_unref(L, LUA_REGISTRYINDEX, s->self_ref);
     s->self_ref = LUA_NOREF;
@@ -186,7 +187,7 @@ void stream_clear_read(squall_stream *s, lua_State *L) {
   s->read_kind = READ_NONE;
   s->delim = NULL;
   stream_unref(L, &s->delim_ref);
-  if (s->timers != NULL && !s->closing)
+  if (s->timers != NULL && !stream_closing(s))
     uv_timer_stop(&s->timers->r);
 }
 
@@ -284,6 +285,7 @@ static void on_handle_closed(uv_handle_t *h) {
     }
     run_close_callback(s);
   }
+  assert(s->handles_open > 0 && stream_closing(s));
   s->handles_open--;
   stream_maybe_free(s);
 }
@@ -291,10 +293,9 @@ static void on_handle_closed(uv_handle_t *h) {
 /* Close the libuv handles; the stream is freed once they are done. */
 void stream_close_handles(squall_stream *s) {
   stream_assert_flags(s);
-  if (s->closing)
+  if (stream_closing(s))
     return;
-  s->closing = 1;
-  s->closed = 1;
+  stream_set_life(s, LIFE_CLOSING);
   stream_remove_dirty(s);
   stream_stop_reading(s);
 
@@ -318,9 +319,7 @@ void stream_close_handles(squall_stream *s) {
 void stream_close_with(squall_stream *s, const char *kind, const char *msg) {
   if (kind != NULL)
     stream_set_error(s, kind, msg);
-  s->closed = 1;
-  s->flush_close = 0;
-  stream_close_handles(s);
+  stream_close_handles(s); /* a flush in progress is abandoned */
 }
 
 /* The loop is closing: close without flushing. */
@@ -340,10 +339,10 @@ static void on_close_timeout(uv_timer_t *t) {
  * by the stream's timeout; without one it lasts as long as the peer
  * reads, unless abort() (or a second close()) cuts it short. */
 void stream_close_flushing(squall_stream *s) {
-  if (s->closing)
+  if (stream_closing(s) || stream_flushing(s))
     return;
-  s->closed = 1;
-  s->flush_close = 1; /* for TLS: close_notify follows the last record */
+  stream_set_life(
+      s, LIFE_FLUSHING); /* TLS: close_notify follows the last record */
   if (s->tls == NULL || squall_tls_handshake_done(s->tls->t))
     stream_stop_reading(
         s); /* else the handshake must finish before the flush */

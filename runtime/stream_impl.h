@@ -36,6 +36,24 @@
 #define STREAM_FIND_KEY "squall.stream.find"
 
 enum read_kind { READ_NONE, READ_UNTIL, READ_PATTERN, READ_BYTES, READ_CLOSE };
+
+/* Where a stream is in its life. It only moves forward, and only through
+ * stream_set_life, which asserts that:
+ *   LIFE_OPEN      reading and writing
+ *   LIFE_CLOSED    closed to the program (close() was called, the peer
+ *                  ended, or an error closed it): closed() is true, what
+ *                  was buffered before an EOF can still be read, and the
+ *                  handles are still open
+ *   LIFE_FLUSHING  closed, and the handles close once the queued writes
+ *                  are out (stream_close_flushing; abort() or a second
+ *                  close() cuts it short)
+ *   LIFE_CLOSING   uv_close was called on the handles
+ *                  (stream_close_handles): the stream is freed once they
+ *                  and the userdata are gone (stream_maybe_free)
+ * Entered from: OPEN -> CLOSED by close() and EOF; OPEN/CLOSED ->
+ * FLUSHING by stream_close_flushing; any -> CLOSING by
+ * stream_close_handles (stream_close_with, the flush done, the loop). */
+enum stream_life { LIFE_OPEN, LIFE_CLOSED, LIFE_FLUSHING, LIFE_CLOSING };
 enum write_wait { WAIT_HIGH_WATER, WAIT_FLUSH };
 
 /* A coroutine parked in write() or flush(). Waiters form a FIFO on the
@@ -104,9 +122,7 @@ struct squall_stream {
   unsigned connected : 1;       /* reading and writing are possible */
   unsigned reading : 1;         /* uv_read_start is active */
   unsigned eof : 1;             /* the peer closed; rbuf may still hold data */
-  unsigned closed : 1;          /* closed, as close()/closed() see it */
-  unsigned closing : 1;         /* uv_close called on the handles */
-  unsigned flush_close : 1;     /* close once the queued writes are out */
+  unsigned life : 2;            /* enum stream_life: stream_set_life */
   unsigned in_flight : 1;       /* a uv_write is pending */
   unsigned dirty : 1;           /* on the loop's dirty list */
   unsigned held_unsent : 1;     /* a hold for bytes not yet sent */
@@ -152,8 +168,29 @@ struct stream_timers {
  * a live handle; reading needs the TCP handle; a hold for unsent bytes is
  * one of the holds; the TLS flags need a TLS layer; a parked reader has a
  * read set up. */
+/* Move `s` on to `to`: never back, and never twice to the same state
+ * except LIFE_CLOSED (close() after an EOF closed it). */
+static inline void stream_set_life(squall_stream *s, enum stream_life to) {
+  assert(to > s->life || (to == LIFE_CLOSED && s->life == LIFE_CLOSED));
+  s->life = to;
+}
+
+/* closed(): the program can no longer use it. */
+static inline int stream_closed(const squall_stream *s) {
+  return s->life >= LIFE_CLOSED;
+}
+
+static inline int stream_flushing(const squall_stream *s) {
+  return s->life == LIFE_FLUSHING;
+}
+
+static inline int stream_closing(const squall_stream *s) {
+  return s->life == LIFE_CLOSING;
+}
+
 static inline void stream_assert_flags(const squall_stream *s) {
-  assert(!s->closing || s->closed);
+  assert(!s->reading || s->life < LIFE_CLOSING);
+  assert(!s->connected || s->tcp_init || s->life == LIFE_CLOSING);
   assert(!s->in_flight || (s->w != NULL && s->handles_open > 0));
   assert(!s->reading || s->tcp_init);
   assert(!s->held_unsent || s->holds > 0);

@@ -162,7 +162,7 @@ squall_stream *squall_stream_check(lua_State *L, int idx) {
 static int l_flush(lua_State *L) {
   squall_stream *s = stream_check(L, 1);
   squall_coro_check(L, "flush");
-  if (s->closed && !s->flush_close)
+  if (stream_closed(s) && !stream_flushing(s))
     return stream_push_closed(L, s);
   if (stream_flush_writes(s) != 0)
     return stream_push_closed(L, s);
@@ -179,16 +179,16 @@ static int l_flush(lua_State *L) {
  * it closes at once, as abort() does. */
 /* stream:close(): what this program's close does (see iostream.lua). */
 static void close_by_program(squall_stream *s) {
-  if (s->closed) {
+  if (stream_closed(s)) {
     /* Only a flush this program asked for is cut short: one that began
      * when the peer half-closed still delivers what was written. */
-    if (s->close_called && s->flush_close && !s->closing)
+    if (s->close_called && stream_flushing(s) && !stream_closing(s))
       stream_close_with(s, NULL, NULL);
     s->close_called = 1;
     return;
   }
   s->close_called = 1;
-  s->closed = 1; /* what the woken reader does next sees it closed */
+  stream_set_life(s, LIFE_CLOSED); /* the woken reader sees it closed */
   if (s->reader_ref != LUA_NOREF) {
     lua_State *LL = stream_loop_L(s);
     if (LL != NULL)
@@ -206,7 +206,7 @@ static int l_close(lua_State *L) {
 /* stream:abort(): close now, dropping whatever is still queued. */
 static int l_abort(lua_State *L) {
   squall_stream *s = stream_check(L, 1);
-  if (!s->closing)
+  if (!stream_closing(s))
     stream_close_with(s, NULL, NULL);
   return 0;
 }
@@ -283,7 +283,7 @@ static int l_idle_time(lua_State *L) {
 }
 
 static int l_closed(lua_State *L) {
-  lua_pushboolean(L, stream_check(L, 1)->closed);
+  lua_pushboolean(L, stream_closed(stream_check(L, 1)));
   return 1;
 }
 
@@ -294,8 +294,8 @@ static int l_reading(lua_State *L) {
 
 static int l_writing(lua_State *L) {
   squall_stream *s = stream_check(L, 1);
-  lua_pushboolean(L,
-                  stream_unsent(s) > 0 && !s->closing); /* never, once closed */
+  lua_pushboolean(L, stream_unsent(s) > 0 &&
+                         !stream_closing(s)); /* never, once closed */
   return 1;
 }
 
@@ -330,7 +330,7 @@ static int l_set_timeout(lua_State *L) {
   }
   lua_Number t = luaL_checknumber(L, 2);
   luaL_argcheck(L, t > 0, 2, "timeout must be positive (or nil for none)");
-  if (s->timers == NULL && !s->closing) {
+  if (s->timers == NULL && !stream_closing(s)) {
     s->timers = malloc(sizeof *s->timers);
     if (s->timers == NULL)
       return luaL_error(L, "out of memory");
@@ -345,7 +345,7 @@ static int l_set_timeout(lua_State *L) {
 
 static int l_set_nodelay(lua_State *L) {
   squall_stream *s = stream_check(L, 1);
-  if (s->closed || !s->tcp_init)
+  if (stream_closed(s) || !s->tcp_init)
     return stream_push_closed(L, s);
   int err = uv_tcp_nodelay(&s->tcp, lua_isnone(L, 2) || lua_toboolean(L, 2));
   if (err != 0)
@@ -357,7 +357,7 @@ static int l_set_nodelay(lua_State *L) {
 static int l_fileno(lua_State *L) {
   squall_stream *s = stream_check(L, 1);
   uv_os_fd_t fd;
-  if (s->closing || !s->tcp_init ||
+  if (stream_closing(s) || !s->tcp_init ||
       uv_fileno((uv_handle_t *)&s->tcp, &fd) != 0) {
     lua_pushinteger(L, -1);
     return 1;
@@ -368,7 +368,7 @@ static int l_fileno(lua_State *L) {
 
 static int sockname(lua_State *L, int peer) {
   squall_stream *s = stream_check(L, 1);
-  if (s->closing || !s->tcp_init)
+  if (stream_closing(s) || !s->tcp_init)
     return stream_push_closed(L, s);
   struct sockaddr_storage ss;
   int len = sizeof ss;
@@ -400,7 +400,7 @@ static int l_gc(lua_State *L) {
   if (s->tls != NULL)
     stream_unref(RL, &s->tls->ctx_ref);
   s->close_cb_run = 1;
-  if (!s->closing)
+  if (!stream_closing(s))
     stream_close_with(s, NULL, NULL);
   stream_maybe_free(s);
   return 0;
@@ -424,7 +424,7 @@ int squall_stream_ffi_line(squall_stream **p, const char *delim, size_t dlen,
                            double max_bytes) {
   squall_stream *s = *p;
   if (s->read_kind != READ_NONE || s->tls != NULL || dlen == 0 ||
-      (s->closed && !s->eof) || !(s->reading || s->eof))
+      (stream_closed(s) && !s->eof) || !(s->reading || s->eof))
     return 0;
   if (!max_bytes_valid(max_bytes))
     return 0;
@@ -449,7 +449,7 @@ void squall_stream_ffi_consume(squall_stream **p, size_t n) {
 /* Queue data[0, n) as write() would without waiting: 1 when it did. */
 int squall_stream_ffi_write(squall_stream **p, const char *data, size_t n) {
   squall_stream *s = *p;
-  if (s->closed || !s->held_unsent || s->w == NULL || n == 0)
+  if (stream_closed(s) || !s->held_unsent || s->w == NULL || n == 0)
     return 0;
   if (stream_unsent(s) + n > s->o.write_high_water ||
       stream_write_too_big(s, n))
@@ -463,8 +463,8 @@ int squall_stream_ffi_write(squall_stream **p, const char *data, size_t n) {
 
 static int l_tostring(lua_State *L) {
   squall_stream *s = stream_check(L, 1);
-  lua_pushfstring(L, "squall.stream (%s): %p", s->closed ? "closed" : "open",
-                  (void *)s);
+  lua_pushfstring(L, "squall.stream (%s): %p",
+                  stream_closed(s) ? "closed" : "open", (void *)s);
   return 1;
 }
 

@@ -153,7 +153,7 @@ enum read_outcome {
 static enum read_outcome read_outcome(lua_State *L, squall_stream *s,
                                       size_t *n) {
   /* After our own close(), reads fail even with bytes buffered. */
-  if (s->closed && !s->eof)
+  if (stream_closed(s) && !s->eof)
     return OUTCOME_CLOSED;
   long pos = find_read_pos(L, s);
   if (pos > 0 || (s->read_kind == READ_CLOSE && s->eof)) {
@@ -297,7 +297,7 @@ static void on_read(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
     if (s->read_kind != READ_NONE)
       stream_process_pending_read(s);
     /* Backpressure: nobody reads and the buffer is full. */
-    if (!s->closed && s->read_kind == READ_NONE &&
+    if (!stream_closed(s) && s->read_kind == READ_NONE &&
         squall_buffer_len(&s->rbuf) >= s->o.max_buffer_size)
       stream_stop_reading(s);
     return;
@@ -314,7 +314,8 @@ void stream_on_eof(squall_stream *s, ssize_t nread) {
   /* EOF or a socket error: what is buffered stays readable, and a reader
    * woken now already sees the stream closed. */
   s->eof = 1;
-  s->closed = 1;
+  if (s->life < LIFE_CLOSED)
+    stream_set_life(s, LIFE_CLOSED);
   stream_stop_reading(s);
   if (nread != UV_EOF)
     stream_set_error(s, squall_uv_error_kind((int)nread),
@@ -333,13 +334,14 @@ void stream_on_eof(squall_stream *s, ssize_t nread) {
 }
 
 void stream_start_reading(squall_stream *s) {
-  if (s->tls != NULL && !s->closing && squall_tls_pending(s->tls->t) > 0) {
+  if (s->tls != NULL && !stream_closing(s) &&
+      squall_tls_pending(s->tls->t) > 0) {
     /* No socket event will come for what OpenSSL already holds: decrypt
      * it from the loop's flush hook. */
     s->need_pump = 1;
     stream_mark_dirty(s);
   }
-  if (s->reading || !s->connected || s->closed || s->eof)
+  if (s->reading || !s->connected || stream_closed(s) || s->eof)
     return;
   if (squall_buffer_len(&s->rbuf) >= s->o.max_buffer_size)
     return;
@@ -381,7 +383,7 @@ int stream_try_inline_read(lua_State *L, squall_stream *s, const char *what) {
   }
   /* About to wait: what this coroutine wrote goes out first. */
   stream_flush_writes(s);
-  if (s->closed && !s->eof) {
+  if (stream_closed(s) && !s->eof) {
     stream_clear_read(s, L);
     return stream_push_closed(L, s);
   }

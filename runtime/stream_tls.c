@@ -14,7 +14,7 @@ void stream_wake_handshake(squall_stream *s, int ok) {
   int ref = s->tls->hs_ref;
   s->tls->hs_ref = LUA_NOREF;
   /* After close() the read timer bounds the flush instead. */
-  if (s->timers != NULL && !s->closing && !s->flush_close)
+  if (s->timers != NULL && !stream_closing(s) && !stream_flushing(s))
     uv_timer_stop(&s->timers->r);
   stream_resume_parked(s, ref, stream_push_outcome(s, ok));
 }
@@ -40,7 +40,7 @@ void stream_tls_failed(squall_stream *s, const char *msg) {
  * with one try_write before the stream closes, as openssl s_server does,
  * so the peer learns the reason instead of seeing the connection drop. */
 static void send_alert(squall_stream *s) {
-  if (!s->connected || s->closing || s->in_flight ||
+  if (!s->connected || stream_closing(s) || s->in_flight ||
       squall_tls_drain(s->tls->t, &s->tls->wcipher) != 0 ||
       squall_buffer_len(&s->tls->wcipher) == 0)
     return;
@@ -58,7 +58,7 @@ static void send_alert(squall_stream *s) {
  * wake a handshake waiter. Returns SQUALL_TLS_OK, _EOF or _ERROR (the
  * stream is closed then). */
 int stream_tls_pump(squall_stream *s) {
-  if (s->tls == NULL || s->closing)
+  if (s->tls == NULL || stream_closing(s))
     return SQUALL_TLS_ERROR;
   size_t len = squall_buffer_len(&s->rbuf);
   size_t room = s->o.max_buffer_size > len ? s->o.max_buffer_size - len : 0;
@@ -97,7 +97,7 @@ int stream_l_start_tls(lua_State *L) {
     return luaL_error(L, "start_tls: the stream already uses TLS");
   if (s->read_kind != READ_NONE)
     return luaL_error(L, "start_tls: a read is pending");
-  if (s->closed)
+  if (stream_closed(s))
     return stream_push_closed(L, s);
   if (stream_unsent(s) > 0)
     return luaL_error(L, "start_tls: plaintext writes are still queued");
@@ -140,7 +140,7 @@ int stream_l_handshake(lua_State *L) {
   squall_stream *s = stream_check(L, 1);
   if (s->tls == NULL)
     return luaL_error(L, "the stream does not use TLS");
-  if (s->closed)
+  if (stream_closed(s))
     return stream_push_closed(L, s);
   if (squall_tls_handshake_done(s->tls->t)) {
     lua_pushboolean(L, 1);

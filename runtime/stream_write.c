@@ -52,7 +52,7 @@ static int waiter_ready(const squall_stream *s, const struct write_waiter *w) {
  * it goes to the tail, and the loop looks at the head afresh. */
 void stream_wake_writers(squall_stream *s) {
   while (s->w != NULL && s->w->wwait != NULL) {
-    if (s->closing || (s->closed && !s->flush_close))
+    if (stream_closing(s) || (stream_closed(s) && !stream_flushing(s)))
       stream_resume_first_writer(s, 0);
     else if (waiter_ready(s, s->w->wwait))
       stream_resume_first_writer(s, 1);
@@ -66,7 +66,7 @@ void stream_wake_writers(squall_stream *s) {
 int stream_flush_writes(squall_stream *s) {
   stream_assert_flags(s);
   stream_remove_dirty(s);
-  if (!s->connected || s->closing)
+  if (!s->connected || stream_closing(s))
     return 0;
   squall_buffer *out = s->w != NULL ? &s->w->wq : NULL;
   if (s->tls != NULL) {
@@ -75,7 +75,7 @@ int stream_flush_writes(squall_stream *s) {
       stream_tls_failed(s, squall_tls_error(s->tls->t));
       return UV_EPROTO;
     }
-    if (s->flush_close && !s->shutdown_sent &&
+    if (stream_flushing(s) && !s->shutdown_sent &&
         (out == NULL || squall_buffer_len(out) == 0) &&
         squall_tls_handshake_done(s->tls->t)) {
       s->shutdown_sent = 1;
@@ -121,7 +121,7 @@ int stream_flush_writes(squall_stream *s) {
  * out, then finish a close() that waited for them. */
 static void after_progress(squall_stream *s) {
   stream_wake_writers(s);
-  if (s->flush_close && stream_unsent(s) == 0 && !s->closing)
+  if (stream_flushing(s) && stream_unsent(s) == 0 && !stream_closing(s))
     stream_close_handles(s);
   stream_settle_unsent(s);
 }
@@ -135,7 +135,7 @@ static void on_write(uv_write_t *req, int status) {
     squall_stream_bytes_written += squall_buffer_len(&w->wflight);
   squall_buffer_consume(&w->wflight, squall_buffer_len(&w->wflight));
   if (status < 0) {
-    if (!s->closing)
+    if (!stream_closing(s))
       stream_close_with(s, squall_uv_error_kind(status), uv_strerror(status));
     squall_buffer_consume(&w->wq, squall_buffer_len(&w->wq));
     if (s->tls != NULL)
@@ -172,7 +172,7 @@ static void on_write_timeout(uv_timer_t *t);
 /* Point the write timer at the earliest deadline among the waiters (they
  * may differ: set_timeout can change between two writes). */
 void stream_arm_write_timer(squall_stream *s) {
-  if (s->timers == NULL || s->closing)
+  if (s->timers == NULL || stream_closing(s))
     return;
   uint64_t first = 0;
   for (struct write_waiter *w = s->w ? s->w->wwait : NULL; w != NULL;
@@ -245,7 +245,7 @@ int stream_write_too_big(const squall_stream *s, size_t n) {
  * results pushed (nil and closed, or buffer_full past
  * max_write_buffer_size). */
 int stream_write_refused(lua_State *L, squall_stream *s, size_t total) {
-  if (s->closed)
+  if (stream_closed(s))
     return stream_push_closed(L, s);
   if (stream_write_too_big(s, total)) {
     lua_pushnil(L);
