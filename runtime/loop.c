@@ -223,7 +223,7 @@ static void watcher_anchor(lua_State *L, watcher *w, int fn_idx) {
 static void watcher_abandon(lua_State *L, watcher *w) {
   lua_State *outer = w->loop->L;
   w->loop->L = L;
-  watcher_close(&w->h);
+  w->h.close(&w->h);
   uv_run(&w->loop->uv, UV_RUN_NOWAIT);
   w->loop->L = outer;
 }
@@ -321,6 +321,7 @@ typedef struct {
   watcher w;
   uv_signal_t sig;
   const char *name;
+  int index; /* in signals[] */
 } sig_watch;
 
 static const struct {
@@ -332,6 +333,26 @@ static const struct {
     {"SIGCHLD", SIGCHLD}, {"SIGWINCH", SIGWINCH}, {"SIGALRM", SIGALRM},
     {"SIGPIPE", SIGPIPE}, {"SIGCONT", SIGCONT},   {"SIGTSTP", SIGTSTP},
 };
+
+#define N_SIGNALS (sizeof signals / sizeof signals[0])
+
+/* How many watchers each signal has, and what its disposition was before
+ * the first: when the last goes, libuv sets SIG_DFL, and an ignored
+ * signal must stay ignored (a fork_processes child starts with SIGHUP
+ * ignored; a child whose loop had closed was killed by the next HUP its
+ * supervisor forwarded). Signals are the process's: one count for all
+ * threads. */
+static int watchers_of[N_SIGNALS];
+static int ignored_before[N_SIGNALS];
+
+static void sig_watch_close(squall_handle *h) {
+  sig_watch *w = (sig_watch *)h;
+  if (w->w.closing)
+    return;
+  watcher_close(h); /* libuv restores SIG_DFL when it was the last */
+  if (--watchers_of[w->index] == 0 && ignored_before[w->index])
+    signal(signals[w->index].num, SIG_IGN);
+}
 
 static void signal_cb(uv_signal_t *s, int signum) {
   (void)signum;
@@ -348,10 +369,10 @@ static int l_watch_signal(lua_State *L) {
   const char *name = luaL_checkstring(L, 2);
   luaL_checktype(L, 3, LUA_TFUNCTION);
   size_t i;
-  for (i = 0; i < sizeof signals / sizeof signals[0]; i++)
+  for (i = 0; i < N_SIGNALS; i++)
     if (strcmp(signals[i].name, name) == 0)
       break;
-  if (i == sizeof signals / sizeof signals[0])
+  if (i == N_SIGNALS)
     return luaL_error(L,
                       "unknown signal name '%s' (SIGHUP, SIGINT, SIGQUIT, "
                       "SIGTERM, SIGUSR1, SIGUSR2, SIGCHLD, SIGWINCH, SIGALRM, "
@@ -360,8 +381,15 @@ static int l_watch_signal(lua_State *L) {
   sig_watch *w = lua_newuserdata(L, sizeof *w);
   memset(w, 0, sizeof *w);
   w->name = signals[i].name;
+  w->index = (int)i;
   uv_signal_init(&loop->uv, &w->sig);
   watcher_init(&w->w, loop, (uv_handle_t *)&w->sig);
+  w->w.h.close = sig_watch_close;
+  if (watchers_of[i]++ == 0) {
+    struct sigaction sa;
+    ignored_before[i] =
+        sigaction(signals[i].num, NULL, &sa) == 0 && sa.sa_handler == SIG_IGN;
+  }
   /* A signal handler alone does not keep the loop alive. */
   uv_unref((uv_handle_t *)&w->sig);
   luaL_getmetatable(L, SIGNAL_MT);
@@ -377,7 +405,7 @@ static int l_watch_signal(lua_State *L) {
 
 static int l_signal_close(lua_State *L) {
   sig_watch *w = luaL_checkudata(L, 1, SIGNAL_MT);
-  watcher_close(&w->w.h);
+  sig_watch_close(&w->w.h);
   return 0;
 }
 

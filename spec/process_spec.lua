@@ -122,6 +122,28 @@ describe("squall.process", function()
       end
     end, { timeout = 120 }))
 
+  it("a signal ignored before its watcher stays ignored once the watcher is gone", function()
+    -- a fork_processes child starts with SIGHUP ignored; once its loop
+    -- closed (libuv then sets SIG_DFL) a HUP its supervisor still forwards
+    -- killed it before it exited
+    local dir = tmpdir()
+    local path = script(dir, [[
+      local ffi = require "ffi"
+      ffi.cdef("int kill(int, int); int getpid(void); " ..
+        "typedef void (*sighandler_t)(int); sighandler_t signal(int, sighandler_t);")
+      ffi.C.signal(1, ffi.cast("sighandler_t", 1)) -- SIGHUP: SIG_IGN
+      local loop = require("squall.ioloop").new()
+      loop:add_signal_handler("SIGHUP", function() end)
+      loop:close(true)
+      ffi.C.kill(ffi.C.getpid(), 1)
+      io.write("survived")
+    ]])
+    local status, out, err = run(q(squall) .. " " .. q(path))
+    os.execute("rm -rf " .. q(dir))
+    assert.equal(0, status, err)
+    assert.equal("survived", out)
+  end)
+
   it("SIGHUP never kills a child, with or without reload", async(function()
     for _, reload in ipairs({ "", "--reload" }) do
       local dir = tmpdir()
