@@ -144,7 +144,11 @@ M.scale = tonumber(os.getenv("SQUALL_TEST_TIMEOUT_SCALE")) or 1
 --- Inside a coroutine: wait until `cond()` returns a true value, checking
 -- every few milliseconds while the loop runs, and return that value.
 -- Raises when `timeout` seconds (default 5, scaled) pass first, naming
--- `what`. Specs wait on this or on a Future, never on a fixed sleep.
+-- `what`. A spec waits for what must happen on this or on a Future, never
+-- on a fixed sleep followed by an assertion. The sleeps left in specs
+-- are a handler's pretend work, a yield (sleep(0)), gen.sleep's own
+-- specs, and windows in which something must NOT happen (each says so,
+-- and is scaled by M.scale when it measures).
 function M.eventually(cond, what, timeout)
   local gen = require "squall.gen"
   local ioloop = require "squall.ioloop"

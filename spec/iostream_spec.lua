@@ -146,7 +146,8 @@ describe("squall.iostream", function()
       local f = gen.spawn(function() got = server:read_bytes(10) end)
       client:write("12345")
       client:flush()
-      gen.sleep(0.02)
+      -- the five bytes are in the server's buffer, and the read still waits
+      eventually(function() return server:get_read_buffer_size() == 5 end, "the 5 bytes")
       assert.is_nil(got)
       client:write("67890abc")
       f:result()
@@ -337,8 +338,9 @@ describe("squall.iostream", function()
       local big = ("w"):rep(32 * 1024 * 1024)
       local wrote = false
       gen.spawn(function() server:write(big); wrote = true end)
-      gen.sleep(0.05)
-      -- the peer reads nothing yet: the writer is still waiting
+      -- the kernel took what it would (the queue shrank), and the peer
+      -- reads nothing yet: the writer is still waiting
+      eventually(function() return server:get_write_buffer_size() < #big end, "some progress")
       assert.is_false(wrote)
       assert.is_true(server:writing())
       local got = 0
@@ -381,7 +383,8 @@ describe("squall.iostream", function()
       for i = 1, 20000 do data[i] = ("%05d\n"):format(i % 100000) end
       data = table.concat(data)
       gen.spawn(function() client:write(data); client:flush() end)
-      gen.sleep(0.05) -- far more than 8 KiB is waiting in the socket now
+      -- the buffer filled and reading paused: far more waits in the socket
+      eventually(function() return server:get_read_buffer_size() >= 8192 end, "a full buffer")
       assert.is_false(server:closed())
       local got = {}
       while #table.concat(got) < #data do
