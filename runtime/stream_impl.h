@@ -103,7 +103,10 @@ struct squall_stream {
   size_t read_n;    /* READ_BYTES: how many */
   size_t max_bytes; /* READ_UNTIL/PATTERN: limit, SIZE_MAX for none */
   const char *delim;
-  size_t dlen;
+  union {
+    size_t dlen;      /* READ_UNTIL: the delimiter's length */
+    size_t match_max; /* READ_PATTERN: the longest match, SIZE_MAX: none */
+  };
   int delim_ref; /* keeps `delim` (a Lua string) alive while parked */
   int reader_ref;
 

@@ -62,7 +62,7 @@ static int l_read_until_pattern(lua_State *L) {
     return stream_busy(L);
   s->read_kind = READ_PATTERN;
   s->delim = pat;
-  s->dlen = stream_pattern_max_len(pat);
+  s->match_max = stream_pattern_max_len(pat);
   squall_buffer_reset_scan(&s->rbuf);
   s->max_bytes = max_bytes;
   return stream_try_inline_read(L, s, "read_until_pattern");

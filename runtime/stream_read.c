@@ -58,7 +58,7 @@ static _Thread_local char pattern_error[200];
  * string.find does not change how streams read). C adds only the bound
  * that makes the search resumable (stream_pattern_max_len).
  * string.find runs over what is buffered from `scanned`
- * on: a match of at most `dlen` bytes (stream_pattern_max_len) that starts
+ * on: a match of at most `match_max` bytes (stream_pattern_max_len) that starts
  * earlier would have been found by an earlier search, so a line arriving
  * in many chunks is searched in linear time overall. A pattern with no
  * bound, or anchored with `^`, is searched over the whole buffer each
@@ -69,11 +69,11 @@ static long find_pattern(lua_State *L, squall_stream *s) {
     return 0;
   size_t from = 0, n = len;
   if (s->delim[0] == '^') {
-    size_t k = s->dlen;
+    size_t k = s->match_max;
     /* An anchored, bounded pattern without `$` looks at k bytes at most. */
     if (k != SIZE_MAX && k < len && s->delim[strlen(s->delim) - 1] != '$')
       n = k;
-  } else if (s->dlen != SIZE_MAX) {
+  } else if (s->match_max != SIZE_MAX) {
     from = s->rbuf.scanned;
   }
   lua_getfield(L, LUA_REGISTRYINDEX, STREAM_FIND_KEY);
@@ -89,8 +89,8 @@ static long find_pattern(lua_State *L, squall_stream *s) {
         r = -1;
       /* No match starts before len - k + 1: each such attempt saw all of
        * its at most k bytes already. */
-      if (s->dlen != SIZE_MAX && len >= s->dlen && len - s->dlen + 1 > from)
-        s->rbuf.scanned = len - s->dlen + 1;
+      if (s->match_max != SIZE_MAX && len >= s->match_max && len - s->match_max + 1 > from)
+        s->rbuf.scanned = len - s->match_max + 1;
     }
     lua_pop(L, 2);
   } else {

@@ -214,6 +214,18 @@ core.stream_tls_log(function(msg) log.debug("TLS: %s", msg) end)
 M.ssl_context = netutil.ssl_context
 
 local c_start_tls, c_handshake = c._start_tls, c._handshake
+-- The C primitives stay off the stream's methods: start_tls,
+-- wait_for_handshake and begin_tls below are their public faces.
+methods._start_tls, methods._handshake = nil, nil
+
+--- Put TLS under `s` with `ctx` (netutil.ssl_context) without waiting:
+-- the handshake runs as data arrives, and the first read (or
+-- wait_for_handshake) waits for it. TCPServer starts TLS on each accepted
+-- stream so, and tcpclient before it waits for the handshake.
+-- @treturn boolean true, or nil, err
+function M.begin_tls(s, ctx, server_hostname)
+  return c_start_tls(s, ctx, server_hostname)
+end
 
 --- Put TLS under this stream (STARTTLS): flush what was written in
 -- plaintext, then handshake. Data the peer sent after the plaintext part

@@ -17,6 +17,7 @@ local pool = require "squall.pool"
 local reader = require "squall.reader"
 local util = require "squall.util"
 local KNOWN = require "squall.redis.commands"
+local failure = util.failure
 
 local M = {}
 
@@ -307,7 +308,7 @@ end
 -- command's answer: the connection is broken instead. A subscribed
 -- connection gets messages at any time; those are kept for read_message.
 local function send(self, parts)
-  if self._broken then return util.closed(self) end
+  if failure(self) then return util.closed(self) end
   if not self._subscribed then
     local n = self._reader.r:unread()
     if n > 0 then
@@ -513,14 +514,14 @@ function Redis:read_message(timeout)
   end
   local q = self._messages
   if q and #q > 0 then return table.remove(q, 1) end
-  if self._broken then return util.closed(self) end
+  if failure(self) then return util.closed(self) end
   local stream = self.stream
   while true do
     stream:set_timeout(timeout or self._timeout)
     local v, err = read_one(self, true)
     stream:set_timeout(self._timeout)
     if v == nil then
-      if err.kind == "timeout" and not self._broken then
+      if err.kind == "timeout" and not failure(self) then
         return nil, core.error("timeout", format("redis: no message came within %g s",
           timeout or self._timeout))
       end
@@ -538,7 +539,7 @@ end
 
 --- True once closed (by either side, or a failure).
 function Redis:closed()
-  return self._broken ~= nil or self.stream:closed()
+  return failure(self) ~= nil or self.stream:closed()
 end
 
 local CONNECT_KEYS = { host = true, port = true, path = true, password = true,

@@ -33,6 +33,7 @@ local resume, create, yield, running = core.resume, coroutine.create, coroutine.
 local type, tostring, error, pairs, select = type, tostring, error, pairs, select
 local traceback, xpcall, format = debug.traceback, xpcall, string.format
 local now = core.time
+local fail, failure = util.fail, util.failure
 
 -- Stream methods, looked up once: a method call through the stream's
 -- __index costs a Lua call of its own, per message.
@@ -109,8 +110,8 @@ end
 -- What a call on a closed connection gets: kind closed, with the error
 -- that ended the connection as its cause (none after close()).
 local function closed(conn)
-  if not conn._broken then
-    conn._broken = conn.stream.error or rpc_error("closed", "the connection closed")
+  if not failure(conn) then
+    fail(conn, conn.stream.error or rpc_error("closed", "the connection closed"))
   end
   return util.closed(conn)
 end
@@ -252,8 +253,8 @@ end
 
 -- A message broke the protocol: log it once and close.
 local function protocol_error(conn, why)
-  if not conn._broken then
-    conn._broken = rpc_error("protocol", why)
+  if not failure(conn) then
+    fail(conn, rpc_error("protocol", why))
     log.warn("rpc: closing connection %d (%s:%s): %s", conn.id,
       tostring(conn.address and conn.address.host), tostring(conn.address and conn.address.port),
       why)
@@ -356,7 +357,7 @@ local function read_messages(conn)
     local chunk = s_read_bytes(stream, 65536, true)
     if not chunk then break end
     feed(unpacker, chunk)
-    while not conn._broken do
+    while not failure(conn) do
       if not dispatch(conn, next_message(unpacker)) then break end
       -- Backpressure: past max_pending running requests, read no more. A
       -- peer gone meanwhile gets no answers: what it sent past the bound
@@ -367,7 +368,7 @@ local function read_messages(conn)
         conn._slot:result()
       end
     end
-    if conn._broken or s_closed(stream) then break end
+    if failure(conn) or s_closed(stream) then break end
   end
 end
 
@@ -378,14 +379,14 @@ local function read_loop(conn)
   local ok, why = xpcall(read_messages, traceback, conn)
   if not ok then
     log.error("rpc: connection %d failed: %s", conn.id, why)
-    conn._broken = conn._broken or rpc_error("closed", "the connection failed")
+    fail(conn, rpc_error("closed", "the connection failed"))
   end
   stream:close()
-  local err = conn._broken or stream.error or rpc_error("closed", "the connection closed")
+  local err = failure(conn) or stream.error or rpc_error("closed", "the connection closed")
   if err.kind ~= "protocol" and err.kind ~= "closed" then
     err = rpc_error("closed", "the connection closed: " .. tostring(err))
   end
-  conn._broken = conn._broken or err
+  fail(conn, err)
   local pending = conn._pending
   conn._pending = {}
   for _, fut in pairs(pending) do fut:set_result(false, nil, err) end

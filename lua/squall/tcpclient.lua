@@ -15,7 +15,6 @@ local util = require "squall.util"
 
 local type, error, pairs, max = type, error, pairs, math.max
 local getmetatable, setmetatable = getmetatable, setmetatable
-local c_start_tls, c_handshake = core.stream_methods._start_tls, core.stream_methods._handshake
 
 local TCPClient = util.class()
 
@@ -58,8 +57,8 @@ local function connect(host, port, opts, callback, level)
   local timeout = opts.timeout
   if timeout then s:set_timeout(max(0.001, timeout - (loop:time() - t0))) end
   local ok
-  ok, err = c_start_tls(s, ctx, opts.server_hostname or host)
-  if ok then ok, err = c_handshake(s) end
+  ok, err = iostream.begin_tls(s, ctx, opts.server_hostname or host)
+  if ok then ok, err = s:wait_for_handshake() end
   if not ok then
     s:close()
     return nil, err

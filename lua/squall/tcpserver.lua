@@ -17,7 +17,7 @@ local TCPServer = util.class()
 local type, tostring, error = type, tostring, error
 local create = coroutine.create
 local resume, on_finish = core.resume, core.on_finish
-local start_tls = iostream.methods._start_tls
+local start_tls = iostream.begin_tls
 local proxy -- squall.proxy, loaded by a server that speaks it
 
 local STREAM_OPTS = { "max_buffer_size", "read_chunk_size", "write_high_water",

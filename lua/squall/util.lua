@@ -84,11 +84,27 @@ function M.check_callable(fn, level, what)
 end
 
 -- ---- client connections --------------------------------------------
+-- A connection over one stream (squall.redis, squall.mysql, squall.rpc)
+-- that fails for good keeps its first failure; these functions own that
+-- state (the fields `_broken` and `_closed`, which no other module reads
+-- or writes): fail or broken to set it, failure to ask, closed for what
+-- every later call returns.
 
---- For a client connection over one stream (squall.redis, squall.mysql):
--- fail for good with `err`. The stream is closed and `conn._broken`
--- keeps err, the cause every later call names (see closed). Returns
--- nil, err: the call that met the failure gets its own kind.
+--- The error `conn` failed with for good, or nil while it is usable.
+function M.failure(conn)
+  return conn._broken
+end
+
+--- Mark `conn` failed with `err` unless it failed already (the stream is
+-- left as it is); returns the first failure.
+function M.fail(conn, err)
+  if not conn._broken then conn._broken = err end
+  return conn._broken
+end
+
+--- Fail for good with `err` and close the stream: the cause every later
+-- call names (see closed). Returns nil, err: the call that met the
+-- failure gets its own kind.
 function M.broken(conn, err)
   if not conn._broken then
     conn._broken = err

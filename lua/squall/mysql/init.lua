@@ -307,7 +307,7 @@ function Connection:transaction(fn)
     if not ok then return nil, err end
     return unpack(res, 2, res.n)
   end
-  if not self._broken then self:query("ROLLBACK") end
+  if not util.failure(self) then self:query("ROLLBACK") end
   if not res[1] then
     local e = core.error("transaction", "the transaction's function raised: " .. tostring(res[2]))
     e.cause, e.traceback = raised, res[2]
@@ -346,7 +346,7 @@ end
 
 --- Close the connection (COM_QUIT, then the socket).
 function Connection:close()
-  if not self._broken then
+  if not util.failure(self) then
     self._seq = 0
     send(self, COM_QUIT)
     util.close_connection(self)
@@ -355,7 +355,7 @@ end
 
 --- True once closed (by either side, or a failure).
 function Connection:closed()
-  return self._broken ~= nil or self.stream:closed()
+  return util.failure(self) ~= nil or self.stream:closed()
 end
 
 -- ---- the pool -------------------------------------------------------------

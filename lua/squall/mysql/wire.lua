@@ -227,7 +227,7 @@ end
 -- unasked (a second OK...) would be read as this command's answer: the
 -- connection is broken instead.
 local function command(self, payload)
-  if self._broken then return util.closed(self) end
+  if util.failure(self) then return util.closed(self) end
   local n = self._reader:unread()
   if n > 0 then
     return broken(self, protocol_error(format("the server sent %d bytes nobody asked for", n)))
