@@ -276,6 +276,9 @@ lua_State *squall_host_new(void) {
   lua_gc(L, LUA_GCSTOP, 0);
   luaL_openlibs(L);
   set_package_path(L);
+  /* host.c and core.c call each other on purpose: the host registers
+   * squall.core (core.c gathers every module, this file's among them), and
+   * core.c adds the host's own functions (squall_host_open). */
   lua_getglobal(L, "package");
   lua_getfield(L, -1, "preload");
   lua_pushcfunction(L, luaopen_squall_core);

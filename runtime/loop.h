@@ -32,7 +32,11 @@ struct squall_loop {
   lua_State *L;     /* the thread inside poll/close; valid only there */
   squall_loop_hook end_hook;
   void *end_hook_arg;
-  struct squall_stream *dirty; /* streams with writes gathered, unsent */
+  /* Streams with writes gathered and unsent, flushed once per iteration
+   * (end_hook). Only a pointer: the loop never looks inside a stream, it
+   * hands the list back to stream_write.c; the list lives here so a write
+   * costs no allocation of a node of its own. */
+  struct squall_stream *dirty;
   int closed;
   int finalizing; /* closed by the garbage collector: call no Lua code */
 };

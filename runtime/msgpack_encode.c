@@ -10,6 +10,9 @@
 #include <string.h>
 
 #include "host.h"
+/* A lower layer reaching up, on purpose: write_array encodes straight into
+ * a stream's write queue (squall_stream_write_bytes), which saved the Lua
+ * string each RPC response cost. It is the only stream call here. */
 #include "stream.h"
 
 /* Encoding stops at the first error and reports it once unwound, so the

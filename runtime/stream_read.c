@@ -89,7 +89,8 @@ static long find_pattern(lua_State *L, squall_stream *s) {
         r = -1;
       /* No match starts before len - k + 1: each such attempt saw all of
        * its at most k bytes already. */
-      if (s->match_max != SIZE_MAX && len >= s->match_max && len - s->match_max + 1 > from)
+      if (s->match_max != SIZE_MAX && len >= s->match_max &&
+          len - s->match_max + 1 > from)
         s->rbuf.scanned = len - s->match_max + 1;
     }
     lua_pop(L, 2);

@@ -140,6 +140,9 @@ end
 --- Like add_callback, but fn runs in a new coroutine (gen.spawn).
 function IOLoop:spawn_callback(fn, ...)
   check_callable(fn, 2)
+  -- squall.gen is built on this module (its Futures wait on the loop), so
+  -- the loop asks for it only when a method needs it: a circle by design,
+  -- the one in this file
   local gen = require "squall.gen"
   self:add_callback(gen.spawn, fn, ...)
 end
