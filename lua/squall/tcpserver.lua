@@ -188,30 +188,31 @@ function TCPServer:add_sockets(sockets)
   end
 end
 
+-- listen's and bind's sockets: raises at the caller's caller (level 3)
+-- when the port cannot be had, as a taken port is the caller's to fix.
+local function bound(self, what, failed, port, address, opts)
+  check_server(self, what, 3)
+  util.check_port(port, 3)
+  local socks, err = netutil.bind_sockets(port, address, opts)
+  if not socks then
+    error(string.format("%s %s:%s: %s", failed, tostring(address or "*"), tostring(port),
+      tostring(err)), 3)
+  end
+  return socks
+end
+
 --- Bind to `port` on `address` (every interface when nil) and start
 -- accepting. May be called for several ports. Raises when it cannot bind.
 -- @return the list of sockets bound
 function TCPServer:listen(port, address, opts)
-  check_server(self, "listen", 2)
-  util.check_port(port, 2)
-  local socks, err = netutil.bind_sockets(port, address, opts)
-  if not socks then
-    error(string.format("cannot listen on %s:%s: %s", tostring(address or "*"),
-      tostring(port), tostring(err)), 2)
-  end
+  local socks = bound(self, "listen", "cannot listen on", port, address, opts)
   self:add_sockets(socks)
   return socks
 end
 
 --- Bind now, accept once `start` is called (for fork_processes).
 function TCPServer:bind(port, address, opts)
-  check_server(self, "bind", 2)
-  util.check_port(port, 2)
-  local socks, err = netutil.bind_sockets(port, address, opts)
-  if not socks then
-    error(string.format("cannot bind %s:%s: %s", tostring(address or "*"),
-      tostring(port), tostring(err)), 2)
-  end
+  local socks = bound(self, "bind", "cannot bind", port, address, opts)
   self._pending = self._pending or {}
   for _, s in ipairs(socks) do self._pending[#self._pending + 1] = s end
   return socks
