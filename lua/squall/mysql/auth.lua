@@ -215,12 +215,8 @@ end
 -- @return nil, err: I/O kinds as iostream.connect, `mysql` (a wrong
 --   password: err.code 1045), `tls`, `protocol`, `timeout`
 
-A.xor_strings = xor_strings
 A.native_scramble = native_scramble
 A.sha2_scramble = sha2_scramble
-A.auth_response = auth_response
-A.finish_auth = finish_auth
 A.handshake = handshake
-A.MAX_AUTH_ROUNDS = MAX_AUTH_ROUNDS
 
 return A

@@ -294,20 +294,8 @@ local function read_results(self, binary, cached)
   return res, cols
 end
 
-R.parse_column = parse_column
-R.text_value = text_value
-R.frac = frac
-R.binary_datetime = binary_datetime
-R.binary_time = binary_time
-R.binary_value = binary_value
 R.read_columns = read_columns
-R.names_of = names_of
-R.read_rows = read_rows
-R.read_result = read_result
 R.guarded = guarded
 R.read_results = read_results
-R.INTEGER = INTEGER
-R.decimal_integer = decimal_integer
-R.WIDTH = WIDTH
 
 return R

@@ -286,17 +286,13 @@ local function end_status(self, p)
 end
 
 
-W.mysql_error = mysql_error
 W.protocol_error = protocol_error
 W.u16 = u16
-W.u24 = u24
 W.u32 = u32
 W.int64_at = int64_at
 W.lenenc = lenenc
 W.lenenc_str = lenenc_str
 W.nul_str = nul_str
-W.le16 = le16
-W.le24 = le24
 W.le32 = le32
 W.le64_int = le64_int
 W.le64_uint = le64_uint
@@ -304,7 +300,6 @@ W.le64_double = le64_double
 W.lenenc_int = lenenc_int
 W.charge = charge
 W.read_packet = read_packet
-W.packet = packet
 W.send = send
 W.command = command
 W.parse_err = parse_err
@@ -357,15 +352,11 @@ W.i16p = i16p
 W.u16p = u16p
 W.i32p = i32p
 W.u32p = u32p
-W.i64p = i64p
-W.u64p = u64p
 W.f32p = f32p
 W.f64p = f64p
 W.cast = cast
-W.TWO53 = TWO53
 W.int64_t = int64_t
 W.uint64_t = uint64_t
-W.scratch = scratch
 W.broken = broken
 W.ROW_COST = ROW_COST
 W.VALUE_COST = VALUE_COST
