@@ -176,35 +176,33 @@ function M.read_header(stream)
       return refuse("a malformed PROXY v1 header")
     end
   end
-  local err
+  -- Then exactly the header's bytes (a v1 line, or v2's fixed part and its
+  -- address block), and M.parse, the parser the fuzz target runs, decides.
+  local more, err
   if sub(head, 1, 6) == "PROXY " then
-    local rest
     -- to the first "\n": a line that ends without "\r\n" is refused there
-    rest, err = stream:read_until("\n", V1_MAX - 8)
-    if not rest then
+    more, err = stream:read_until("\n", V1_MAX - 8)
+    if not more then
       if err.kind == "unsatisfiable" then
         return refuse("a PROXY v1 header longer than 107 bytes")
       end
       return nil, err
     end
-    if sub(rest, -2) ~= "\r\n" then return refuse("a PROXY v1 header that ends without CRLF") end
-    local info, perr = parse_v1(sub(head .. rest, 1, -3))
-    if not info then return nil, core.error("protocol", perr) end
-    return info
+    if sub(more, -2) ~= "\r\n" then return refuse("a PROXY v1 header that ends without CRLF") end
+  else
+    more, err = stream:read_bytes(8)
+    if not more then return nil, err end
+    local cmd, fam, len = v2_fixed(head .. more)
+    if not cmd then return refuse(fam) end
+    if len > 0 then
+      local body
+      body, err = stream:read_bytes(len)
+      if not body then return nil, err end
+      more = more .. body
+    end
   end
-  local fixed
-  fixed, err = stream:read_bytes(8)
-  if not fixed then return nil, err end
-  fixed = head .. fixed
-  local cmd, fam, len = v2_fixed(fixed)
-  if not cmd then return nil, core.error("protocol", fam) end
-  local body = ""
-  if len > 0 then
-    body, err = stream:read_bytes(len)
-    if not body then return nil, err end
-  end
-  local info, perr = parse_v2(cmd, fam, body)
-  if not info then return nil, core.error("protocol", perr) end
+  local info, used = M.parse(head .. more)
+  if not info then return refuse(used or "an incomplete PROXY header") end
   return info
 end
 
