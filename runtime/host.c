@@ -252,7 +252,18 @@ static int l_file_stamp(lua_State *L) {
   return 1;
 }
 
+/* core.describe(v) -> what an error report says of v (see
+ * squall_host_describe): ioloop.lua and gen.lua describe errors this way
+ * too, so a report reads the same wherever it was made. */
+static int l_describe(lua_State *L) {
+  luaL_checkany(L, 1);
+  squall_host_describe(L, 1);
+  return 1;
+}
+
 int squall_host_open(lua_State *L) {
+  lua_pushcfunction(L, l_describe);
+  lua_setfield(L, -2, "describe");
   lua_pushcfunction(L, l_cwd);
   lua_setfield(L, -2, "cwd");
   lua_pushcfunction(L, l_file_stamp);

@@ -16,7 +16,7 @@ local pack, check_callable = util.pack, util.check_callable
 local resume = core.resume
 local yield, create = coroutine.yield, coroutine.create
 local traceback, xpcall, unpack = debug.traceback, xpcall, unpack
-local type, tostring, error, format = type, tostring, error, string.format
+local type, error, format = type, error, string.format
 
 
 local need_coroutine = util.need_coroutine
@@ -113,13 +113,9 @@ end
 -- Coroutine bodies run fn under xpcall, so an error is caught inside the
 -- coroutine with its traceback, whoever resumes it.
 local last_traceback
+local describe = core.describe -- as runtime/host.c reports errors
 local function capture(e)
-  local msg = e
-  if type(e) ~= "string" then
-    local mt = getmetatable(e)
-    msg = (mt and mt.__tostring) and tostring(e) or ("error object: " .. tostring(e))
-  end
-  last_traceback = traceback(msg, 2)
+  last_traceback = traceback(describe(e), 2)
   return e
 end
 

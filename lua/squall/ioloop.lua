@@ -29,13 +29,10 @@ local pack, check_callable = util.pack, util.check_callable
 
 local current
 
+local describe = core.describe -- as runtime/host.c reports errors
+
 local function on_error(e)
-  local msg = e
-  if type(e) ~= "string" then
-    local mt = getmetatable(e)
-    msg = (mt and mt.__tostring) and tostring(e) or ("error object: " .. tostring(e))
-  end
-  return traceback(msg, 2)
+  return traceback(describe(e), 2)
 end
 
 -- Run one callback; an error is logged with its traceback, never raised.
