@@ -18,22 +18,42 @@ int squall_coro_can_wait(lua_State *L) {
   return L == resumed_now;
 }
 
+/* Push why the running code of L may not wait, naming `what`; the one
+ * text for C's checks and Lua's (util.need_coroutine, through
+ * core.wait_refusal). */
+static void push_refusal(lua_State *L, const char *what) {
+  int main_thread = lua_pushthread(L);
+  lua_pop(L, 1);
+  if (main_thread)
+    lua_pushfstring(L,
+                    "%s waits, so it must run inside a coroutine (gen.spawn, "
+                    "a handler, or loop:run_sync)",
+                    what);
+  else
+    lua_pushfstring(L,
+                    "%s waits, but this coroutine was started with "
+                    "coroutine.wrap or coroutine.resume, which would get its "
+                    "yield: start it with gen.spawn",
+                    what);
+}
+
 int squall_coro_check(lua_State *L, const char *what) {
   if (L == resumed_now)
     return 0;
-  if (lua_pushthread(L)) {
-    lua_pop(L, 1);
-    return luaL_error(L,
-                      "%s waits, so it must run inside a coroutine "
-                      "(or pass a callback)",
-                      what);
-  }
-  lua_pop(L, 1);
-  return luaL_error(L,
-                    "%s waits, but this coroutine was started with "
-                    "coroutine.wrap or coroutine.resume, which would get its "
-                    "yield: start it with gen.spawn (or pass a callback)",
-                    what);
+  luaL_where(L, 1);
+  push_refusal(L, what);
+  lua_concat(L, 2);
+  return lua_error(L);
+}
+
+/* core.wait_refusal(what) -> nil when the running coroutine may wait, else
+ * why not. */
+static int l_wait_refusal(lua_State *L) {
+  const char *what = luaL_checkstring(L, 1);
+  if (L == resumed_now)
+    return 0;
+  push_refusal(L, what);
+  return 1;
 }
 
 int squall_coro_park(lua_State *L, const char *what) {
@@ -169,6 +189,8 @@ static int l_can_wait(lua_State *L) {
 int squall_coro_open(lua_State *L) {
   lua_pushcfunction(L, l_can_wait);
   lua_setfield(L, -2, "can_wait");
+  lua_pushcfunction(L, l_wait_refusal);
+  lua_setfield(L, -2, "wait_refusal");
   lua_newtable(L); /* handler tables -> their finish function, weak */
   lua_createtable(L, 0, 1);
   lua_pushliteral(L, "kv");

@@ -61,16 +61,9 @@ end
 -- yield). `what` names the call; the error is at `level`, as for error().
 -- Returns the running coroutine.
 function M.need_coroutine(what, level)
-  local co = coroutine.running()
-  if not co then
-    error(what .. " waits, so it must run inside a coroutine (gen.spawn, a handler, " ..
-      "or loop:run_sync)", level + 1)
-  end
-  if not core.can_wait() then
-    error(what .. " waits, but this coroutine was started with coroutine.wrap or " ..
-      "coroutine.resume, which would get its yield: start it with gen.spawn", level + 1)
-  end
-  return co
+  local why = core.wait_refusal(what) -- runtime/coro.c words it for C and Lua
+  if why then error(why, level + 1) end
+  return (coroutine.running())
 end
 
 --- Raise unless fn can be called (a function or a table with __call).
