@@ -51,9 +51,17 @@ static size_t opt_size(lua_State *L, int idx, const char *key, size_t dflt,
     return dflt;
   }
   lua_Number n = lua_tonumber(L, -1);
-  if (!lua_isnumber(L, -1) || n != (lua_Number)(uint64_t)n || n > 1e15 ||
-      (n < 1 && !zero_ok))
-    luaL_error(L, "option %s must be a positive integer", key);
+  if (lua_type(L, -1) != LUA_TNUMBER || n != (lua_Number)(uint64_t)n ||
+      n > 1e15 || (n < 1 && !zero_ok)) {
+    /* the type first: lua_tostring turns a number into a string */
+    const char *type = luaL_typename(L, -1);
+    int shown =
+        lua_type(L, -1) == LUA_TNUMBER || lua_type(L, -1) == LUA_TSTRING;
+    const char *value = shown ? lua_tostring(L, -1) : "";
+    luaL_error(L, "%s must be a %s integer, got %s%s%s", key,
+               zero_ok ? "non-negative" : "positive", type, shown ? " " : "",
+               value);
+  }
   lua_pop(L, 1);
   return (size_t)n;
 }

@@ -475,6 +475,15 @@ static int l_io_bytes(lua_State *L) {
   return 2;
 }
 
+/* core.check_stream_options(opts): raise as a stream would for opts (the
+ * one check: TCPServer asks it when it is made, not at the first
+ * connection). */
+static int l_check_stream_options(lua_State *L) {
+  squall_stream_opts o;
+  squall_stream_opts_read(L, 1, &o);
+  return 0;
+}
+
 int squall_stream_open(lua_State *L) {
   static const luaL_Reg methods[] = {
       {"read_until", l_read_until},
@@ -529,5 +538,7 @@ int squall_stream_open(lua_State *L) {
   lua_setfield(L, -2, "stream_tls_log");
   lua_pushcfunction(L, l_io_bytes);
   lua_setfield(L, -2, "io_bytes");
+  lua_pushcfunction(L, l_check_stream_options);
+  lua_setfield(L, -2, "check_stream_options");
   return 0;
 }

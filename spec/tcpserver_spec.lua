@@ -164,6 +164,21 @@ describe("squall.tcpserver", function()
     sock:close()
   end))
 
+  it("checks stream options when made, as the streams would", function()
+    local function made(opts)
+      opts.handle_stream = function() end
+      return pcall(TCPServer, opts)
+    end
+    local ok, err = made({ max_buffer_size = -1 })
+    assert.is_false(ok)
+    assert.matches("max_buffer_size must be a positive integer, got number %-1", err)
+    ok, err = made({ read_chunk_size = "big" })
+    assert.is_false(ok)
+    assert.matches("read_chunk_size must be a positive integer, got string big", err)
+    -- 0 means "no limit" to a stream, so a server takes it too
+    assert.is_true((made({ write_high_water = 0, max_write_buffer_size = 0 })))
+  end)
+
   it("passes stream options to every stream", async(function()
     local result = gen.Future()
     local server = TCPServer({ max_buffer_size = 1024, handle_stream = function(stream)

@@ -38,13 +38,11 @@ function TCPServer.new(cls, opts)
   if type(opts) ~= "table" then error("options must be a table, got " .. util.describe(opts), 2) end
   local self = setmetatable({ _acceptors = {}, _sockets = {}, _stream_opts = {},
     _conns = {}, _nstreams = 0, _flushing = setmetatable({}, { __mode = "k" }) }, cls)
-  for _, k in ipairs(STREAM_OPTS) do
-    local v = opts[k]
-    if v ~= nil and (type(v) ~= "number" or v < 1 or v % 1 ~= 0) then
-      error(k .. " must be a positive integer, got " .. util.describe(v), 2)
-    end
-    self._stream_opts[k] = v
-  end
+  -- the streams' own check (runtime/stream.c), now rather than at the
+  -- first connection
+  local sizes_ok, why = pcall(core.check_stream_options, opts)
+  if not sizes_ok then error(why, 2) end
+  for _, k in ipairs(STREAM_OPTS) do self._stream_opts[k] = opts[k] end
   if opts.handle_stream ~= nil then
     if type(opts.handle_stream) ~= "function" then
       error("handle_stream must be a function, got " .. util.describe(opts.handle_stream), 2)
