@@ -617,8 +617,8 @@ end
 -- FIFO order while every connection is busy, each at most
 -- `queue_timeout` seconds (default 10). The other options are
 -- redis.connect's. A subscribed connection is closed when given back.
--- @type Pool
-local Pool = pool.Pool:extend()
+-- @type RedisPool
+local RedisPool = pool.Pool:extend()
 
 local function subscribed(r) return r._subscribed and "discard" or nil end
 
@@ -627,19 +627,19 @@ function M.pool(opts)
   check_keys(conn_opts, "redis.pool", 2)
   local p = pool.new({ size = size, queue_timeout = qt,
     connect = function() return M.connect(conn_opts) end })
-  return setmetatable(p, Pool)
+  return setmetatable(p, RedisPool)
 end
 
 --- Run fn(r) with a connection and give it back; fn's results. If fn
 -- raises, that connection is closed (not given back) and the error goes on.
-function Pool:with(fn)
+function RedisPool:with(fn)
   util.check_callable(fn, 2)
   util.need_coroutine("pool:with", 2)
   return pool.Pool.with(self, fn, subscribed)
 end
 
 --- Run one command on a pooled connection.
-function Pool:call(name, ...)
+function RedisPool:call(name, ...)
   util.need_coroutine("pool:call", 2)
   local args = util.pack(...)
   return self:with(function(r) return r:call(name, unpack(args, 1, args.n)) end)

@@ -65,8 +65,8 @@ end
 --- One MessagePack-RPC connection, either side: `conn:call`, `conn:notify`,
 -- `conn:close`; `conn.id`, `conn.address`, `conn.data` (the application's),
 -- and on a server's side `conn.server`.
--- @type Connection
-local Connection = util.class()
+-- @type RpcConnection
+local RpcConnection = util.class()
 
 local next_conn_id = 0
 
@@ -86,7 +86,7 @@ local function new_connection(stream, address, opts, router)
     _call_timeout = opts.call_timeout or DEFAULTS.call_timeout,
     _max_pending = opts.max_pending or DEFAULTS.max_pending,
     _max_message_size = opts.max_message_size or DEFAULTS.max_message_size,
-  }, Connection)
+  }, RpcConnection)
 end
 
 -- Send one message, the array of the arguments after conn; a closed
@@ -121,7 +121,7 @@ end
 -- @return nil, err: kind `remote` (`err.remote` is the peer's error
 --   value), `timeout` (after `call_timeout`; the connection stays
 --   usable), `closed`, `protocol`
-function Connection:call(method, ...)
+function RpcConnection:call(method, ...)
   if type(method) ~= "string" then
     error("call: method must be a string, got " .. util.describe(method), 2)
   end
@@ -153,7 +153,7 @@ end
 
 --- Send a notification: no answer is expected.
 -- @treturn boolean true, or nil, err (`closed`)
-function Connection:notify(method, ...)
+function RpcConnection:notify(method, ...)
   if type(method) ~= "string" then
     error("notify: method must be a string, got " .. util.describe(method), 2)
   end
@@ -162,12 +162,12 @@ function Connection:notify(method, ...)
 end
 
 --- Close the connection; calls waiting on it get `closed`.
-function Connection:close()
+function RpcConnection:close()
   util.close_connection(self)
 end
 
 --- True once the connection closed.
-function Connection:closed()
+function RpcConnection:closed()
   return self.stream:closed()
 end
 
@@ -399,7 +399,7 @@ end
 -- add_sockets, stop, close_gracefully) whose connections speak RPC.
 -- @type Server
 local Server = TCPServer:extend()
-M.Server_class = Server
+M.ServerClass = Server
 
 --- Create a server.
 -- @tparam[opt] table opts `handlers` (a folder), `call_timeout` (30),
@@ -486,7 +486,7 @@ end
 -- @tparam[opt] table opts `timeout` (connect), `call_timeout` (30),
 --   `ssl_options`, `server_hostname`, `handlers`, `routes`,
 --   `max_message_size`, `max_pending`
--- @treturn Connection
+-- @treturn RpcConnection
 -- @return nil, err (as iostream.connect)
 function M.connect(host, port, opts)
   opts = opts or {}
@@ -506,6 +506,6 @@ function M.connect(host, port, opts)
   return conn
 end
 
-M.Connection = Connection
+M.Connection = RpcConnection
 
 return M

@@ -25,8 +25,8 @@ local encode_array, decode = msgpack.encode_array, msgpack.decode
 local type, error, pairs, tostring = type, error, pairs, tostring
 
 --- A pool of worker threads.
--- @type Pool
-local Pool = util.class()
+-- @type ThreadPool
+local ThreadPool = util.class()
 
 local POOL_KEYS = { size = true }
 
@@ -60,7 +60,7 @@ function M.pool(opts)
         f:set_result(ran, bytes)
       end
     end)
-  return setmetatable({ size = size, _c = c, _waiting = waiting, _next_id = 0 }, Pool)
+  return setmetatable({ size = size, _c = c, _waiting = waiting, _next_id = 0 }, ThreadPool)
 end
 
 --- Run require(module)[func](...) in a worker and wait for its results
@@ -68,7 +68,7 @@ end
 -- @return its results, or nil, err: kind `thread` (with the worker's
 --   error message), or `closed` when the pool was closed before the call
 --   finished (or before it was made)
-function Pool:run(module, func, ...)
+function ThreadPool:run(module, func, ...)
   if type(module) ~= "string" then
     error("run: module must be a string, got " .. util.describe(module), 2)
   end
@@ -101,7 +101,7 @@ end
 --- Close the pool: calls not yet started are dropped, workers end once
 -- their current call is done (never waited for), and every call still
 -- waiting gets `nil, err` (kind `closed`) now; later calls get it at once.
-function Pool:close()
+function ThreadPool:close()
   if self._closed then return end
   self._closed = true
   self._c:close()
@@ -115,7 +115,7 @@ end
 -- The default pool, made on first use: one worker per CPU.
 local default
 
---- Run on the default pool (one worker per CPU); see Pool:run.
+--- Run on the default pool (one worker per CPU); see ThreadPool:run.
 function M.run(module, func, ...)
   util.check_main_thread("thread.run", 2)
   util.need_coroutine("thread.run", 2)

@@ -65,8 +65,8 @@ M.null = core.msgpack_null
 M._native_scramble, M._sha2_scramble = A.native_scramble, A.sha2_scramble
 
 --- A connection (from mysql.connect or a pool).
--- @type Connection
-local Connection = util.class()
+-- @type MySQLConnection
+local MySQLConnection = util.class()
 
 
 -- ---- connecting -------------------------------------------------------------
@@ -132,7 +132,7 @@ function M._over_stream(stream, opts, deadline)
   -- packets cost one read, not eight
   local self = setmetatable({ stream = stream, _reader = reader.new(stream), _seq = 0, _used = 0,
     _max_buffer = opts.max_buffer_size or 104857600, _stmts = {}, _nstmts = 0, _status = 0,
-    _compact = opts.compact_arrays == true }, Connection)
+    _compact = opts.compact_arrays == true }, MySQLConnection)
   local finished, ok, err = false, nil, nil
   local function run()
     ok, err = guarded(self, pcall(handshake, self, opts))
@@ -267,7 +267,7 @@ end
 -- @return nil, err: kind `mysql` (`err.code`, `err.sqlstate`; the
 --   connection stays usable), or I/O kinds (`closed`, `timeout`,
 --   `buffer_full`, `protocol`: the connection is closed then)
-function Connection:query(sql, ...)
+function MySQLConnection:query(sql, ...)
   if type(sql) ~= "string" then
     error("query: sql must be a string, got " .. util.describe(sql), 2)
   end
@@ -292,7 +292,7 @@ end
 -- value (its results are returned), ROLLBACK when it returns nil/false
 -- (its `nil, err` is returned) or raises (then `nil, err` of kind
 -- `transaction` with the error and its traceback).
-function Connection:transaction(fn)
+function MySQLConnection:transaction(fn)
   util.check_callable(fn, 2)
   local ok, err = self:query("START TRANSACTION")
   if not ok then return nil, err end
@@ -317,7 +317,7 @@ function Connection:transaction(fn)
 end
 
 --- True while a transaction is open (the server's last status said so).
-function Connection:in_transaction()
+function MySQLConnection:in_transaction()
   return band(self._status, SERVER_STATUS_IN_TRANS) ~= 0
 end
 
@@ -332,20 +332,20 @@ local function simple(self, com)
 end
 
 --- COM_PING: true, or nil, err.
-function Connection:ping()
+function MySQLConnection:ping()
   return simple(self, COM_PING)
 end
 
 --- Reset the session (COM_RESET_CONNECTION): roll back, drop temporary
 -- tables, user variables and prepared statements, restore the session
 -- variables; the connection keeps its user, database and charset.
-function Connection:reset()
+function MySQLConnection:reset()
   self._stmts, self._nstmts = {}, 0 -- the server drops every prepared statement
   return simple(self, COM_RESET_CONNECTION)
 end
 
 --- Close the connection (COM_QUIT, then the socket).
-function Connection:close()
+function MySQLConnection:close()
   if not util.failure(self) then
     self._seq = 0
     send(self, COM_QUIT)
@@ -354,7 +354,7 @@ function Connection:close()
 end
 
 --- True once closed (by either side, or a failure).
-function Connection:closed()
+function MySQLConnection:closed()
   return util.failure(self) ~= nil or self.stream:closed()
 end
 
@@ -365,8 +365,8 @@ end
 -- reset (COM_RESET_CONNECTION) before its next user after `with` and
 -- `transaction`, and after a `query` that left a transaction open or was
 -- not a plain SELECT, INSERT, UPDATE, DELETE or REPLACE.
--- @type Pool
-local Pool = pool.Pool:extend()
+-- @type MySQLPool
+local MySQLPool = pool.Pool:extend()
 
 local function reset(db) return db:reset() end
 
@@ -375,13 +375,13 @@ function M.pool(opts)
   check_opts(conn_opts, "mysql.pool", 2)
   local p = pool.new({ size = size, queue_timeout = qt, reset = reset,
     connect = function() return M.connect(conn_opts) end })
-  return setmetatable(p, Pool)
+  return setmetatable(p, MySQLPool)
 end
 
 local PLAIN = { select = true, insert = true, update = true, delete = true, replace = true }
 
---- Run one statement on a pooled connection (as Connection:query).
-function Pool:query(sql, ...)
+--- Run one statement on a pooled connection (as MySQLConnection:query).
+function MySQLPool:query(sql, ...)
   if type(sql) ~= "string" then
     error("query: sql must be a string, got " .. util.describe(sql), 2)
   end
@@ -404,18 +404,18 @@ function Pool:query(sql, ...)
 end
 
 --- Run fn(db) with a connection, then reset it and give it back.
-function Pool:with(fn)
+function MySQLPool:with(fn)
   util.check_callable(fn, 2)
   util.need_coroutine("pool:with", 2)
   return pool.Pool.with(self, fn, "reset")
 end
 
 --- db:transaction(fn) on a pooled connection.
-function Pool:transaction(fn)
+function MySQLPool:transaction(fn)
   util.check_callable(fn, 2)
   util.need_coroutine("pool:transaction", 2)
   return pool.Pool.with(self, function(db) return db:transaction(fn) end, "reset")
 end
 
-M.Connection = Connection
+M.Connection = MySQLConnection
 return M
