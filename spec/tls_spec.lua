@@ -276,7 +276,7 @@ describe("TLS", function()
     it("a peer that closes mid-record gets its stream closed with tls", async(function()
       local server, port = serve(Echo({ ssl_options = SERVER }))
       -- Python sends half of a TLS record after the handshake, then closes.
-      local wait = helpers.spawn(("timeout 10 python3 -c %s"):format(q(([[
+      local wait = helpers.spawn(("timeout 60 /usr/bin/python3 -c %s"):format(q(([[
 import socket, ssl
 ctx = ssl.create_default_context(cafile="%s")
 s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", %d)), server_hostname="localhost")
@@ -295,7 +295,7 @@ s.close()
       assert.equal("tls", server.last_error.kind)
       assert.matches("mid%-record", tostring(server.last_error))
       server:stop()
-    end))
+    end, { timeout = 60 }))
 
     it("close() sends close_notify", async(function()
       local server, port = serve(TCPServer({ ssl_options = SERVER,
@@ -303,7 +303,7 @@ s.close()
           stream:write("bye\n")
           stream:close()
         end }))
-      local wait = helpers.spawn(("timeout 10 python3 -c %s"):format(q(([[
+      local wait = helpers.spawn(("timeout 60 /usr/bin/python3 -c %s"):format(q(([[
 import socket, ssl
 ctx = ssl.create_default_context(cafile="%s")
 s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", %d)),
@@ -320,7 +320,7 @@ print(data.decode().strip(), "clean")
       assert.equal(0, status, err)
       assert.equal("bye clean\n", out)
       server:stop()
-    end))
+    end, { timeout = 60 }))
   end)
 
   describe("ssl_options are checked when the server is created", function()
@@ -382,7 +382,7 @@ print(data.decode().strip(), "clean")
 
     it("Python's ssl module against a squall server", async(function()
       local server, port = serve(Echo({ ssl_options = SERVER }))
-      local wait = helpers.spawn(("timeout 10 python3 -c %s"):format(q(([[
+      local wait = helpers.spawn(("timeout 60 /usr/bin/python3 -c %s"):format(q(([[
 import socket, ssl
 ctx = ssl.create_default_context(cafile="%s")
 s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", %d)), server_hostname="localhost")
@@ -393,7 +393,7 @@ print(s.recv(100).decode(), end="")
       assert.equal(0, status, err)
       assert.equal("from python\n", out)
       server:stop()
-    end))
+    end, { timeout = 60 }))
 
     it("a squall client against openssl s_server", async(function()
       local sock, port = testing.bind_unused_port()
