@@ -25,6 +25,7 @@
 local core = require "squall.core"
 local ioloop = require "squall.ioloop"
 local log = require "squall.log"
+local util = require "squall.util"
 
 local M = {}
 
@@ -217,15 +218,7 @@ local function track(name)
   end
 end
 
--- What `find root ...` lists (the directories, or the Lua files).
-local function find(root, what)
-  local found = {}
-  local p = io.popen("find " .. ("'%s'"):format(root:gsub("'", "'\\''")) ..
-    " " .. what .. " 2>/dev/null")
-  for line in p:lines() do found[#found + 1] = line end
-  p:close()
-  return found
-end
+local find = util.find -- what `find root ...` lists
 
 -- Every directory under root (root included), found now.
 local function subdirs(root)

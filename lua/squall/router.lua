@@ -45,10 +45,6 @@ function Router:route(name, target, level)
   self.methods[name] = target
 end
 
-local function shell_quote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
-
 -- Load one handler file: `dir/a/b.lua` returning {f = fn} answers "a.b.f".
 -- A file that fails to load keeps the methods it had (logged with its
 -- file and line).
@@ -89,14 +85,12 @@ end
 -- Collect every handler file under `dir`; files and folders whose names
 -- start with "_" are left out.
 function Router:load_folder(dir)
-  local p = io.popen("find " .. shell_quote(dir) .. " -name '*.lua' -type f 2>/dev/null")
   local files = {}
-  for path in p:lines() do
+  for _, path in ipairs(util.find(dir, "-name '*.lua' -type f")) do
     if not path:sub(#dir + 2):match("^_") and not path:sub(#dir + 2):match("/_") then
       files[#files + 1] = path
     end
   end
-  p:close()
   table.sort(files)
   for _, path in ipairs(files) do self:load_file(dir, path) end
 end

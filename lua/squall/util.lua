@@ -169,6 +169,17 @@ function M.check_main_thread(what, level)
   error(format("%s: not in a worker thread of squall.thread.%s", what, why), level + 1)
 end
 
+--- The paths `find root <what>` lists (`what`: find's tests, such as
+-- "-type d"), root quoted for the shell: the one walk of a folder that
+-- handler folders (squall.router) and hot reload (squall.reload) make.
+function M.find(root, what)
+  local found = {}
+  local p = io.popen("find '" .. root:gsub("'", "'\\''") .. "' " .. what .. " 2>/dev/null")
+  for line in p:lines() do found[#found + 1] = line end
+  p:close()
+  return found
+end
+
 --- Raise unless port is an integer from 0 to 65535.
 function M.check_port(port, level)
   if type(port) ~= "number" or port < 0 or port > 65535 or port % 1 ~= 0 then
