@@ -347,10 +347,12 @@ static void on_close_timeout(uv_timer_t *t) {
  * by the stream's timeout; without one it lasts as long as the peer
  * reads, unless abort() (or a second close()) cuts it short. */
 void stream_close_flushing(squall_stream *s) {
-  if (stream_closing(s) || stream_flushing(s))
+  if (stream_closing(s))
     return;
-  stream_set_life(
-      s, LIFE_FLUSHING); /* TLS: close_notify follows the last record */
+  /* Called again while flushing (the peer's EOF came), it looks again
+   * whether the flush is done. TLS: close_notify follows the last record. */
+  if (!stream_flushing(s))
+    stream_set_life(s, LIFE_FLUSHING);
   if (s->tls == NULL || squall_tls_handshake_done(s->tls->t))
     stream_stop_reading(
         s); /* else the handshake must finish before the flush */

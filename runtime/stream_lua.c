@@ -174,15 +174,14 @@ static int l_flush(lua_State *L) {
   return stream_wait_writer(L, s, WAIT_FLUSH, "flush");
 }
 
-/* stream:close(): flush what is queued, then close. A reader parked on
- * the stream gets nil, closed now. Called again while the flush waits,
- * it closes at once, as abort() does. */
-/* stream:close(): what this program's close does (see iostream.lua). */
+/* stream:close() (and close_when_idle): flush what is queued, then close.
+ * A reader parked on the stream gets nil, closed now. Called again while
+ * the flush waits, it closes at once, as abort() does. */
 static void close_by_program(squall_stream *s) {
   if (stream_closed(s)) {
     /* Only a flush this program asked for is cut short: one that began
      * when the peer half-closed still delivers what was written. */
-    if (s->close_called && stream_flushing(s) && !stream_closing(s))
+    if (s->close_called && stream_flushing(s))
       stream_close_with(s, NULL, NULL);
     s->close_called = 1;
     return;
