@@ -118,6 +118,12 @@ function M.spawn(cmd)
   end
 end
 
+-- How long a spec file's server may live: stop_server ends it, so this only
+-- ends one a spec leaked. Generous, as a file runs for minutes on a loaded
+-- machine (under 16 busy loops a shared redis-server outlived its 120 s and
+-- the specs after it were refused).
+local SERVER_LIFETIME = 900
+
 --- Like spawn, for a command that ends by exec-ing a long-running process
 -- (a server): it runs under `timeout secs` (default 20) and `signal(name)`
 -- sends that process a signal ("TERM", "KILL"...). Returns wait, signal.
@@ -191,7 +197,7 @@ function M.start_redis(extra, dir, port)
   dir, port = dir or M.tmpdir(), port or M.free_port()
   local wait, signal = M.start(("cd %s && exec redis-server --port %d --bind 127.0.0.1 " ..
     "--save '' --appendonly no --daemonize no --loglevel warning --enable-debug-command yes %s")
-    :format(M.q(dir), port, extra or ""), 120)
+    :format(M.q(dir), port, extra or ""), SERVER_LIFETIME)
   return { port = port, dir = dir, wait = wait, signal = signal }
 end
 
@@ -228,7 +234,8 @@ function M.start_redis_cluster()
     assert(os.execute("mkdir -p " .. M.q(d)) == 0)
     local wait, signal = M.start(("cd %s && exec redis-server --port %d --bind 127.0.0.1 " ..
       "--save '' --appendonly no --daemonize no --loglevel warning --cluster-enabled yes " ..
-      "--cluster-config-file nodes.conf --cluster-node-timeout 1000"):format(M.q(d), port), 600)
+      "--cluster-config-file nodes.conf --cluster-node-timeout 1000"):format(M.q(d), port),
+      SERVER_LIFETIME)
     c.servers[i] = { port = port, dir = d, wait = wait, signal = signal }
     c.nodes[i] = "127.0.0.1:" .. port
   end
@@ -287,7 +294,7 @@ function M.cluster_master_of(port, slot)
 end
 
 -- A redis-server (or, with `sentinel`, redis-sentinel over a config
--- file it may rewrite) in `d` on `port`, stopped after `secs` at most.
+-- file it may rewrite) in `d` on `port`, living SERVER_LIFETIME at most.
 local function redis_process(d, port, args, sentinel)
   assert(os.execute("mkdir -p " .. M.q(d)) == 0)
   local cmd
@@ -298,7 +305,7 @@ local function redis_process(d, port, args, sentinel)
     cmd = ("cd %s && exec redis-server --port %d --bind 127.0.0.1 --save '' " ..
       "--appendonly no --daemonize no --loglevel warning %s"):format(M.q(d), port, args or "")
   end
-  local wait, signal = M.start(cmd, 600)
+  local wait, signal = M.start(cmd, SERVER_LIFETIME)
   return { port = port, dir = d, wait = wait, signal = signal, addr = "127.0.0.1:" .. port }
 end
 
@@ -369,7 +376,8 @@ function M.start_mariadb(dir, port)
   port = port or M.free_port()
   local wait, signal = M.start(("exec scripts/mariadb-scratch %s %d " ..
     "--ssl-cert=%s --ssl-key=%s --max-allowed-packet=64M"):format(M.q(dir), port,
-    M.q(absolute(M.certs .. "/server.pem")), M.q(absolute(M.certs .. "/server.key"))), 300)
+    M.q(absolute(M.certs .. "/server.pem")), M.q(absolute(M.certs .. "/server.key"))),
+    SERVER_LIFETIME)
   return { port = port, dir = dir, wait = wait, signal = signal }
 end
 
@@ -399,7 +407,7 @@ function M.start_influxdb()
   local dir = M.tmpdir()
   local port, rpc, udp = M.free_port(), M.free_port(), M.free_port()
   local wait, signal = M.start(("exec scripts/influxdb-scratch %s %d %d %d")
-    :format(M.q(dir), port, rpc, udp), 120)
+    :format(M.q(dir), port, rpc, udp), SERVER_LIFETIME)
   return { port = port, udp_port = udp, dir = dir, wait = wait, signal = signal }
 end
 
@@ -418,7 +426,7 @@ function M.start_celery(broker, opts)
     "exec %s -m celery -A pytasks worker --pool=solo -l info -n %s@%%h -Q %s " ..
     "--without-gossip --without-mingle --without-heartbeat >%s 2>&1")
     :format(M.q(broker), tostring(opts.vt or 3600), opts.acks_late and "1" or "0", M.python,
-      opts.name or "py1", opts.queues or "celery", M.q(log)), 300)
+      opts.name or "py1", opts.queues or "celery", M.q(log)), SERVER_LIFETIME)
   local function text()
     local f = io.open(log)
     local t = f and f:read("*a") or ""
@@ -504,7 +512,7 @@ end
 function M.peer_server(argv_for)
   local iostream = require "squall.iostream"
   local port = M.free_port()
-  local wait, signal = M.start("exec " .. argv_for(port), 60)
+  local wait, signal = M.start("exec " .. argv_for(port), SERVER_LIFETIME)
   M.eventually(function()
     local s = iostream.connect("127.0.0.1", port)
     if s then s:close() end
