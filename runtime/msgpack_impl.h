@@ -1,7 +1,7 @@
 /* msgpack_impl.h: what the MessagePack files share (msgpack.c decodes and
  * sets up, msgpack_encode.c encodes, msgpack_unpacker.c streams) and what
  * the RPC framing (rpc_frame.c) builds on: a decoder over a byte range and
- * an unpacker that says when the next value is whole. Not for other
+ * mp_take, which hands it the unpacker's next whole value. Not for other
  * runtime files: they see msgpack.h.
  */
 #ifndef SQUALL_MSGPACK_IMPL_H
@@ -11,7 +11,6 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "buffer.h"
 #include "msgpack.h"
 
 /* The hooks table from core.msgpack_setup is upvalue 1 of every closure
@@ -45,35 +44,12 @@ uint64_t mp_be(const unsigned char *p, int n);
 
 /* ---- the unpacker (msgpack_unpacker.c) ---- */
 
-/* Bytes fed, not yet returned as values, and a scan of the next value
- * that resumes where it stopped: `left[i]` items remain at nesting level
- * i. A value is decoded only once the scan found its end. */
-typedef struct {
-  squall_buffer buf;
-  size_t scan; /* bytes of the next value measured so far */
-  int depth;   /* open levels; 0: no scan in progress */
-  size_t max_size;
-  char *failed; /* the error once the stream broke; every next() says it */
-  uint64_t left[SQUALL_MSGPACK_MAX_DEPTH + 2];
-} mp_unpacker;
-
-/* The unpacker at stack index 1 (raises for anything else). */
-mp_unpacker *mp_check_unpacker(lua_State *L);
-
-/* Advance the scan: 1 when the next value is whole (its bytes are
- * squall_buffer_head(&u->buf)[0, u->scan)), 0 when more bytes are needed,
- * -1 with u->failed set when the input is not MessagePack or the value
- * passes max_size. */
-int mp_measure(mp_unpacker *u);
-
-/* The value mp_measure found was taken: drop its bytes. */
-void mp_consume(mp_unpacker *u);
-
-/* Push nil and the unpacker's error (kind msgpack): 2. */
-int mp_push_failed(lua_State *L, mp_unpacker *u);
-
-/* The input broke with `err`: every later take says so. Pushes nil, err. */
-int mp_fail(lua_State *L, mp_unpacker *u, const char *err);
+/* Take the next whole value from the unpacker at stack index 1, pushed
+ * by `push` (a decode of its bytes: 0, or -1 with d->err set); returns
+ * how many values it pushed. nil while the value is incomplete; nil, err
+ * (kind msgpack) once the input broke, which every later take says too.
+ * u:next() and rpc_frame.c's next_message are both this. */
+int mp_take(lua_State *L, int (*push)(mp_dec *d));
 
 /* unpacker(max_size), as msgpack_setup returns it. */
 int mp_l_unpacker_new(lua_State *L);

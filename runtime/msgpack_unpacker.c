@@ -9,9 +9,22 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "buffer.h"
 #include "host.h"
 
 const char MP_UNPACKER_MT[] = "squall.msgpack.unpacker";
+
+/* Bytes fed, not yet returned as values, and a scan of the next value
+ * that resumes where it stopped: `left[i]` items remain at nesting level
+ * i. A value is decoded only once the scan found its end. */
+typedef struct {
+  squall_buffer buf;
+  size_t scan; /* bytes of the next value measured so far */
+  int depth;   /* open levels; 0: no scan in progress */
+  size_t max_size;
+  char *failed; /* the error once the stream broke; every next() says it */
+  uint64_t left[SQUALL_MSGPACK_MAX_DEPTH + 2];
+} mp_unpacker;
 
 /* Bytes fed, not yet returned as values, and a scan of the next value
  * that resumes where it stopped: `left[i]` items remain at nesting level
@@ -141,7 +154,7 @@ static int step(mp_unpacker *u, size_t size, uint64_t items) {
 /* Advance the scan: 1 when the next value is complete (`scan` bytes), 0
  * when more bytes are needed, -1 with u->failed set when the input is not
  * MessagePack or the value passes max_size. */
-int mp_measure(mp_unpacker *u) {
+static int mp_measure(mp_unpacker *u) {
   const unsigned char *p = (const unsigned char *)squall_buffer_head(&u->buf);
   size_t len = squall_buffer_len(&u->buf);
   if (u->depth == 0) {
@@ -200,11 +213,11 @@ int mp_measure(mp_unpacker *u) {
   }
 }
 
-mp_unpacker *mp_check_unpacker(lua_State *L) {
+static mp_unpacker *mp_check_unpacker(lua_State *L) {
   return squall_checkudata(L, 1, MP_UNPACKER_MT);
 }
 
-int mp_push_failed(lua_State *L, mp_unpacker *u) {
+static int mp_push_failed(lua_State *L, mp_unpacker *u) {
   lua_pushnil(L);
   squall_push_error(L, "msgpack", u->failed);
   return 2;
@@ -220,7 +233,7 @@ static int l_unpacker_feed(lua_State *L) {
   return 0;
 }
 
-void mp_consume(mp_unpacker *u) {
+static void mp_consume(mp_unpacker *u) {
   squall_buffer_consume(&u->buf, u->scan);
   u->scan = 0;
   u->depth = 0;
@@ -228,13 +241,12 @@ void mp_consume(mp_unpacker *u) {
     squall_buffer_free(&u->buf);
 }
 
-int mp_fail(lua_State *L, mp_unpacker *u, const char *err) {
+static int mp_fail(lua_State *L, mp_unpacker *u, const char *err) {
   u->failed = strdup(err);
   return mp_push_failed(L, u);
 }
 
-/* u:next() -> value | nil (incomplete) | nil, err */
-static int l_unpacker_next(lua_State *L) {
+int mp_take(lua_State *L, int (*push)(mp_dec *d)) {
   mp_unpacker *u = mp_check_unpacker(L);
   if (u->failed != NULL)
     return mp_push_failed(L, u);
@@ -249,12 +261,21 @@ static int l_unpacker_next(lua_State *L) {
   mp_dec d = {L,       (const unsigned char *)squall_buffer_head(&u->buf),
               u->scan, 0,
               NULL,    0};
-  if (mp_dec_value(&d, 1) != 0) {
+  if (push(&d) != 0) {
     lua_settop(L, top);
     return mp_fail(L, u, d.err);
   }
   mp_consume(u);
-  return 1;
+  return lua_gettop(L) - top;
+}
+
+static int push_value(mp_dec *d) {
+  return mp_dec_value(d, 1);
+}
+
+/* u:next() -> value | nil (incomplete) | nil, err */
+static int l_unpacker_next(lua_State *L) {
+  return mp_take(L, push_value);
 }
 
 /* u:buffered() -> bytes fed and not yet returned */

@@ -116,26 +116,7 @@ static int push_message(mp_dec *d) {
 
 /* next_message(unpacker), a closure over the msgpack hooks. */
 static int l_next_message(lua_State *L) {
-  mp_unpacker *u = mp_check_unpacker(L);
-  if (u->failed != NULL)
-    return mp_push_failed(L, u);
-  int r = mp_measure(u);
-  if (r == 0) {
-    lua_pushnil(L);
-    return 1;
-  }
-  if (r < 0)
-    return mp_push_failed(L, u);
-  int top = lua_gettop(L);
-  mp_dec d = {L,       (const unsigned char *)squall_buffer_head(&u->buf),
-              u->scan, 0,
-              NULL,    0};
-  if (push_message(&d) != 0) {
-    lua_settop(L, top);
-    return mp_fail(L, u, d.err);
-  }
-  mp_consume(u);
-  return lua_gettop(L) - top;
+  return mp_take(L, push_message);
 }
 
 /* core.rpc_frame_reader() -> next_message */
