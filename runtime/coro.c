@@ -6,6 +6,7 @@
 #include "host.h"
 
 #define ON_FINISH_KEY "squall.coro.on_finish"
+#define ON_KEPT_KEY "squall.coro.on_kept"
 
 /* The coroutine squall_coro_resume is running now (innermost), or NULL.
  * A coroutine may wait only when it is this one: its yield then comes back
@@ -13,6 +14,15 @@
  * hand its yield to that caller instead, and Squall's later resume would
  * run it from the wrong place (the result lost, the caller confused). */
 static _Thread_local lua_State *resumed_now; /* per thread: workers too */
+
+/* resumed_now is lent to a call (squall_coro_lend): if it yields now, the
+ * call kept it. Saved and restored with resumed_now, so it belongs to one
+ * level of resume: a coroutine the call resumes starts unlent. */
+static _Thread_local int lent_now;
+
+void squall_coro_lend(int on) {
+  lent_now = on;
+}
 
 int squall_coro_can_wait(lua_State *L) {
   return L == resumed_now;
@@ -107,11 +117,17 @@ static int run_on_finish(lua_State *L, lua_State *co, int has_tb) {
   return 0;
 }
 
-int squall_coro_resume(lua_State *L, lua_State *co, int nargs) {
+/* Resume co once: the lua_resume status; *kept says whether it yielded
+ * while lent. */
+static int resume_once(lua_State *L, lua_State *co, int nargs, int *kept) {
   lua_State *outer = resumed_now;
+  int outer_lent = lent_now;
   resumed_now = co;
+  lent_now = 0;
   int status = lua_resume(co, nargs);
+  *kept = status == LUA_YIELD && lent_now;
   resumed_now = outer;
+  lent_now = outer_lent;
   if (status == 0 || status == LUA_YIELD) {
     /* Yielded values go to whoever resumes it next: nobody here; a
      * finished coroutine's results go nowhere. */
@@ -129,6 +145,66 @@ int squall_coro_resume(lua_State *L, lua_State *co, int nargs) {
   if (!run_on_finish(L, co, 1))
     squall_host_report(L, "coroutine");
   return status;
+}
+
+static int can_resume(lua_State *L, lua_State *co);
+
+/* co yielded while lent: the call it ran keeps it. Ask the hook
+ * (core.on_kept) what carries on co's own work. It returns nothing, or a
+ * coroutine and its arguments, which are pushed: the thread at the
+ * returned index, its arguments moved onto it. 0 when nothing follows. */
+static int carry_on(lua_State *L, lua_State *co, int *nargs) {
+  int base = lua_gettop(L);
+  lua_getfield(L, LUA_REGISTRYINDEX, ON_KEPT_KEY);
+  if (!lua_isfunction(L, -1)) {
+    lua_settop(L, base);
+    return 0;
+  }
+  lua_pushthread(co);
+  lua_xmove(co, L, 1);
+  if (squall_host_pcall(L, 1, LUA_MULTRET) != 0) {
+    squall_host_report(L, "core.on_kept hook");
+    lua_settop(L, base);
+    return 0;
+  }
+  lua_State *next = lua_gettop(L) > base ? lua_tothread(L, base + 1) : NULL;
+  int n = lua_gettop(L) - base - 1;
+  if (next == NULL || !can_resume(L, next) ||
+      !lua_checkstack(next, n + LUA_MINSTACK)) {
+    lua_settop(L, base);
+    return 0;
+  }
+  lua_xmove(L, next, n); /* the thread stays on L: anchored while it runs */
+  *nargs = n;
+  return base + 1;
+}
+
+int squall_coro_resume(lua_State *L, lua_State *co, int nargs) {
+  int kept;
+  int status = resume_once(L, co, nargs, &kept);
+  /* A loop, not a recursion: when what carries on is kept in turn (the
+   * next request waits too), its successor starts here as well, and the C
+   * stack stays as deep as one resume. */
+  while (kept) {
+    int at = carry_on(L, co, &nargs);
+    if (at == 0)
+      break;
+    co = lua_tothread(L, at);
+    resume_once(L, co, nargs, &kept);
+    lua_remove(L, at);
+  }
+  return status;
+}
+
+/* core.on_kept(fn): call fn(co) when co yields while lent
+ * (squall_coro_lend); fn returns nothing, or a coroutine and the arguments
+ * to resume it with at once. One hook for the process; nil removes it. */
+static int l_on_kept(lua_State *L) {
+  if (!lua_isnil(L, 1))
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_settop(L, 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, ON_KEPT_KEY);
+  return 0;
 }
 
 /* core.on_finish(tbl, fn): when a coroutine that is a key of `tbl`
@@ -201,5 +277,7 @@ int squall_coro_open(lua_State *L) {
   lua_setfield(L, -2, "on_finish");
   lua_pushcfunction(L, l_resume);
   lua_setfield(L, -2, "resume");
+  lua_pushcfunction(L, l_on_kept);
+  lua_setfield(L, -2, "on_kept");
   return 0;
 }

@@ -30,14 +30,25 @@ int squall_coro_park(lua_State *L, const char *what);
  * handler run on it. */
 int squall_coro_resume(lua_State *L, lua_State *co, int nargs);
 
+/* Lending. A coroutine may run a call that might wait (an RPC handler)
+ * itself, rather than on a coroutine of its own: that saves a resume and a
+ * yield per call. It calls squall_coro_lend(1) before the call and
+ * squall_coro_lend(0) after (squall.rpc does, through the FFI). If the
+ * coroutine yields in between, the call keeps it, and squall_coro_resume,
+ * once the yield reaches it, calls the core.on_kept hook with the
+ * coroutine; the hook may return another coroutine and arguments, which
+ * squall_coro_resume resumes at once to carry on the kept one's own work
+ * (reading the connection's next requests). */
+void squall_coro_lend(int on);
+
 /* Push the parked coroutine `ref` onto L and release its reference. The
  * caller pushes the results onto the returned thread and calls
  * squall_coro_resume; the thread stays on L's stack (anchored) until the
  * caller pops it. */
 lua_State *squall_coro_unpark(lua_State *L, int ref);
 
-/* Add core.resume, core.on_finish, core.can_wait to the table at the top of
- * the stack. */
+/* Add core.resume, core.on_finish, core.on_kept, core.can_wait to the table at
+ * the top of the stack. */
 int squall_coro_open(lua_State *L);
 
 #endif

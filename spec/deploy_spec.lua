@@ -184,7 +184,7 @@ ioloop.current():start()
       status, out = run(("cd / && %s -e %s"):format(q(bin),
         q("io.write(package.searchpath('squall.rpc', package.path))")))
       assert.equal(0, status)
-      assert.equal(root .. "/usr/bin/../share/squall/lua/squall/rpc.lua", out)
+      assert.equal(root .. "/usr/bin/../share/squall/lua/squall/rpc/init.lua", out)
       -- the unit files docs/deploy.md points at ship with the examples
       for _, unit in ipairs({ "squall-echo.service", "squall-echo.socket" }) do
         assert.is_truthy(io.open(root .. "/usr/share/squall/examples/deploy/" .. unit),
