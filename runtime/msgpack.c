@@ -229,6 +229,35 @@ int mp_dec_value(mp_dec *d, int depth) {
   return fail(d, "invalid type byte 0xc1", d->pos - 1);
 }
 
+/* The big-endian float 64 and float 32 at p, for the compiled decoder
+ * (lua/squall/msgpack/fast.lua): in C, because Lua over the FFI can only
+ * pun bytes to a double through a union, whose byte stores the JIT's alias
+ * analysis may move past the double's load. A NaN comes back as the one
+ * LuaJIT uses, as lua_pushnumber makes it: the FFI passes a returned
+ * double on as it is, and LuaJIT reads some NaNs' bits as other values
+ * (all ones is nil). */
+static double canonical(double f) {
+  if (f != f) {
+    uint64_t bits = (uint64_t)0xfff80000u << 32;
+    memcpy(&f, &bits, sizeof f);
+  }
+  return f;
+}
+
+double squall_mp_ffi_float64(const unsigned char *p) {
+  uint64_t bits = mp_be(p, 8);
+  double f;
+  memcpy(&f, &bits, sizeof f);
+  return canonical(f);
+}
+
+double squall_mp_ffi_float32(const unsigned char *p) {
+  uint32_t bits = (uint32_t)mp_be(p, 4);
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return canonical(f);
+}
+
 /* Decode one value from p[0, len) onto L: the value and 0, or -1 with
  * nil and an error value (kind msgpack) pushed instead. *used gets the
  * bytes it took. */
@@ -255,7 +284,7 @@ static int l_decode(lua_State *L) {
   const char *s = luaL_checklstring(L, 1, &len);
   lua_Number pos = luaL_optnumber(L, 2, 1);
   luaL_argcheck(L, pos >= 1 && pos == floor(pos), 2,
-                "pos must mp_be a positive integer");
+                "pos must be a positive integer");
   /* Compared as a double, before any conversion: a pos past what size_t
    * holds (2^64, 1e300, inf) has no defined conversion. */
   if (pos > (lua_Number)len + 1) {

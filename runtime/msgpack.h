@@ -7,7 +7,7 @@
  * resumable scan has measured the next value: each byte is measured once
  * and decoded once, however the value is split into chunks.
  *
- * What the Lua side decides (msgpack.lua) reaches C through
+ * What the Lua side decides (lua/squall/msgpack/) reaches C through
  * core.msgpack_setup: the metatables that mark arrays, maps, bin and ext
  * values, and two functions for LuaJIT's 64-bit cdata integers, which the
  * C API cannot make or inspect by type.
@@ -16,6 +16,7 @@
 #define SQUALL_MSGPACK_H
 
 #include <lua.h>
+#include <stddef.h>
 
 /* Nesting deeper than this raises (encode) or fails (decode). */
 #define SQUALL_MSGPACK_MAX_DEPTH 200
@@ -28,5 +29,16 @@ void squall_msgpack_thread_exit(void);
  * encode_array and write_array functions) and core.msgpack_null to the table at
  * the top of the stack. */
 int squall_msgpack_open(lua_State *L);
+
+/* For lua/squall/msgpack/fast.lua, which decodes and encodes the common
+ * values through the FFI (declared there too): the unpacker's bytes
+ * (msgpack_unpacker.c says what these take), and floats to and from
+ * their bytes (msgpack.c, msgpack_encode.c). */
+int squall_mp_ffi_avail(const void *u);
+const unsigned char *squall_mp_ffi_head(const void *u);
+void squall_mp_ffi_consume(void *u, size_t n);
+double squall_mp_ffi_float64(const unsigned char *p);
+double squall_mp_ffi_float32(const unsigned char *p);
+void squall_mp_ffi_put_float64(unsigned char *p, double d);
 
 #endif

@@ -133,6 +133,15 @@ static int put_double(enc *e, double d) {
   return put_be(e, 0xcb, bits, 8);
 }
 
+/* The 8 big-endian bytes of d at p, for the compiled encoder
+ * (lua/squall/msgpack/fast.lua; msgpack.c says why in C). */
+void squall_mp_ffi_put_float64(unsigned char *p, double d) {
+  uint64_t bits;
+  memcpy(&bits, &d, sizeof bits);
+  for (int i = 0; i < 8; i++)
+    p[i] = (unsigned char)(bits >> (8 * (7 - i)));
+}
+
 /* An integral number in [-2^63, 2^64) encodes as an integer; any other
  * number (fractions, inf, nan, huge values) as float 64. */
 static int put_number(enc *e, double d) {

@@ -5,6 +5,7 @@
 #include "msgpack_impl.h"
 
 #include <lauxlib.h>
+#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,9 +27,6 @@ typedef struct {
   uint64_t left[SQUALL_MSGPACK_MAX_DEPTH + 2];
 } mp_unpacker;
 
-/* Bytes fed, not yet returned as values, and a scan of the next value
- * that resumes where it stopped: `left[i]` items remain at nesting level
- * i. A value is decoded only once the scan found its end. */
 /* How many header bytes follow the type byte, how many payload bytes
  * (known once the header is read) and how many items it contains. */
 static void shape(unsigned char t, const unsigned char *h, int *hlen,
@@ -267,6 +265,40 @@ int mp_take(lua_State *L, int (*push)(mp_dec *d)) {
   }
   mp_consume(u);
   return lua_gettop(L) - top;
+}
+
+/* ---- the FFI fast path ------------------------------------------------
+ *
+ * lua/squall/msgpack/fast.lua decodes the common values in compiled Lua
+ * straight from the unpacker's bytes, as iostream.lua reads lines from a
+ * stream's. It may take bytes only between values: while a scan is under
+ * way (the next value came in parts) or after the input broke, these say
+ * there is nothing for it, and u:next() decides. `u` is the userdata's
+ * payload (the FFI passes a userdata as a pointer to it). */
+
+/* The bytes the fast path may decode now, or 0. At most max_size: a value
+ * that needs more is not whole to it, and the scan then refuses it. */
+int squall_mp_ffi_avail(const void *p) {
+  const mp_unpacker *u = p;
+  if (u->failed != NULL || u->depth != 0)
+    return 0;
+  size_t n = squall_buffer_len(&u->buf);
+  if (n > u->max_size)
+    n = u->max_size;
+  return n > INT_MAX ? INT_MAX : (int)n;
+}
+
+/* The bytes fed and not taken; valid until the unpacker's next call. */
+const unsigned char *squall_mp_ffi_head(const void *p) {
+  const mp_unpacker *u = p;
+  return (const unsigned char *)squall_buffer_head(&u->buf);
+}
+
+/* Take n bytes (a whole value the fast path decoded), as next() does. */
+void squall_mp_ffi_consume(void *p, size_t n) {
+  mp_unpacker *u = p;
+  u->scan = n;
+  mp_consume(u);
 }
 
 static int push_value(mp_dec *d) {

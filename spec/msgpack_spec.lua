@@ -324,4 +324,63 @@ describe("squall.msgpack", function()
       assert.equal("msgpack", err.kind)
     end)
   end)
+
+  describe("the compiled codec (squall.msgpack.fast, squall.rpc.frame)", function()
+    -- The fuzz target's check: it asserts that both codecs, and both RPC
+    -- readers, give the same for an input split at a and b.
+    local check = dofile("tests/fuzz/msgpack_check.lua")
+    local fast = require "squall.msgpack.fast"
+    local c_decode = msgpack.c_codec.decode
+
+    local function splits(s)
+      for a = 0, math.min(#s, 12) do check(s, a, math.min(#s, a + 5)) end
+      check(s, #s, #s)
+    end
+
+    it("gives what the C codec gives, for every value and the fuzz seeds", function()
+      for _ = 1, 3 do -- the later rounds run compiled
+        for _, v in ipairs(VALUES) do splits(msgpack.c_codec.encode(v)) end
+        for name in io.popen("ls tests/fuzz/corpus/msgpack"):lines() do
+          splits(slurp("tests/fuzz/corpus/msgpack/" .. name))
+        end
+      end
+    end)
+
+    it("takes the common values itself and leaves the rest to C", function()
+      local function takes(s)
+        return select(2, fast.value(ffi.cast("const uint8_t *", s), 0, #s, 1)) ~= nil
+      end
+      for _, v in ipairs({ 1, -5, 2 ^ 53, 1.5, "s", ("x"):rep(300), true, null, { 1, "a" },
+        { k = { 1, 2 } }, msgpack.map({}), msgpack.bin("b") }) do
+        assert.is_true(takes(msgpack.encode(v)), tostring(v))
+      end
+      local deep = {}
+      local t = deep
+      for _ = 1, fast.MAX_DEPTH + 1 do t[1] = {}; t = t[1] end
+      for _, v in ipairs({ msgpack.ext(1, "x"), 18446744073709551615ULL, -2 ^ 53 - 2, deep }) do
+        local s = msgpack.encode(v)
+        assert.is_false(takes(s), tostring(v))
+        assert.equal(s, msgpack.encode((msgpack.decode(s)))) -- C decoded it
+      end
+      assert.is_false(takes("\193"))
+      assert.equal("invalid type byte 0xc1 (at byte 1)", select(2, msgpack.decode("\193")).message)
+      assert.is_false(takes("\146\1")) -- truncated
+      assert.equal("msgpack", select(2, msgpack.decode("\146\1")).kind)
+    end)
+
+    it("decodes a NaN as the NaN LuaJIT uses, whatever its bits, and float after float",
+      function()
+        -- all ones is LuaJIT's nil once it is a Lua value's bits
+        local s = "\148\203" .. ("\255"):rep(8) .. "\202" .. ("\255"):rep(4) ..
+          "\203\63\248\0\0\0\0\0\0" .. "\203\0\0\0\1\96\150\26\126"
+        local want = c_decode(s)
+        for _ = 1, 300 do -- compiled after the first rounds
+          local t = msgpack.decode(s)
+          assert.equal(4, #t)
+          assert.is_true(t[1] ~= t[1] and t[2] ~= t[2])
+          assert.equal(1.5, t[3])
+          assert.equal(want[4], t[4])
+        end
+      end)
+  end)
 end)

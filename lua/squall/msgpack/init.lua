@@ -3,31 +3,32 @@
 --     local s = msgpack.encode({ cmd = "move", to = { 3, 4 } })
 --     local v, pos = msgpack.decode(s)
 --
--- The codec is C (runtime/msgpack.c); this module supplies what only Lua
--- can: the markers, and LuaJIT's 64-bit integers. See docs/api.md
+-- Two codecs share the work. The common values go through fast.lua,
+-- compiled Lua over the FFI; everything else, and every error, through
+-- the C codec (runtime/msgpack*.c), to which this module supplies what
+-- only Lua can: the markers, and LuaJIT's 64-bit integers. See docs/api.md
 -- (squall.msgpack) for the type mapping.
 -- @module squall.msgpack
 local core = require "squall.core"
 local ffi = require "ffi"
+local fast = require "squall.msgpack.fast"
+local marks = require "squall.msgpack.marks"
 
 local M = {}
 
-local setmetatable, getmetatable, type, error = setmetatable, getmetatable, type, error
+local setmetatable, getmetatable, type, error, select = setmetatable, getmetatable, type,
+  error, select
+local floor = math.floor
 
 local int64_t, uint64_t = ffi.typeof("int64_t"), ffi.typeof("uint64_t")
 local istype, cast = ffi.istype, ffi.cast
+local bytes_t = ffi.typeof("const uint8_t *")
 
 --- Stands for nil inside arrays and maps, and is what nil decodes to
 -- everywhere (the same value as cjson.null: a NULL light userdata).
-M.null = core.msgpack_null
+M.null = marks.null
 
-local array_mt = { __msgpack = "array" }
-local map_mt = { __msgpack = "map" }
-local bin_mt = { __msgpack = "bin" }
-local ext_mt = { __msgpack = "ext" }
-ext_mt.__index = ext_mt
-function ext_mt.__eq(a, b) return a.type == b.type and a.data == b.data end
-function ext_mt.__tostring(e) return ("msgpack.ext(%d, %q)"):format(e.type, e.data) end
+local array_mt, map_mt, bin_mt, ext_mt = marks.array_mt, marks.map_mt, marks.bin_mt, marks.ext_mt
 
 local hooks = {
   ext_mt = ext_mt,
@@ -48,10 +49,21 @@ local hooks = {
 local c_encode, c_decode, c_unpacker, c_encode_array, c_write_array =
   core.msgpack_setup(hooks)
 
+local fast_encode, fast_value = fast.encode, fast.value
+
+--- The C codec alone (`encode`, `decode`), which decides everything the
+-- compiled one (squall.msgpack.fast) leaves to it: for the specs and the
+-- fuzz target that hold the two to the same results.
+M.c_codec = { encode = c_encode, decode = c_decode }
+
 --- Encode a value. Raises for a function, userdata, thread, other cdata,
 -- a cycle, or tables nested deeper than 200.
 -- @return string
-M.encode = c_encode
+function M.encode(...)
+  local s = select("#", ...) > 0 and fast_encode((...))
+  if s then return s end
+  return c_encode(...)
+end
 
 --- Encode an array of the arguments, nils included in their places,
 -- without building a table: `encode_array(1, msgid, nil, result)`.
@@ -67,7 +79,19 @@ M.write_array = c_write_array
 -- @treturn any the value (`msgpack.null` for nil)
 -- @treturn number the position after it
 -- @return nil, err (kind `msgpack`) when the bytes are invalid or truncated
-M.decode = c_decode
+function M.decode(s, pos)
+  if type(s) == "string" then
+    local n = #s
+    if pos == nil then
+      pos = 1
+    elseif type(pos) ~= "number" or pos < 1 or pos > n or pos ~= floor(pos) then
+      return c_decode(s, pos) -- raises or says why
+    end
+    local v, after = fast_value(cast(bytes_t, s), pos - 1, n, 1)
+    if after then return v, after + 1 end
+  end
+  return c_decode(s, pos)
+end
 
 --- The most values a Lua call can take at once: LuaJIT's `unpack`
 -- refuses more than its C stack allows (LUAI_MAXCSTACK, 8000 slots, less
