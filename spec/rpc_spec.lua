@@ -88,6 +88,80 @@ describe("squall.rpc", function()
       server:stop()
     end))
 
+  it("passes each call exactly its arguments, trailing nils counted", async(function()
+    local server, port = serve(nil, { count = function(_, ...)
+      return msgpack.array({ select("#", ...), ... }, select("#", ...) + 1)
+    end })
+    local c = assert(rpc.connect("127.0.0.1", port))
+    -- up to 8 arguments come in slots, 9 to 64 spread, past that in a table
+    for _, n in ipairs({ 0, 1, 2, 3, 7, 8, 9, 10, 64, 65, 70 }) do
+      local args = {}
+      for i = 1, n do args[i] = (i % 3 ~= 0) and i or nil end
+      local got = assert(c:call("count", unpack(args, 1, n)))
+      assert.equal(n, got[1])
+      for i = 1, n do
+        assert.equal(args[i] == nil and msgpack.null or args[i], got[i + 1])
+      end
+    end
+    c:close()
+    server:stop()
+  end))
+
+  it("runs requests on the coroutine that read them; one that waits hands the reading on",
+    async(function()
+      -- 300 requests in one write, each waiting: every one starts before
+      -- any answers, the fast ones behind them answer first, and the
+      -- connection's own coroutine, kept by the first, ends with it
+      local release = gen.Future()
+      local started = 0
+      local server, port = serve({ max_pending = 1000 }, {
+        hold = function(_, i)
+          started = started + 1
+          release:result()
+          if i % 50 == 0 then error("raised after waiting") end
+          return i
+        end,
+        now = function(_, i) return -i end,
+      })
+      local s = assert(iostream.connect("127.0.0.1", port))
+      local out = {}
+      for i = 1, 300 do out[#out + 1] = msgpack.encode({ 0, i, "hold", { i } }) end
+      for i = 1, 3 do out[#out + 1] = msgpack.encode({ 0, 1000 + i, "now", { i } }) end
+      s:write(table.concat(out))
+      local u = msgpack.unpacker()
+      local answers = {}
+      local function read_answers(n)
+        while #answers < n do
+          local msg = u:next()
+          if msg then
+            answers[#answers + 1] = msg
+          else
+            u:feed(assert(s:read_bytes(65536, true)))
+          end
+        end
+      end
+      read_answers(3)
+      assert.equal(300, started)
+      for i = 1, 3 do assert.same({ 1, 1000 + i, msgpack.null, -i }, answers[i]) end
+      local log = helpers.capture_log(function()
+        release:set_result(true)
+        read_answers(303)
+      end)
+      local by_id = {}
+      for i = 4, 303 do by_id[answers[i][2]] = answers[i] end
+      for i = 1, 300 do
+        if i % 50 == 0 then
+          assert.equal("internal error", by_id[i][3])
+        else
+          assert.equal(i, by_id[i][4])
+        end
+      end
+      assert.matches("raised after waiting", log)
+      s:close()
+      eventually(function() return server:active_streams() == 0 end, "handle_stream returned")
+      server:stop()
+    end))
+
   it("lets the server call the client while serving its request", async(function()
     local server, port = serve(nil, {
       quad = function(conn, x) return 2 * assert(conn:call("twice", x)) end,

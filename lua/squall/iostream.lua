@@ -177,6 +177,15 @@ function methods.write(s, data, callback)
   M.call_back(methods.flush, s, callback)
 end
 
+--- write() for the n bytes at p (a pointer the FFI can read, such as an
+-- FFI buffer): no string is made when they can be queued at once.
+function M.write_bytes(s, p, n)
+  if fast and getmetatable(s) == mt and C.squall_stream_ffi_write(s, p, n) ~= 0 then
+    return true
+  end
+  return write(s, ffi_string(p, n))
+end
+
 -- Addresses a PROXY protocol header gave (weak: they go with the stream).
 local peer_addresses = setmetatable({}, { __mode = "k" })
 local c_getpeername = c.getpeername

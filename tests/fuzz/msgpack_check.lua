@@ -9,6 +9,7 @@ local ffi = require "ffi"
 local core = require "squall.core"
 local mp = require "squall.msgpack"
 local fast = require "squall.msgpack.fast"
+local frame = require "squall.rpc.frame"
 
 local c_decode, c_encode = mp.c_codec.decode, mp.c_codec.encode
 local c_next = core.rpc_frame_reader()
@@ -99,20 +100,20 @@ return function(data, a, b)
   local u2 = mp.unpacker({ max_size = max_size })
   -- and one unpacker taken from by turns, so each finds the other's state
   local u3 = mp.unpacker({ max_size = max_size })
-  local take = { u3.next, c_next }
+  local take = { u3.next, c_next, frame.next_message }
   local k = 0
   for _, piece in ipairs(pieces) do
     u1:feed(piece)
     u2:feed(piece)
     u3:feed(piece)
     while true do
-      local x, y = pack(c_next(u1)), pack(c_next(u2))
+      local x, y = pack(frame.next_message(u1)), pack(c_next(u2))
       assert(same_all(x, y), "the compiled RPC reader disagrees with C")
       assert(u1:buffered() == u2:buffered(), "the RPC readers took different bytes")
       if x[1] == nil then break end
     end
     while true do
-      k = k % 2 + 1
+      k = k % 3 + 1
       if take[k](u3) == nil then break end
     end
   end

@@ -18,8 +18,10 @@
 local core = require "squall.core"
 local gen = require "squall.gen"
 local iostream = require "squall.iostream"
+local lend_mod = require "squall.lend"
 local log = require "squall.log"
 local msgpack = require "squall.msgpack"
+local rpc_frame = require "squall.rpc.frame"
 local routers = require "squall.router"
 local stats = require "squall.stats"
 local TCPServer = require "squall.tcpserver"
@@ -27,13 +29,16 @@ local util = require "squall.util"
 
 local M = {}
 
-local null, write_array = msgpack.null, msgpack.write_array
-local resume, create, yield, running = core.resume, coroutine.create, coroutine.yield,
-  coroutine.running
-local type, tostring, error, pairs, select = type, tostring, error, pairs, select
+local null = msgpack.null
+local write_message = rpc_frame.write_message
+local create, yield, running = coroutine.create, coroutine.yield, coroutine.running
+local type, tostring, error, pairs, select, unpack = type, tostring, error, pairs, select,
+  unpack
 local traceback, xpcall, format = debug.traceback, xpcall, string.format
 local now = core.time
 local fail, failure = util.fail, util.failure
+local lend, keeper = lend_mod.lend, lend_mod.keeper
+local read_on_loop -- the pooled readers' body, below
 
 -- Stream methods, looked up once: a method call through the stream's
 -- __index costs a Lua call of its own, per message.
@@ -41,12 +46,13 @@ local sm = iostream.methods
 local s_closed, s_read_bytes, s_set_idle = sm.closed, sm.read_bytes, sm.set_idle
 
 -- The message kinds and the params' counts that are not counts, as
--- runtime/rpc_frame.h names them: next_message spreads a message on the
--- stack, so a request costs no table.
+-- runtime/rpc_frame.h names them: next_message (rpc/frame.lua, in front
+-- of rpc_frame.c's) spreads a message on the stack, so a request costs no
+-- table.
 local frame = core.rpc_frame_constants
 local REQUEST, RESPONSE, NOTIFY = frame.REQUEST, frame.RESPONSE, frame.NOTIFY
 local PARAMS_TABLE, PARAMS_NOT_ARRAY = frame.PARAMS_TABLE, frame.PARAMS_NOT_ARRAY
-local next_message = core.rpc_frame_reader()
+local next_message = rpc_frame.next_message
 local DEFAULTS = { call_timeout = 30, max_message_size = 16777216, max_pending = 256 }
 
 local function rpc_error(kind, message, remote)
@@ -89,10 +95,10 @@ local function new_connection(stream, address, opts, router)
   }, RpcConnection)
 end
 
--- Send one message, the array of the arguments after conn; a closed
+-- Send one message, the array of the n (3 or 4) values after it; a closed
 -- stream is the caller's to report.
-local function send(conn, ...)
-  local ok, sent, err = pcall(write_array, conn.stream, ...)
+local function send(conn, n, a, b, c, d)
+  local ok, sent, err = pcall(write_message, conn.stream, n, a, b, c, d)
   if not ok then return nil, rpc_error("msgpack", sent) end
   return sent, err
 end
@@ -130,7 +136,7 @@ function RpcConnection:call(method, ...)
   self._next_msgid = (msgid + 1) % 4294967296
   local fut = gen.Future()
   self._pending[msgid] = fut
-  local ok, err = send(self, REQUEST, msgid, method, params_of(...))
+  local ok, err = send(self, 4, REQUEST, msgid, method, params_of(...))
   if not ok then
     self._pending[msgid] = nil
     return nil, err
@@ -158,7 +164,7 @@ function RpcConnection:notify(method, ...)
     error("notify: method must be a string, got " .. util.describe(method), 2)
   end
   if self.stream:closed() then return closed(self) end
-  return send(self, NOTIFY, method, params_of(...))
+  return send(self, 3, NOTIFY, method, params_of(...))
 end
 
 --- Close the connection; calls waiting on it get `closed`.
@@ -184,9 +190,36 @@ local function finish_request(conn)
   end
 end
 
+-- A request's params travel as values, never in a table: up to SLOTS of
+-- them as a1..a8 (n counts them, nils in place), and only past that as
+-- one table in a1 (n still counts them). Fixed slots, not varargs, so
+-- that LuaJIT compiles the worker's loop: a vararg function never starts
+-- a trace, and the loop below must.
+local SLOTS = 8
+
+-- fn(conn, params...) under xpcall, with the n params.
+local function call(fn, conn, n, a1, a2, a3, a4, a5, a6, a7, a8)
+  if n <= 2 then
+    if n == 2 then return xpcall(fn, traceback, conn, a1, a2) end
+    if n == 1 then return xpcall(fn, traceback, conn, a1) end
+    return xpcall(fn, traceback, conn)
+  end
+  if n <= 4 then
+    if n == 3 then return xpcall(fn, traceback, conn, a1, a2, a3) end
+    return xpcall(fn, traceback, conn, a1, a2, a3, a4)
+  end
+  if n <= SLOTS then
+    if n == 5 then return xpcall(fn, traceback, conn, a1, a2, a3, a4, a5) end
+    if n == 6 then return xpcall(fn, traceback, conn, a1, a2, a3, a4, a5, a6) end
+    if n == 7 then return xpcall(fn, traceback, conn, a1, a2, a3, a4, a5, a6, a7) end
+    return xpcall(fn, traceback, conn, a1, a2, a3, a4, a5, a6, a7, a8)
+  end
+  return xpcall(fn, traceback, conn, unpack(a1, 1, n))
+end
+
 -- Run a handler for the peer's request (msgid) or notification (nil
--- msgid), with its parameters as values (nils in place).
-local function serve(conn, msgid, method, ...)
+-- msgid), with its n parameters (see SLOTS), and answer a request.
+local function serve(conn, msgid, method, n, a1, a2, a3, a4, a5, a6, a7, a8)
   local fn = conn._router.methods[method]
   local result, err
   local observe = stats.rpc_observe -- set while squall.metrics watches
@@ -195,7 +228,11 @@ local function serve(conn, msgid, method, ...)
     err = "no such method: " .. tostring(method)
     if msgid == nil then log.warn("rpc: notification for no such method: %s", tostring(method)) end
   else
-    local ok, r, e = xpcall(fn, traceback, conn, ...)
+    -- On the reader's own coroutine, lent: if the handler waits, it keeps
+    -- this coroutine and another reads on (hand_on, below).
+    lend(1)
+    local ok, r, e = call(fn, conn, n, a1, a2, a3, a4, a5, a6, a7, a8)
+    lend(0)
     if not ok then
       -- (r as it is: the log's format survives a __tostring that raises)
       log.error("rpc: %s raised: %s", method, r)
@@ -211,44 +248,12 @@ local function serve(conn, msgid, method, ...)
   if msgid == nil then return end
   -- (send, written out: this is the path every answer takes.) A closed
   -- stream refuses the write: the caller is gone, nothing to do.
-  local encoded, werr = pcall(write_array, conn.stream, RESPONSE, msgid, err, result)
+  local encoded, werr = pcall(write_message, conn.stream, 4, RESPONSE, msgid, err, result)
   if not encoded then
     log.error("rpc: the answer of %s cannot be encoded: %s", method, tostring(werr))
-    send(conn, RESPONSE, msgid, "internal error", nil)
+    send(conn, 4, RESPONSE, msgid, "internal error", nil)
   end
   finish_request(conn)
-end
-
--- Requests run in coroutines kept for reuse: creating one per request
--- (with a Future) cost more than the request. A worker runs a request
--- and goes back to the pool; one whose request waited is resumed by
--- whatever it waited on, and rejoins the pool when it finishes. The
--- loop is a tail call, so the parameters stay values, never a table.
-local idle_workers, n_idle = {}, 0
-local MAX_IDLE = 64
-
-local function worker_loop(self, conn, msgid, method, ...)
-  serve(conn, msgid, method, ...)
-  if n_idle >= MAX_IDLE then return end
-  n_idle = n_idle + 1
-  idle_workers[n_idle] = self
-  return worker_loop(self, yield())
-end
-
-local function worker(...)
-  return worker_loop(running(), ...)
-end
-
-local function run_request(conn, msgid, method, ...)
-  local co
-  if n_idle > 0 then
-    co = idle_workers[n_idle]
-    idle_workers[n_idle] = nil
-    n_idle = n_idle - 1
-  else
-    co = create(worker)
-  end
-  resume(co, conn, msgid, method, ...)
 end
 
 -- A message broke the protocol: log it once and close.
@@ -272,7 +277,7 @@ local function too_many_params(conn, msgid, method, n)
     log.warn("rpc: connection %d: dropping a notification: %s", conn.id, why)
     return true
   end
-  send(conn, RESPONSE, msgid, why, nil)
+  send(conn, 4, RESPONSE, msgid, why, nil)
   return true
 end
 
@@ -288,23 +293,25 @@ local function dispatch(conn, kind, b, c, d, ...)
     if d == PARAMS_NOT_ARRAY then
       return protocol_error(conn, "the params of " .. c .. " are not an array")
     end
-    local params = ... -- only read when not spread (d == PARAMS_TABLE)
-    if d == PARAMS_TABLE and #params > MAX_PARAMS then
-      -- valid MessagePack-RPC, but more arguments than a Lua call takes
-      return too_many_params(conn, b, c, #params)
+    local n, params = d, nil
+    if d == PARAMS_TABLE then
+      params = ...
+      n = #params -- no holes: nil came as msgpack.null
+      if n > MAX_PARAMS then
+        -- valid MessagePack-RPC, but more arguments than a Lua call takes
+        return too_many_params(conn, b, c, n)
+      end
+      for k = 1, n do
+        if params[k] == null then params[k] = nil end
+      end
+    elseif d > SLOTS then
+      params = { ... }
     end
     if kind == REQUEST then conn._inflight = conn._inflight + 1 end
-    if d == PARAMS_TABLE then
-      run_request(conn, b, c, msgpack.values(params))
+    if params then
+      serve(conn, b, c, n, params)
     else
-      run_request(conn, b, c, ...)
-    end
-    -- A request still running once run_request returns is waiting: the
-    -- connection is busy for close_gracefully until it finishes. (One that
-    -- finished at once was never seen in flight, and costs no call.)
-    if conn._inflight > 0 and not conn._marked_busy then
-      conn._marked_busy = true
-      s_set_idle(conn.stream, false)
+      serve(conn, b, c, n, ...)
     end
   elseif kind == RESPONSE then
     -- b: msgid, c: error, d: result
@@ -338,49 +345,83 @@ local function dispatch(conn, kind, b, c, d, ...)
   return true
 end
 
--- Read and dispatch messages until the stream closes or breaks.
-local function read_messages(conn)
-  local stream = conn.stream
-  local unpacker = msgpack.unpacker({ max_size = conn._max_message_size })
+-- ---- reading ----------------------------------------------------------------
+-- One coroutine at a time reads a connection (conn._reader) and runs each
+-- request itself, lent to the handler (squall.lend): a request costs no
+-- resume or yield. A handler that waits keeps that coroutine; hand_on
+-- then gives the reading to a coroutine from the pool at once, so the
+-- requests behind it run meanwhile, and the keeper, once its handler is
+-- done and answered, leaves: it reads no more.
+
+-- Idle coroutines that read on for a kept one (creating one costs more
+-- than a request).
+local idle_readers, n_idle = {}, 0
+local MAX_IDLE = 64
+
+-- A request kept conn's reader `co`: the connection is busy for
+-- close_gracefully until it finishes, and a coroutine from the pool reads
+-- on, resumed with conn (core resumes what this returns at once).
+local function hand_on(_, conn)
+  if conn._inflight > 0 and not conn._marked_busy then
+    conn._marked_busy = true
+    s_set_idle(conn.stream, false)
+  end
+  local co
+  if n_idle > 0 then
+    co = idle_readers[n_idle]
+    idle_readers[n_idle] = nil
+    n_idle = n_idle - 1
+  else
+    co = create(read_on_loop)
+  end
+  conn._reader = co
+  return co, conn
+end
+
+-- Read and run messages while this coroutine, `me`, is conn's reader:
+-- true once the connection ended, false when a request kept `me` and
+-- another coroutine read on. The unpacker's buffered messages come first:
+-- a new reader starts where the kept one stopped.
+local function read_messages(conn, me)
+  local stream, unpacker = conn.stream, conn._unpacker
   local feed = unpacker.feed
-  s_set_idle(stream, true)
-  -- While paused at max_pending the reader waits on _slot, not on the
-  -- stream: a peer that goes away meanwhile must wake it too.
-  stream:set_close_callback(function()
-    local slot = conn._slot
-    if slot then
-      conn._slot = nil
-      slot:set_result()
-    end
-  end)
+  conn._reader = me
+  keeper(me, hand_on, conn)
   while true do
-    local chunk = s_read_bytes(stream, 65536, true)
-    if not chunk then break end
-    feed(unpacker, chunk)
     while not failure(conn) do
-      if not dispatch(conn, next_message(unpacker)) then break end
       -- Backpressure: past max_pending running requests, read no more. A
       -- peer gone meanwhile gets no answers: what it sent past the bound
       -- is dropped, never run beyond max_pending.
       while conn._inflight >= conn._max_pending do
-        if s_closed(stream) then return end
+        if s_closed(stream) then return true end
         conn._slot = conn._slot or gen.Future()
         conn._slot:result()
       end
+      if not dispatch(conn, next_message(unpacker)) then break end
+      if conn._reader ~= me then return false end
     end
-    if failure(conn) or s_closed(stream) then break end
+    if failure(conn) or s_closed(stream) then return true end
+    local chunk = s_read_bytes(stream, 65536, true)
+    if not chunk then return true end
+    feed(unpacker, chunk)
   end
 end
 
--- Read messages until the stream closes; then fail the calls still
--- waiting. Whatever went wrong, the connection ends here and closes.
-local function read_loop(conn)
-  local stream = conn.stream
-  local ok, why = xpcall(read_messages, traceback, conn)
-  if not ok then
-    log.error("rpc: connection %d failed: %s", conn.id, why)
-    fail(conn, rpc_error("closed", "the connection failed"))
+-- A server's on_connect or on_close, when it has one.
+local function call_hook(self, name, conn)
+  local hook = self[name]
+  if hook then
+    local ok, err = xpcall(hook, traceback, conn)
+    if not ok then log.error("rpc: %s raised: %s", name, tostring(err)) end
   end
+end
+
+-- The connection ended: close it, fail the calls still waiting, and tell
+-- the server (once, whichever reader saw the end).
+local function finish(conn)
+  if conn._finished then return end
+  conn._finished = true
+  local stream = conn.stream
   stream:close()
   local err = failure(conn) or stream.error or rpc_error("closed", "the connection closed")
   if err.kind ~= "protocol" and err.kind ~= "closed" then
@@ -391,6 +432,66 @@ local function read_loop(conn)
   conn._pending = {}
   for _, fut in pairs(pending) do fut:set_result(false, nil, err) end
   if conn._slot then conn._slot:set_result() end
+  local server = conn.server
+  if server then
+    server._rpc_conns[conn] = nil
+    call_hook(server, "on_close", conn)
+  end
+  if conn._ended then conn._ended:set_result() end
+end
+
+-- Read conn on the running coroutine until it ends (then finish it) or a
+-- request keeps the coroutine. Whatever went wrong, the connection ends.
+local function read_on(conn)
+  local me = running()
+  local ok, ended = xpcall(read_messages, traceback, conn, me)
+  keeper(me, nil)
+  if not ok then
+    log.error("rpc: connection %d failed: %s", conn.id, ended)
+    fail(conn, rpc_error("closed", "the connection failed"))
+    ended = true
+  end
+  if ended then finish(conn) end
+end
+
+-- A pooled reader: read on for a kept one, then wait in the pool.
+function read_on_loop(conn)
+  local self = running()
+  while true do
+    read_on(conn)
+    if n_idle >= MAX_IDLE then return end
+    n_idle = n_idle + 1
+    idle_readers[n_idle] = self
+    conn = nil -- luacheck: ignore (an idle reader holds no connection)
+    conn = yield()
+  end
+end
+
+-- While paused at max_pending the reader waits on _slot, not on the
+-- stream: a peer that goes away meanwhile must wake it too.
+local function wake_on_close(conn)
+  return function()
+    local slot = conn._slot
+    if slot then
+      conn._slot = nil
+      slot:set_result()
+    end
+  end
+end
+
+-- The connection's own coroutine (the server's handle_stream, or the
+-- client's): it reads first, and returns once the connection has ended,
+-- whoever read it last (a server counts a connection as served until its
+-- handle_stream returns: close_gracefully waits for it).
+local function run_connection(conn)
+  conn._unpacker = msgpack.unpacker({ max_size = conn._max_message_size })
+  s_set_idle(conn.stream, true)
+  conn.stream:set_close_callback(wake_on_close(conn))
+  read_on(conn)
+  if not conn._finished then
+    conn._ended = gen.Future()
+    conn._ended:result()
+  end
 end
 
 -- ---- server ---------------------------------------------------------------
@@ -458,22 +559,12 @@ function Server:find(key, value)
   end
 end
 
-local function call_hook(self, name, conn)
-  local hook = self[name]
-  if hook then
-    local ok, err = xpcall(hook, traceback, conn)
-    if not ok then log.error("rpc: %s raised: %s", name, tostring(err)) end
-  end
-end
-
 function Server:handle_stream(stream, address)
   local conn = new_connection(stream, address, self._opts, self._router)
   conn.server = self
   self._rpc_conns[conn] = true
   call_hook(self, "on_connect", conn)
-  read_loop(conn)
-  self._rpc_conns[conn] = nil
-  call_hook(self, "on_close", conn)
+  run_connection(conn)
 end
 
 -- ---- client ---------------------------------------------------------------
@@ -502,7 +593,7 @@ function M.connect(host, port, opts)
   })
   if not stream then return nil, err end
   local conn = new_connection(stream, { host = host, port = port }, opts, router)
-  gen.spawn(read_loop, conn)
+  gen.spawn(run_connection, conn)
   return conn
 end
 
