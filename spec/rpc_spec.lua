@@ -489,6 +489,45 @@ describe("squall.rpc", function()
       assert.is_true(idle:closed() or select(2, idle:call("slow")).kind == "closed")
     end))
 
+  describe("with Neovim", function()
+    -- Neovim speaks MessagePack-RPC on any channel: rpcrequest() calls us,
+    -- and while it waits it answers our calls to its API (nvim_eval).
+    local nvim = io.popen("command -v nvim"):read("*l")
+
+    it("answers Neovim's rpcrequest, calling Neovim back while it waits", async(function()
+      assert.is_truthy(nvim, "nvim is not installed (scripts/install-deps installs neovim)")
+      local server, port = serve(nil, {
+        sum = function(_, a, b) return a + b end,
+        ask = function(conn, expr) return assert(conn:call("nvim_eval", expr)) end,
+        echo = function(_, ...)
+          return msgpack.array({ ... }, select("#", ...))
+        end,
+      })
+      local dir = tmpdir()
+      put(dir .. "/script.vim", table.concat({
+        ("let ch = sockconnect('tcp', '127.0.0.1:%d', {'rpc': v:true})"):format(port),
+        "let r = [rpcrequest(ch, 'sum', 1, 2), rpcrequest(ch, 'ask', '6*7')]",
+        "call add(r, rpcrequest(ch, 'echo', 'h\195\169', 2.5, v:null, [1, 2], {'k': v:true}))",
+        "try", "  call rpcrequest(ch, 'nope')", "catch", "  call add(r, v:exception)", "endtry",
+        "call writefile([json_encode(r)], 'out.json')",
+        "qa!",
+      }, "\n") .. "\n")
+      local wait = helpers.spawn(("cd %s && timeout 20 %s --headless -u NONE -i NONE -n " ..
+        "-S script.vim"):format(q(dir), nvim))
+      local status, _, err = wait()
+      assert.equal(0, status, err)
+      local got = require("cjson").decode(helpers.slurp(dir .. "/out.json"))
+      assert.equal(3, got[1])
+      assert.equal(42, got[2])
+      local echoed = got[3]
+      assert.equal("h\195\169", echoed[1]); assert.equal(2.5, echoed[2])
+      assert.equal(require("cjson").null, echoed[3])
+      assert.same({ 1, 2 }, echoed[4]); assert.same({ k = true }, echoed[5])
+      assert.matches("no such method: nope", got[4])
+      server:stop()
+    end, { timeout = 30 }))
+  end)
+
   describe("with Python's msgpack", function()
     it("serves a Python client (examples/rpc/client.py), calling it back by uid",
       async(function()

@@ -11,9 +11,10 @@
 -- The wire format is the MessagePack-RPC specification: request
 -- `[0, msgid, method, params]`, response `[1, msgid, error, result]`,
 -- notification `[2, method, params]`, back to back on the stream. Both
--- ends of a connection may call each other; each request runs in a
--- coroutine of its own and responses go out as they finish. See docs/api.md
--- (squall.rpc).
+-- ends of a connection may call each other; a request runs on the
+-- coroutine that read it, and one that waits leaves the reading to
+-- another (see "reading" below), so responses go out as they finish. See
+-- docs/api.md (squall.rpc).
 -- @module squall.rpc
 local core = require "squall.core"
 local gen = require "squall.gen"
