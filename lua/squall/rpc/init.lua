@@ -33,8 +33,7 @@ local M = {}
 local null = msgpack.null
 local write_message = rpc_frame.write_message
 local create, yield, running = coroutine.create, coroutine.yield, coroutine.running
-local type, tostring, error, pairs, select, unpack = type, tostring, error, pairs, select,
-  unpack
+local type, tostring, error, pairs, select = type, tostring, error, pairs, select
 local traceback, xpcall, format = debug.traceback, xpcall, string.format
 local now = core.time
 local fail, failure = util.fail, util.failure
@@ -191,36 +190,10 @@ local function finish_request(conn)
   end
 end
 
--- A request's params travel as values, never in a table: up to SLOTS of
--- them as a1..a8 (n counts them, nils in place), and only past that as
--- one table in a1 (n still counts them). Fixed slots, not varargs, so
--- that LuaJIT compiles the worker's loop: a vararg function never starts
--- a trace, and the loop below must.
-local SLOTS = 8
-
--- fn(conn, params...) under xpcall, with the n params.
-local function call(fn, conn, n, a1, a2, a3, a4, a5, a6, a7, a8)
-  if n <= 2 then
-    if n == 2 then return xpcall(fn, traceback, conn, a1, a2) end
-    if n == 1 then return xpcall(fn, traceback, conn, a1) end
-    return xpcall(fn, traceback, conn)
-  end
-  if n <= 4 then
-    if n == 3 then return xpcall(fn, traceback, conn, a1, a2, a3) end
-    return xpcall(fn, traceback, conn, a1, a2, a3, a4)
-  end
-  if n <= SLOTS then
-    if n == 5 then return xpcall(fn, traceback, conn, a1, a2, a3, a4, a5) end
-    if n == 6 then return xpcall(fn, traceback, conn, a1, a2, a3, a4, a5, a6) end
-    if n == 7 then return xpcall(fn, traceback, conn, a1, a2, a3, a4, a5, a6, a7) end
-    return xpcall(fn, traceback, conn, a1, a2, a3, a4, a5, a6, a7, a8)
-  end
-  return xpcall(fn, traceback, conn, unpack(a1, 1, n))
-end
-
 -- Run a handler for the peer's request (msgid) or notification (nil
--- msgid), with its n parameters (see SLOTS), and answer a request.
-local function serve(conn, msgid, method, n, a1, a2, a3, a4, a5, a6, a7, a8)
+-- msgid), with its parameters as values (nils in place), and answer a
+-- request.
+local function serve(conn, msgid, method, ...)
   local fn = conn._router.methods[method]
   local result, err
   local observe = stats.rpc_observe -- set while squall.metrics watches
@@ -232,7 +205,7 @@ local function serve(conn, msgid, method, n, a1, a2, a3, a4, a5, a6, a7, a8)
     -- On the reader's own coroutine, lent: if the handler waits, it keeps
     -- this coroutine and another reads on (hand_on, below).
     lend(1)
-    local ok, r, e = call(fn, conn, n, a1, a2, a3, a4, a5, a6, a7, a8)
+    local ok, r, e = xpcall(fn, traceback, conn, ...)
     lend(0)
     if not ok then
       -- (r as it is: the log's format survives a __tostring that raises)
@@ -294,25 +267,16 @@ local function dispatch(conn, kind, b, c, d, ...)
     if d == PARAMS_NOT_ARRAY then
       return protocol_error(conn, "the params of " .. c .. " are not an array")
     end
-    local n, params = d, nil
-    if d == PARAMS_TABLE then
-      params = ...
-      n = #params -- no holes: nil came as msgpack.null
-      if n > MAX_PARAMS then
-        -- valid MessagePack-RPC, but more arguments than a Lua call takes
-        return too_many_params(conn, b, c, n)
-      end
-      for k = 1, n do
-        if params[k] == null then params[k] = nil end
-      end
-    elseif d > SLOTS then
-      params = { ... }
+    local params = ... -- only read when not spread (d == PARAMS_TABLE)
+    if d == PARAMS_TABLE and #params > MAX_PARAMS then
+      -- valid MessagePack-RPC, but more arguments than a Lua call takes
+      return too_many_params(conn, b, c, #params)
     end
     if kind == REQUEST then conn._inflight = conn._inflight + 1 end
-    if params then
-      serve(conn, b, c, n, params)
+    if d == PARAMS_TABLE then
+      serve(conn, b, c, msgpack.values(params))
     else
-      serve(conn, b, c, n, ...)
+      serve(conn, b, c, ...)
     end
   elseif kind == RESPONSE then
     -- b: msgid, c: error, d: result
