@@ -61,7 +61,8 @@ void squall_register_udata(lua_State *L, const char *name);
  * the address of `name`, as squall_register_udata stored it. */
 void *squall_checkudata(lua_State *L, int idx, const char *name);
 
-/* Register metatable `name` whose __index is itself, holding `methods`.
+/* Register metatable `name` whose __index is itself, holding `methods`
+ * (metamethods such as __gc among them).
  * Most C types use it; the stream (stream_lua.c) builds its own, because
  * its methods table is also core.stream_methods for iostream.lua to extend,
  * and tls.c's context has no methods, only __gc. */

@@ -532,6 +532,7 @@ int squall_http_open(lua_State *L) {
   static const luaL_Reg methods[] = {
       {"finish", l_finish},
       {"expect_no_body", l_expect_no_body},
+      {"__gc", l_gc},
       {NULL, NULL},
   };
   llhttp_settings_init(&settings);
@@ -547,8 +548,6 @@ int squall_http_open(lua_State *L) {
   settings.on_message_complete = on_message_complete;
   squall_new_metatable(L, PARSER_MT, methods);
   luaL_getmetatable(L, PARSER_MT);
-  lua_pushcfunction(L, l_gc);
-  lua_setfield(L, -2, "__gc");
   /* execute's upvalues: the method names by llhttp's number (pushed
    * without a strlen and a hash each request), and the metatable */
   lua_newtable(L);

@@ -348,12 +348,9 @@ void mp_unpacker_open(lua_State *L) {
   static const luaL_Reg methods[] = {
       {"feed", l_unpacker_feed},
       {"buffered", l_unpacker_buffered},
+      {"__gc", l_unpacker_gc},
       {NULL, NULL},
   };
   /* next decodes, so it needs the hooks: mp_unpacker_setup adds it */
   squall_new_metatable(L, MP_UNPACKER_MT, methods);
-  luaL_getmetatable(L, MP_UNPACKER_MT);
-  lua_pushcfunction(L, l_unpacker_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
 }

@@ -467,13 +467,10 @@ int squall_thread_open(lua_State *L) {
   static const luaL_Reg methods[] = {
       {"submit", l_submit},
       {"close", l_pool_close},
+      {"__gc", l_pool_gc},
       {NULL, NULL},
   };
   squall_new_metatable(L, POOL_MT, methods);
-  luaL_getmetatable(L, POOL_MT);
-  lua_pushcfunction(L, l_pool_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
   lua_pushcfunction(L, l_thread_pool);
   lua_setfield(L, -2, "thread_pool");
   return 0;
