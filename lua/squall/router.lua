@@ -45,6 +45,14 @@ function Router:route(name, target, level)
   self.methods[name] = target
 end
 
+--- The names routed, sorted.
+function Router:names()
+  local names = {}
+  for name in pairs(self.methods) do names[#names + 1] = name end
+  table.sort(names)
+  return names
+end
+
 -- Load one handler file: `dir/a/b.lua` returning {f = fn} answers "a.b.f".
 -- A file that fails to load keeps the methods it had (logged with its
 -- file and line).

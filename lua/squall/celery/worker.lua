@@ -118,10 +118,7 @@ end
 
 --- The task names this worker runs, sorted.
 function Worker:tasks()
-  local names = {}
-  for name in pairs(self.router.methods) do names[#names + 1] = name end
-  table.sort(names)
-  return names
+  return self.router:names()
 end
 
 -- ---- talking to Redis through failures ----------------------------------------

@@ -499,10 +499,7 @@ end
 
 --- The methods this server answers, sorted.
 function Server:methods()
-  local names = {}
-  for name in pairs(self._router.methods) do names[#names + 1] = name end
-  table.sort(names)
-  return names
+  return self._router:names()
 end
 
 --- Iterate over the open connections: `for conn in server:connections()`.
