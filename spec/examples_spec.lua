@@ -1,5 +1,4 @@
 local iostream = require "squall.iostream"
-local gen = require "squall.gen"
 local testing = require "squall.testing"
 local helpers = require "helpers"
 
@@ -8,17 +7,14 @@ local async, q = testing.async, helpers.q
 -- Start an example on a free port (in `dir`, when given; `more`: its
 -- arguments after the port); returns its port and stop().
 local function start(example, dir, more)
-  local sock, port = testing.bind_unused_port()
-  sock:close()
-  local wait, signal = helpers.start(("cd %s && exec %s %s %d %s"):format(q(dir or "."),
+  local port = helpers.free_port()
+  local wait, signal, exited = helpers.start(("cd %s && exec %s %s %d %s"):format(q(dir or "."),
     q(helpers.squall_real), example, port, more or ""), 30)
-  local up = false
-  for _ = 1, 200 do
-    local c = iostream.connect("127.0.0.1", port)
-    if c then c:close(); up = true; break end
-    gen.sleep(0.025)
-  end
-  assert(up, example .. " did not start")
+  helpers.serving({ wait = wait, exited = exited }, function()
+    local c, err = iostream.connect("127.0.0.1", port)
+    if c then c:close() end
+    return c, err
+  end, example, 5)
   return port, function()
     signal("TERM")
     return wait()

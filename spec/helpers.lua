@@ -96,7 +96,7 @@ end
 --- Start a shell command in the background (wrap it in `timeout N` so it
 -- cannot outlive the spec). Returns wait(), which inside a coroutine waits
 -- for it to exit, letting the loop run meanwhile, and returns status,
--- stdout, stderr.
+-- stdout, stderr; and exited(), true once it has ended (without waiting).
 function M.spawn(cmd)
   local out, err, rc = os.tmpname(), os.tmpname(), os.tmpname()
   os.remove(rc)
@@ -115,6 +115,10 @@ function M.spawn(cmd)
       end
       gen.sleep(0.02)
     end
+  end, function()
+    local f = io.open(rc)
+    if f then f:close() end
+    return f ~= nil
   end
 end
 
@@ -126,10 +130,11 @@ local SERVER_LIFETIME = 900
 
 --- Like spawn, for a command that ends by exec-ing a long-running process
 -- (a server): it runs under `timeout secs` (default 20) and `signal(name)`
--- sends that process a signal ("TERM", "KILL"...). Returns wait, signal.
+-- sends that process a signal ("TERM", "KILL"...). Returns wait, signal,
+-- exited.
 function M.start(cmd, secs)
   local pidfile = os.tmpname()
-  local wait = M.spawn(("timeout %d sh -c %s"):format(secs or 20,
+  local wait, exited = M.spawn(("timeout %d sh -c %s"):format(secs or 20,
     M.q(("echo $$ >%s; %s"):format(M.q(pidfile), cmd))))
   local function signal(name)
     local pid = M.number_in(pidfile)
@@ -140,7 +145,7 @@ function M.start(cmd, secs)
     local status, out, err = wait()
     os.remove(pidfile)
     return status, out, err
-  end, signal
+  end, signal, exited
 end
 
 --- How much slower than usual this run may be (make check's valgrind run
@@ -155,27 +160,71 @@ M.scale = tonumber(os.getenv("SQUALL_TEST_TIMEOUT_SCALE")) or 1
 -- are a handler's pretend work, a yield (sleep(0)), gen.sleep's own
 -- specs, and windows in which something must NOT happen (each says so,
 -- and is scaled by M.scale when it measures).
+-- `cond` may return nil, err as a failed connect does: the timeout's
+-- message then ends with the last such err, which says why.
 function M.eventually(cond, what, timeout)
   local gen = require "squall.gen"
   local ioloop = require "squall.ioloop"
   local loop = ioloop.current()
   local deadline = loop:time() + (timeout or 5) * M.scale
+  local last
   while true do
-    local v = cond()
+    local v, err = cond()
     if v then return v end
+    if err ~= nil then last = err end
     if loop:time() > deadline then
-      error("eventually: timed out waiting for " .. (what or "a condition"), 2)
+      error(("eventually: timed out waiting for %s%s"):format(what or "a condition",
+        last ~= nil and " (last: " .. tostring(last) .. ")" or ""), 2)
     end
     gen.sleep(0.005)
   end
 end
 
---- A TCP port that was free a moment ago (for a server a spec starts).
+--- Inside a coroutine: eventually(cond, what, timeout) for a server `srv`
+-- started by start_redis, start_mariadb and the like, which raises at
+-- once, with the server's exit status and output, when the server has
+-- ended instead of coming up (a port taken, an option refused).
+function M.serving(srv, cond, what, timeout)
+  local ok, v = pcall(M.eventually, function()
+    if srv.exited() then
+      local status, out, err = srv.wait()
+      error(("%s ended (exit status %s) instead of serving:\n%s%s"):format(what, status,
+        out, err), 0)
+    end
+    return cond()
+  end, what, timeout)
+  if not ok then error(v, 2) end
+  return v
+end
+
+-- Ports handed out by free_port in this process, never handed out twice.
+local given = {}
+
+--- A TCP port on 127.0.0.1 that was free a moment ago, for a server a spec
+-- starts. It lies below the kernel's ephemeral range (32768 and up), so no
+-- outgoing connection, of this process or any other, can be given it as
+-- its local port while the server starts (Redis, say, would then fail to
+-- bind), and it is never one this process gave before. The search starts
+-- where the kernel's own choice of a free port points, which differs
+-- between processes and runs.
 function M.free_port()
   local testing = require "squall.testing"
-  local sock, port = testing.bind_unused_port()
+  local netutil = require "squall.netutil"
+  local low, span = 10000, 22768
+  local sock, seed = testing.bind_unused_port()
   sock:close()
-  return port
+  for i = 0, span - 1 do
+    local port = low + (seed + i) % span
+    if not given[port] then
+      local socks = netutil.bind_sockets(port, "127.0.0.1")
+      if socks then
+        for _, s in ipairs(socks) do s:close() end
+        given[port] = true
+        return port
+      end
+    end
+  end
+  error("free_port: no free port below the ephemeral range")
 end
 
 --- The error `fn` raises, as a string; asserts that it names the calling
@@ -195,10 +244,10 @@ end
 -- where an earlier one was (it loads what it SAVEd).
 function M.start_redis(extra, dir, port)
   dir, port = dir or M.tmpdir(), port or M.free_port()
-  local wait, signal = M.start(("cd %s && exec redis-server --port %d --bind 127.0.0.1 " ..
+  local wait, signal, exited = M.start(("cd %s && exec redis-server --port %d --bind 127.0.0.1 " ..
     "--save '' --appendonly no --daemonize no --loglevel warning --enable-debug-command yes %s")
     :format(M.q(dir), port, extra or ""), SERVER_LIFETIME)
-  return { port = port, dir = dir, wait = wait, signal = signal }
+  return { port = port, dir = dir, wait = wait, signal = signal, exited = exited }
 end
 
 -- A free port whose cluster bus port (the port + 10000) is free too.
@@ -232,16 +281,17 @@ function M.start_redis_cluster()
     local port = free_cluster_port()
     local d = dir .. "/" .. port
     assert(os.execute("mkdir -p " .. M.q(d)) == 0)
-    local wait, signal = M.start(("cd %s && exec redis-server --port %d --bind 127.0.0.1 " ..
-      "--save '' --appendonly no --daemonize no --loglevel warning --cluster-enabled yes " ..
+    local wait, signal, exited = M.start(("cd %s && exec redis-server --port %d " ..
+      "--bind 127.0.0.1 --save '' --appendonly no --daemonize no --loglevel warning " ..
+      "--cluster-enabled yes " ..
       "--cluster-config-file nodes.conf --cluster-node-timeout 1000"):format(M.q(d), port),
       SERVER_LIFETIME)
-    c.servers[i] = { port = port, dir = d, wait = wait, signal = signal }
+    c.servers[i] = { port = port, dir = d, wait = wait, signal = signal, exited = exited }
     c.nodes[i] = "127.0.0.1:" .. port
   end
   for _, srv in ipairs(c.servers) do
-    local r = M.eventually(function() return (redis.connect({ port = srv.port })) end,
-      "cluster node " .. srv.port .. " to accept", 20)
+    local r = M.serving(srv, function() return redis.connect({ port = srv.port }) end,
+      "cluster node " .. srv.port, 20)
     r:close()
   end
   M.run_ok("redis-cli --cluster create " .. table.concat(c.nodes, " ") ..
@@ -305,8 +355,9 @@ local function redis_process(d, port, args, sentinel)
     cmd = ("cd %s && exec redis-server --port %d --bind 127.0.0.1 --save '' " ..
       "--appendonly no --daemonize no --loglevel warning %s"):format(M.q(d), port, args or "")
   end
-  local wait, signal = M.start(cmd, SERVER_LIFETIME)
-  return { port = port, dir = d, wait = wait, signal = signal, addr = "127.0.0.1:" .. port }
+  local wait, signal, exited = M.start(cmd, SERVER_LIFETIME)
+  return { port = port, dir = d, wait = wait, signal = signal, exited = exited,
+    addr = "127.0.0.1:" .. port }
 end
 
 --- Inside a coroutine: a Redis master with one replica, watched by three
@@ -324,8 +375,8 @@ function M.start_redis_sentinel()
   g.master = redis_process(dir .. "/master", mport)
   g.replica = redis_process(dir .. "/replica", rport, "--replicaof 127.0.0.1 " .. mport)
   for _, srv in ipairs({ g.master, g.replica }) do
-    local r = M.eventually(function() return (redis.connect({ port = srv.port })) end,
-      "redis-server " .. srv.port .. " to accept", 20)
+    local r = M.serving(srv, function() return redis.connect({ port = srv.port }) end,
+      "redis-server " .. srv.port, 20)
     r:close()
   end
   for i = 1, 3 do
@@ -358,7 +409,7 @@ function M.start_redis_sentinel()
   end, "the sentinels to know the master, its replica (in sync) and each other", 30)
   function g.restart(srv, args)
     local again = redis_process(srv.dir, srv.port, args)
-    srv.wait, srv.signal = again.wait, again.signal
+    srv.wait, srv.signal, srv.exited = again.wait, again.signal, again.exited
   end
   return g
 end
@@ -374,11 +425,11 @@ end
 function M.start_mariadb(dir, port)
   dir = dir or M.tmpdir()
   port = port or M.free_port()
-  local wait, signal = M.start(("exec scripts/mariadb-scratch %s %d " ..
+  local wait, signal, exited = M.start(("exec scripts/mariadb-scratch %s %d " ..
     "--ssl-cert=%s --ssl-key=%s --max-allowed-packet=64M"):format(M.q(dir), port,
     M.q(absolute(M.certs .. "/server.pem")), M.q(absolute(M.certs .. "/server.key"))),
     SERVER_LIFETIME)
-  return { port = port, dir = dir, wait = wait, signal = signal }
+  return { port = port, dir = dir, wait = wait, signal = signal, exited = exited }
 end
 
 --- Stop a server start_redis or start_mariadb started (inside a
@@ -406,9 +457,10 @@ end
 function M.start_influxdb()
   local dir = M.tmpdir()
   local port, rpc, udp = M.free_port(), M.free_port(), M.free_port()
-  local wait, signal = M.start(("exec scripts/influxdb-scratch %s %d %d %d")
+  local wait, signal, exited = M.start(("exec scripts/influxdb-scratch %s %d %d %d")
     :format(M.q(dir), port, rpc, udp), SERVER_LIFETIME)
-  return { port = port, udp_port = udp, dir = dir, wait = wait, signal = signal }
+  return { port = port, udp_port = udp, dir = dir, wait = wait, signal = signal,
+    exited = exited }
 end
 
 --- Debian's python3 (another may come first on PATH without its modules).
@@ -512,12 +564,12 @@ end
 function M.peer_server(argv_for)
   local iostream = require "squall.iostream"
   local port = M.free_port()
-  local wait, signal = M.start("exec " .. argv_for(port), SERVER_LIFETIME)
-  M.eventually(function()
-    local s = iostream.connect("127.0.0.1", port)
+  local wait, signal, exited = M.start("exec " .. argv_for(port), SERVER_LIFETIME)
+  M.serving({ wait = wait, exited = exited }, function()
+    local s, err = iostream.connect("127.0.0.1", port)
     if s then s:close() end
-    return s
-  end, "the peer server to accept", 20)
+    return s, err
+  end, "the peer server", 20)
   return port, function()
     signal("TERM")
     wait()

@@ -23,8 +23,8 @@ local function opts(srv, extra)
 end
 
 local function connect(srv, extra)
-  return eventually(function() return (mysql.connect(opts(srv, extra))) end,
-    "mariadbd to accept", 60)
+  return helpers.serving(srv, function() return mysql.connect(opts(srv, extra)) end,
+    "mariadbd", 60)
 end
 
 describe("squall.mysql", function()
@@ -195,7 +195,7 @@ describe("squall.mysql", function()
   end, { timeout = 60 }))
 
   it("refuses a wrong password with code 1045", async(function()
-    eventually(function() return mysql.connect(opts(srv)) end, "mariadbd", 60):close()
+    connect(srv):close()
     local db, err = mysql.connect(opts(srv, { password = "wrong" }))
     assert.is_nil(db)
     assert.equal("mysql", err.kind); assert.equal(1045, err.code)

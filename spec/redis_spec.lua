@@ -13,7 +13,7 @@ local start_redis, stop_redis = helpers.start_redis, helpers.stop_server
 local function connect(srv, opts)
   opts = opts or {}
   opts.port = srv.port
-  return eventually(function() return (redis.connect(opts)) end, "redis-server to accept")
+  return helpers.serving(srv, function() return redis.connect(opts) end, "redis-server")
 end
 
 describe("squall.redis", function()
@@ -271,9 +271,10 @@ describe("squall.redis", function()
 
   it("refuses a wrong password with kind redis", async(function()
     local locked = start_redis("--requirepass s3cret")
-    local got = eventually(function()
+    local got = helpers.serving(locked, function()
       local c, e = redis.connect({ port = locked.port, password = "wrong" })
       if c or (e and e.kind == "redis") then return { c, e } end
+      return nil, e
     end, "the locked server")
     local r, err = got[1], got[2]
     assert.is_nil(r)
@@ -318,8 +319,8 @@ describe("squall.redis", function()
   it("connects over a unix socket (path)", async(function()
     local own = start_redis("--unixsocket redis.sock --unixsocketperm 700")
     local path = own.dir .. "/redis.sock"
-    local r = eventually(function() return (redis.connect({ path = path })) end,
-      "the unix socket")
+    local r = helpers.serving(own, function() return redis.connect({ path = path }) end,
+      "redis-server on a unix socket")
     assert.equal("OK", r:set("over", "unix"))
     assert.equal("unix", r:get("over"))
     r:close()
@@ -336,9 +337,9 @@ describe("squall.redis", function()
       "--tls-ca-cert-file %s --tls-auth-clients no"):format(tls_port,
       q(helpers.absolute(C .. "/server.pem")), q(helpers.absolute(C .. "/server.key")),
       q(helpers.absolute(C .. "/ca.pem"))))
-    local r = eventually(function()
-      return (redis.connect({ port = tls_port, ssl_options = { ca_certs = C .. "/ca.pem" },
-        server_hostname = "localhost" }))
+    local r = helpers.serving(own, function()
+      return redis.connect({ port = tls_port, ssl_options = { ca_certs = C .. "/ca.pem" },
+        server_hostname = "localhost" })
     end, "redis-server over TLS")
     assert.is_true(r.stream:uses_tls())
     assert.equal("OK", r:set("secure", "yes"))

@@ -221,8 +221,7 @@ describe("squall.reload", function()
       f:close()
     end
     write(dir .. "/greeter.lua", "return { word = 'hello' }")
-    local sock, port = testing.bind_unused_port()
-    sock:close()
+    local port = helpers.free_port()
     write(dir .. "/main.lua", ([[
       package.path = %q .. "/?.lua;" .. package.path
       local greeter = require "greeter"
