@@ -200,17 +200,28 @@ end
 -- Ports handed out by free_port in this process, never handed out twice.
 local given = {}
 
+-- Where the kernel's ephemeral ports (its picks for outgoing connections
+-- and for port 0) begin: 32768 unless the machine says otherwise.
+local function ephemeral_low()
+  local f = io.open("/proc/sys/net/ipv4/ip_local_port_range")
+  local low = f and tonumber(f:read("*a"):match("^%s*(%d+)"))
+  if f then f:close() end
+  return low or 32768
+end
+
 --- A TCP port on 127.0.0.1 that was free a moment ago, for a server a spec
--- starts. It lies below the kernel's ephemeral range (32768 and up), so no
--- outgoing connection, of this process or any other, can be given it as
--- its local port while the server starts (Redis, say, would then fail to
--- bind), and it is never one this process gave before. The search starts
--- where the kernel's own choice of a free port points, which differs
--- between processes and runs.
+-- starts. It lies below the kernel's ephemeral range, so no outgoing
+-- connection, of this process or any other, can be given it as its local
+-- port while the server starts (Redis, say, would then fail to bind), and
+-- it is never one this process gave before. The search starts where the
+-- kernel's own choice of a free port points, which differs between
+-- processes and runs. (Where the ephemeral range starts below 20000, it
+-- searches 10000-19999, which the kernel may hand out too.)
 function M.free_port()
   local testing = require "squall.testing"
   local netutil = require "squall.netutil"
-  local low, span = 10000, 22768
+  local low = 10000
+  local span = math.max(ephemeral_low(), 20000) - low
   local sock, seed = testing.bind_unused_port()
   sock:close()
   for i = 0, span - 1 do
