@@ -60,39 +60,18 @@ local function with_params(u, p, i, n, kind, msgid, method)
   local count = p[i] - 0x90 -- a fixarray: up to 15
   if count < 0 or count > MAX_PARAMS then return c_next_message(u) end
   i = i + 1
+  -- each read only while the count reaches it; a param the compiled codec
+  -- does not take leaves i nil, and the message goes to C whole
   local a1, a2, a3, a4, a5, a6, a7, a8
-  if count >= 1 then
-    a1, i = param(p, i, n)
-    if not i then return c_next_message(u) end
-    if count >= 2 then
-      a2, i = param(p, i, n)
-      if not i then return c_next_message(u) end
-      if count >= 3 then
-        a3, i = param(p, i, n)
-        if not i then return c_next_message(u) end
-        if count >= 4 then
-          a4, i = param(p, i, n)
-          if not i then return c_next_message(u) end
-          if count >= 5 then
-            a5, i = param(p, i, n)
-            if not i then return c_next_message(u) end
-            if count >= 6 then
-              a6, i = param(p, i, n)
-              if not i then return c_next_message(u) end
-              if count >= 7 then
-                a7, i = param(p, i, n)
-                if not i then return c_next_message(u) end
-                if count == 8 then
-                  a8, i = param(p, i, n)
-                  if not i then return c_next_message(u) end
-                end
-              end
-            end
-          end
-        end
-      end
-    end
-  end
+  if count >= 1 then a1, i = param(p, i, n) end
+  if i and count >= 2 then a2, i = param(p, i, n) end
+  if i and count >= 3 then a3, i = param(p, i, n) end
+  if i and count >= 4 then a4, i = param(p, i, n) end
+  if i and count >= 5 then a5, i = param(p, i, n) end
+  if i and count >= 6 then a6, i = param(p, i, n) end
+  if i and count >= 7 then a7, i = param(p, i, n) end
+  if i and count == 8 then a8, i = param(p, i, n) end
+  if not i then return c_next_message(u) end
   C.squall_mp_ffi_consume(u, i)
   if count <= 2 then
     if count == 2 then return kind, msgid, method, 2, a1, a2 end
