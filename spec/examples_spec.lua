@@ -7,18 +7,9 @@ local async, q = testing.async, helpers.q
 -- Start an example on a free port (in `dir`, when given; `more`: its
 -- arguments after the port); returns its port and stop().
 local function start(example, dir, more)
-  local port = helpers.free_port()
-  local wait, signal, exited = helpers.start(("cd %s && exec %s %s %d %s"):format(q(dir or "."),
-    q(helpers.squall_real), example, port, more or ""), 30)
-  helpers.serving({ wait = wait, exited = exited }, function()
-    local c, err = iostream.connect("127.0.0.1", port)
-    if c then c:close() end
-    return c, err
-  end, example, 5)
-  return port, function()
-    signal("TERM")
-    return wait()
-  end
+  return helpers.peer_server(function(port)
+    return ("%s %s %d %s"):format(q(helpers.squall_real), example, port, more or "")
+  end, { dir = dir, name = example, lifetime = 30, within = 5 })
 end
 
 describe("examples", function()

@@ -571,19 +571,24 @@ end
 
 --- Inside a coroutine: start a long-running peer server, the command
 -- `argv_for(port)` on a free port, and wait until it accepts. Returns the
--- port and stop().
-function M.peer_server(argv_for)
+-- port and stop(), which ends it (TERM) and returns its exit status,
+-- stdout and stderr. `opts`: `dir` (run it there), `name` (for messages),
+-- `lifetime` (seconds it may live at most, default SERVER_LIFETIME),
+-- `within` (seconds to start accepting, default 20, scaled).
+function M.peer_server(argv_for, opts)
   local iostream = require "squall.iostream"
+  opts = opts or {}
   local port = M.free_port()
-  local wait, signal, exited = M.start("exec " .. argv_for(port), SERVER_LIFETIME)
+  local wait, signal, exited = M.start(("cd %s && exec %s"):format(M.q(opts.dir or "."),
+    argv_for(port)), opts.lifetime or SERVER_LIFETIME)
   M.serving({ wait = wait, exited = exited }, function()
     local s, err = iostream.connect("127.0.0.1", port)
     if s then s:close() end
     return s, err
-  end, "the peer server", 20)
+  end, opts.name or "the peer server", opts.within or 20)
   return port, function()
     signal("TERM")
-    wait()
+    return wait()
   end
 end
 
